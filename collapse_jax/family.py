@@ -1,0 +1,55 @@
+"""The surface every model family exposes to the generation loop (loop.py).
+
+A family is a small object built from the run's config. The loop owns keys, regimes, chains, sharding,
+checkpoints, metrics and plots; the family only knows how to learn from a weighted data buffer, sample, and
+measure. All methods except `shared`, `plot` and `describe` are traced inside one jitted program, so they must be
+pure jnp code with static shapes.
+
+Shapes: one datum has shape `datum_shape` (e.g. (2,) for a 2-D GMM, (28, 28, 1) for MNIST). A data buffer is
+`x_NxS` (N data of that shape) with weights `w_N` in {0, 1}: capacities are static, how many entries are valid
+is not (accumulating regimes grow; growing sample schedules vary per generation).
+
+Per chain the loop carries the family's `aux` pytree (e.g. a held-out set) plus the previous generation's model
+and generation 0's model, so families that need them (the VAE's fresh-samples-per-batch mode, metrics measured
+through the generation-0 model) get them without carrying their own copies.
+"""
+from typing import Any, Protocol
+
+import jax
+
+PyTree = Any
+
+
+class Family(Protocol):
+  name: str
+  datum_shape: tuple[int, ...]
+  datum_dtype: Any
+  # How many real training data one chain starts from (generation 0's training set).
+  n_real: int
+  # Per-generation metrics the family reports, in the order they are plotted.
+  metric_names: tuple[str, ...]
+  # Whether chains are independent replicas (Gaussian, GMM: vmapped and sharded over the mesh) or there is a
+  # single chain whose *batches* are sharded (VAE, LM: data parallel inside `fit`).
+  vmap_chains: bool
+
+  def shared(self) -> PyTree:
+    """Host-side, once: arrays every chain shares (a dataset). Passed into the jitted program replicated."""
+
+  def init_chain(self, key: jax.Array, shared: PyTree) -> tuple[jax.Array, PyTree]:
+    """Real training data `x_RxS` (R = n_real) for one chain, and the chain's aux pytree."""
+
+  def init_model(self, key: jax.Array, shared: PyTree) -> PyTree:
+    """A fresh, untrained model. The loop takes its structure (jax.eval_shape) for the zeros it carries as
+    `prev_model` and `model0` before generation 0; `fit` may call it to start each generation afresh."""
+
+  def fit(self, x, w, key, prev_model, g, shared) -> PyTree:
+    """One generation's learning on buffer (x, w). `prev_model` is generation g-1's model (zeros at g=0)."""
+
+  def sample(self, model, n: int, key, shared) -> jax.Array:
+    """n data from `model` (n static)."""
+
+  def evaluate(self, model, model0, aux, shared) -> dict[str, jax.Array]:
+    """Scalar metrics of `model` for one chain; `model0` is generation 0's model."""
+
+  def plot(self, workdir: str, metrics: dict, snapshots: dict) -> None:
+    """Family-specific figures from the host-side metrics history and sample snapshots."""

@@ -1,0 +1,238 @@
+"""The generation loop: the one driver every family plugs into (see family.py for the family's side).
+
+Generation g: build the training set from the regime's buffers -> fit -> evaluate -> sample -> add the samples to
+the buffers for g+1. A chunk of `checkpoint_every` generations is one compiled `lax.scan`; chains (independent
+replicas) are vmapped inside it and split over the device mesh, or, for single-chain families, the family shards
+its batches. After each chunk the carry and the history go to an Orbax checkpoint and metrics.jsonl is rewritten,
+so a killed run resumes from the last chunk and ends bit-identical to an uninterrupted one.
+
+Keys: chain c's key is fold_in(root, c); generation g's is fold_in(fold_in(chain, 0), g), so any generation of
+any chain can be recomputed on its own; its parts (mixing, fitting, sampling) fold in 0, 1, 2.
+"""
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from collapse_jax import checkpoint, config as config_lib, metrics as metrics_lib, plots, regimes, registry
+from collapse_jax import sharding
+from collapse_jax.config import ConfigError
+
+# Fields that may change between a run and its resumption without changing any result.
+_RESUMABLE_CHANGES = {"plots", "num_devices", "keep_checkpoints", "checkpoint_every"}
+
+
+class Experiment:
+  """Everything static about one run: config, family, mesh, shapes, shardings and the compiled chunk."""
+
+  def __init__(self, cfg, mesh=None):
+    config_lib.validate(cfg)
+    family_cls = registry.family_class(cfg.family)
+    family_cls.validate(cfg)
+    self.cfg = cfg
+    self.mesh = mesh or sharding.make_mesh(cfg.num_devices or None)
+    self.family = family_cls(cfg, self.mesh)
+    fam = self.family
+    if not fam.vmap_chains and cfg.chains != 1:
+      raise ConfigError(f"config.chains must be 1 for family {fam.name!r} (it shards batches, not chains)")
+    self.counts = config_lib.sample_counts(cfg)
+    self.counts[0] = fam.n_real
+    self.spec = regimes.make_spec(cfg, fam.n_real, self.counts)
+    if cfg.regime.name == "real_fraction":
+      k = max(round(cfg.regime.real_fraction * m) for m in self.counts[1:] or [0])
+      if k > fam.n_real:
+        raise ConfigError(f"config.regime.real_fraction={cfg.regime.real_fraction} asks for {k} real data per "
+                          f"generation but only {fam.n_real} exist (config.n_real)")
+    self.n_chains = cfg.chains
+    self.padded_chains = sharding.pad_to_mesh(cfg.chains, self.mesh) if fam.vmap_chains else 1
+    self.stats = metrics_lib.stat_names(cfg.quantiles)
+    self.snap_gens = sorted({g for g in cfg.snapshot_generations if g < cfg.generations})
+    self._counts_dev = np.asarray(self.counts + [self.spec.m_max], np.int32)
+    self._chunk = None
+
+  # --- one chain, one generation -------------------------------------------------------------------------
+  def _chain_init(self, chain_key, shared):
+    fam = self.family
+    real, aux = fam.init_chain(jax.random.fold_in(chain_key, 1), shared)
+    model = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(fam.init_model, jax.random.fold_in(chain_key, 1), shared))
+    return {"key": chain_key, "data": regimes.init(self.spec, real), "aux": aux, "prev": model, "model0": model}
+
+  def _generation(self, carry, g, shared):
+    fam, spec = self.family, self.spec
+    key = jax.random.fold_in(jax.random.fold_in(carry["key"], 0), g)
+    counts = jnp.asarray(self._counts_dev)
+    x, w = regimes.training_set(spec, carry["data"], g, jax.random.fold_in(key, 0), counts[g])
+    model = fam.fit(x, w, jax.random.fold_in(key, 1), carry["prev"], g, shared)
+    model0 = jax.tree.map(lambda new, old: jnp.where(g == 0, new, old), model, carry["model0"])
+    metrics = fam.evaluate(model, model0, carry["aux"], shared)
+    samples = fam.sample(model, spec.m_max, jax.random.fold_in(key, 2), shared)
+    data = regimes.update(spec, carry["data"], samples, counts[g + 1])
+    carry = dict(carry, data=data, prev=model, model0=model0)
+    return carry, metrics, samples[:self.cfg.snapshot_size]
+
+  # --- the compiled chunk --------------------------------------------------------------------------------
+  def _chunk_body(self, carry, gs, shared):
+    def step(carry, g):
+      if self.family.vmap_chains:
+        carry, metrics, snap = jax.vmap(self._generation, in_axes=(0, None, None))(carry, g, shared)
+        snap = snap[0]
+      else:
+        carry, metrics, snap = self._generation(carry, g, shared)
+        metrics = jax.tree.map(lambda m: m[None], metrics)
+      scalars, arrays = metrics_lib.aggregate(metrics, self.n_chains, self.cfg.quantiles)
+      return carry, (scalars, arrays, snap)
+    return jax.lax.scan(step, carry, gs)
+
+  def init_carry(self, shared):
+    root = jax.random.PRNGKey(self.cfg.seed)
+    if self.family.vmap_chains:
+      keys = jax.vmap(lambda c: jax.random.fold_in(root, c))(jnp.arange(self.padded_chains))
+      fn = jax.vmap(self._chain_init, in_axes=(0, None))
+    else:
+      keys, fn = jax.random.fold_in(root, 0), self._chain_init
+    shapes = jax.eval_shape(fn, keys, shared)
+    self.carry_shardings = self._carry_shardings(shapes)
+    return jax.jit(fn, out_shardings=self.carry_shardings)(keys, shared)
+
+  def _carry_shardings(self, shapes):
+    lead, rep = sharding.leading(self.mesh), sharding.replicated(self.mesh)
+    if self.family.vmap_chains:
+      return jax.tree.map(lambda _: lead, shapes)
+    size = self.mesh.devices.size
+    # Single chain: split the large data buffers by rows where they divide evenly; models stay replicated.
+    data = jax.tree.map(lambda s: lead if s.ndim >= 2 and s.shape[0] % size == 0 else rep, shapes["data"])
+    return dict(jax.tree.map(lambda _: rep, shapes), data=data)
+
+  def chunk_fn(self, shared_shardings):
+    if self._chunk is None:
+      self._chunk = jax.jit(self._chunk_body, in_shardings=(self.carry_shardings, None, shared_shardings),
+                            out_shardings=(self.carry_shardings, None), donate_argnums=0)
+    return self._chunk
+
+
+def _config_diff(old: dict, new: dict, prefix="") -> list[str]:
+  out = []
+  for k in sorted(set(old) | set(new)):
+    a, b = old.get(k), new.get(k)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _config_diff(a, b, f"{prefix}{k}.")
+    elif a != b and f"{prefix}{k}" not in _RESUMABLE_CHANGES:
+      out.append(f"config.{prefix}{k} ({a!r} -> {b!r})")
+  return out
+
+
+def _check_resumable(workdir: str, cfg_json: dict, has_checkpoints: bool) -> None:
+  path = os.path.join(workdir, "config.json")
+  if not (has_checkpoints and os.path.exists(path)):
+    return
+  with open(path) as fh:
+    old = json.load(fh)
+  diff = _config_diff(old, cfg_json)
+  if diff:
+    raise ConfigError(f"workdir {workdir} holds a run with another config: {', '.join(diff)}; use a new --workdir")
+
+
+def _fmt_time(s: float) -> str:
+  s = int(s)
+  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def run(cfg, workdir: str, mesh=None, stop_after: int | None = None) -> dict:
+  """Run (or resume) the experiment in `workdir`; returns the host-side history.
+
+  `stop_after` ends the run early after the chunk that reaches that generation (tests use it to interrupt).
+  """
+  config_lib.check_workdir(workdir)
+  exp = Experiment(cfg, mesh)
+  fam, G = exp.family, cfg.generations
+  cfg_json = json.loads(cfg.to_json_best_effort())
+  ckpts = checkpoint.Checkpoints(workdir, cfg.keep_checkpoints)
+  _check_resumable(workdir, cfg_json, bool(ckpts.steps()))
+  metrics_lib.write_atomic(os.path.join(workdir, "config.json"), json.dumps(cfg_json, indent=2, sort_keys=True))
+
+  shared_host = fam.shared()
+  shared_sh = jax.tree.map(lambda _: sharding.replicated(exp.mesh), shared_host)
+  shared = jax.device_put(shared_host, shared_sh)
+  carry = exp.init_carry(shared)
+  chunk = exp.chunk_fn(shared_sh)
+  ys_shape = jax.eval_shape(chunk, carry, np.zeros((1,), np.int32), shared)[1]
+  history = {
+      "metrics": {k: np.zeros((G,) + v.shape[1:], np.float32) for k, v in ys_shape[0].items()},
+      "arrays": {k: np.zeros((G,) + v.shape[1:], v.dtype) for k, v in ys_shape[1].items()},
+      "snapshots": np.zeros((len(exp.snap_gens),) + ys_shape[2].shape[1:], ys_shape[2].dtype),
+      "next_gen": np.zeros((), np.int64),
+  }
+  abstract = {"carry": checkpoint.abstract(carry, exp.carry_shardings), "history": _storable(history)}
+  step, restored = ckpts.restore_latest(abstract)
+  if restored is not None:
+    carry = restored["carry"]
+    history.update(restored["history"])
+    print(f"resuming {workdir} at generation {step}/{G}", flush=True)
+  start = int(history["next_gen"])
+  if start >= G:
+    print(f"{workdir} already holds a finished run of {G} generations; nothing to do", flush=True)
+    ckpts.close()
+    return history
+
+  L = cfg.checkpoint_every
+  t0, done_since = time.time(), 0
+  t_first = None
+  for s in range(start, G, L):
+    e = min(s + L, G)
+    carry, (scalars, arrays, snap) = chunk(carry, np.arange(s, e, dtype=np.int32), shared)
+    scalars, arrays, snap = metrics_lib.to_host((scalars, arrays, snap))
+    for k, v in scalars.items():
+      history["metrics"][k][s:e] = v
+    for k, v in arrays.items():
+      history["arrays"][k][s:e] = v
+    for i, g in enumerate(exp.snap_gens):
+      if s <= g < e:
+        history["snapshots"][i] = snap[g - s]
+    history["next_gen"] = np.asarray(e, np.int64)
+    ckpts.save(e, {"carry": carry, "history": _storable(history)})
+    _write_metrics(workdir, exp, history, e)
+    now = time.time()
+    if t_first is None:  # the first chunk includes compilation; the rate is measured after it
+      t_first, done_since = now, 0
+      rate_txt = f"first chunk (with compile) {now - t0:.1f}s"
+    else:
+      done_since += e - s
+      rate = done_since / (now - t_first)
+      rate_txt = f"{rate:.3g} gen/s  ETA {_fmt_time((G - e) / rate)}"
+    print(f"[{fam.name}] generation {e}/{G} ({100 * e / G:.0f}%)  {rate_txt}", flush=True)
+    if stop_after is not None and e >= stop_after:
+      ckpts.close()
+      return history
+  ckpts.close()
+  if cfg.plots:
+    make_plots(workdir, exp, history)
+  return history
+
+
+def _storable(history: dict) -> dict:
+  """The history without empty arrays (Orbax refuses zero-size arrays; e.g. runs that keep no snapshots)."""
+  out = {}
+  for k, v in history.items():
+    if isinstance(v, dict):
+      out[k] = {n: a for n, a in v.items() if a.size}
+    elif v.size:
+      out[k] = v
+  return out
+
+
+def _write_metrics(workdir, exp, history, upto):
+  lines = metrics_lib.jsonl_lines(history["metrics"], exp.stats, upto, exp.counts)
+  metrics_lib.write_atomic(os.path.join(workdir, "metrics.jsonl"), "\n".join(lines) + "\n")
+
+
+def make_plots(workdir, exp, history):
+  by_stat = {k: {s: v[:, i] for i, s in enumerate(exp.stats)} for k, v in history["metrics"].items()}
+  snaps = {g: history["snapshots"][i] for i, g in enumerate(exp.snap_gens)}
+  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+  plots.metric_bands(workdir, exp.family.name, by_stat, exp.family.metric_names, exp.cfg.chains)
+  exp.family.plot(workdir, by_stat, history["arrays"], snaps)

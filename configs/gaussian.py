@@ -1,0 +1,23 @@
+"""The paper's single-Gaussian recursion (Shumailov et al. 2024, Fig. 'Gaussian' / theory section).
+
+Command (CPU is plenty; chains are vmapped and split over all devices):
+  python -m collapse_jax.main --config=configs/gaussian.py:100 --workdir=runs/gauss100
+Variants via the argument: the sample size M per generation, one of 100, 500, 1000, 10000 (default 100).
+Expected result: var_ratio mean over chains tracks (1 - 1/M)^(g+1) (0.366 at g = 99 for M = 100) and W2 to
+the original grows; with --config.regime.name=accumulate the variance stays near 1.
+"""
+from collapse_jax.config import base_config
+
+
+def get_config(arg: str | None = None):
+  c = base_config()
+  c.family = "gaussian"
+  m = int(arg) if arg else 100
+  if m not in (100, 500, 1000, 10000):
+    raise ValueError(f"configs/gaussian.py:ARG takes a sample size in 100, 500, 1000, 10000; got {arg!r}")
+  c.samples.n = m
+  c.generations = 1000
+  c.chains = 1000
+  c.checkpoint_every = 250
+  c.gaussian = dict(dim=1, true_mean=0.0, true_std=1.0, estimator="mle")
+  return c

@@ -1,0 +1,36 @@
+"""The paper's GMM recursion: a 2-component full-covariance GMM fitted by EM to 1000 samples of a 2-D standard
+normal blob, refitted on 1000 of its own samples each generation, for 2050 generations.
+
+Command (the README's main job; CPU, about a minute on 2 cores):
+  python -m collapse_jax.main --config=configs/gmm.py --workdir=runs/gmm
+Variants: configs/gmm.py:chains=256 (many vmapped chains, split over all devices), configs/gmm.py:quick (50
+generations, for smoke tests), and any field by --config.FIELD=VALUE, e.g. --config.regime.name=accumulate.
+Expected result: the L2 distance to generation 0's GMM grows and the components' spread shrinks over
+generations (the paper's Fig. 'GMM'); scatter snapshots at generations 0, 50, 100, 150, 200, 350, 2000.
+"""
+from collapse_jax.config import base_config
+
+
+def get_config(arg: str | None = None):
+  c = base_config()
+  c.family = "gmm"
+  c.seed = 0
+  c.generations = 2050
+  c.chains = 1
+  c.checkpoint_every = 50
+  c.samples.n = 1000
+  c.snapshot_generations = (0, 50, 100, 150, 200, 350, 2000)
+  c.snapshot_size = 1000
+  c.gmm = dict(components=2, dim=2, tol=1e-5, max_iter=2000, reg_covar=1e-6, kmeans_iter=300,
+               heldout=1000, true_mean=0.0, true_std=1.0)
+  for part in (arg or "").split(","):
+    if not part:
+      continue
+    if part == "quick":
+      c.generations, c.checkpoint_every = 50, 10
+      c.snapshot_generations = (0, 10, 20, 49)
+    elif part.startswith("chains="):
+      c.chains = int(part.split("=", 1)[1])
+    else:
+      raise ValueError(f"configs/gmm.py:ARG takes 'quick' and/or 'chains=N' (comma separated); got {part!r}")
+  return c
