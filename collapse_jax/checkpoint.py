@@ -8,7 +8,6 @@ cannot be read (corrupted on disk) is reported and the one before it is used.
 import os
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -35,33 +34,40 @@ class Checkpoints:
     """(step, state) of the newest readable checkpoint, or (None, None) where there is none.
 
     `abstract_state` gives shapes, dtypes and shardings (jax.ShapeDtypeStruct leaves), so arrays come back
-    already laid out on this run's mesh, whatever mesh wrote them.
+    already laid out on this run's mesh, whatever mesh wrote them. Unreadable steps newer than the one restored
+    are moved aside to checkpoints/unreadable-<step>/ (kept for inspection, never deleted) so that the run can
+    write those steps again.
     """
-    steps = self.steps()
-    errors = []
-    for step in reversed(steps):
+    bad = []
+    for step in reversed(self.steps()):
       try:
         state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
       except Exception as e:  # Orbax/tensorstore raise many types for unreadable files; all mean "skip it".
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        lines = [l for l in str(e).strip().splitlines() if l.strip()]
+        why = (lines[0][:200] if lines else type(e).__name__)
         path = os.path.join(self.directory, str(step))
-        logging.warning("checkpoint %s is unreadable (%s); trying the one before", path, first)
-        print(f"warning: checkpoint {path} is unreadable ({first}); falling back to an earlier one", flush=True)
-        errors.append((path, first))
+        logging.warning("checkpoint %s is unreadable (%s)", path, why)
+        print(f"warning: checkpoint {path} is unreadable ({why}); trying an earlier one", flush=True)
+        bad.append((step, path, why))
         continue
+      self._set_aside(bad)
       return step, state
-    if errors:
-      path, first = errors[0]
-      raise ConfigError(f"no readable checkpoint in {self.directory}: newest {path} failed with: {first}")
+    if bad:
+      _, path, why = bad[0]
+      raise ConfigError(f"no readable checkpoint in {self.directory}: the newest, {path}, failed with: {why}")
     return None, None
+
+  def _set_aside(self, bad) -> None:
+    if not bad:
+      return
+    for step, path, _ in bad:
+      os.replace(path, os.path.join(self.directory, f"unreadable-{step}"))
+    self._manager.reload()
 
   def close(self) -> None:
     self._manager.close()
 
 
-def abstract(tree, shardings=None):
-  """ShapeDtypeStructs for a pytree of arrays (with matching shardings where given) for restore targets."""
-  if shardings is None:
-    return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype) if isinstance(a, np.ndarray) else
-                        jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+def abstract(shapes, shardings):
+  """ShapeDtypeStructs carrying the shardings that restored (or freshly made) arrays should have."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)

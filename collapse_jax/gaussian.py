@@ -22,6 +22,8 @@ def fit_moments(x_NxD, w_N, unbiased: bool):
 
 
 def psd_sqrt(cov_DxD):
+  if cov_DxD.shape == (1, 1):  # the paper's 1-D case: skip the batched LAPACK call, a large share of run time
+    return jnp.sqrt(jnp.maximum(cov_DxD, 0.0))
   # eigh, not cholesky: collapsed covariances become (numerically) singular and cholesky would return NaN.
   lam_D, v_DxD = jnp.linalg.eigh(cov_DxD)
   return (v_DxD * jnp.sqrt(jnp.maximum(lam_D, 0.0))) @ v_DxD.T

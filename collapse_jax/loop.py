@@ -88,15 +88,22 @@ class Experiment:
       return carry, (scalars, arrays, snap)
     return jax.lax.scan(step, carry, gs)
 
-  def init_carry(self, shared):
+  def _init_fn(self):
     root = jax.random.PRNGKey(self.cfg.seed)
     if self.family.vmap_chains:
       keys = jax.vmap(lambda c: jax.random.fold_in(root, c))(jnp.arange(self.padded_chains))
-      fn = jax.vmap(self._chain_init, in_axes=(0, None))
-    else:
-      keys, fn = jax.random.fold_in(root, 0), self._chain_init
+      return keys, jax.vmap(self._chain_init, in_axes=(0, None))
+    return jax.random.fold_in(root, 0), self._chain_init
+
+  def carry_shapes(self, shared):
+    """Shapes and shardings of the carry, by tracing only (nothing is compiled)."""
+    keys, fn = self._init_fn()
     shapes = jax.eval_shape(fn, keys, shared)
     self.carry_shardings = self._carry_shardings(shapes)
+    return checkpoint.abstract(shapes, self.carry_shardings)
+
+  def init_carry(self, shared):
+    keys, fn = self._init_fn()
     return jax.jit(fn, out_shardings=self.carry_shardings)(keys, shared)
 
   def _carry_shardings(self, shapes):
@@ -158,17 +165,17 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None) -> dict:
   shared_host = fam.shared()
   shared_sh = jax.tree.map(lambda _: sharding.replicated(exp.mesh), shared_host)
   shared = jax.device_put(shared_host, shared_sh)
-  carry = exp.init_carry(shared)
+  carry_abstract = exp.carry_shapes(shared)
   chunk = exp.chunk_fn(shared_sh)
-  ys_shape = jax.eval_shape(chunk, carry, np.zeros((1,), np.int32), shared)[1]
+  ys_shape = jax.eval_shape(chunk, carry_abstract, np.zeros((1,), np.int32), shared)[1]
   history = {
       "metrics": {k: np.zeros((G,) + v.shape[1:], np.float32) for k, v in ys_shape[0].items()},
       "arrays": {k: np.zeros((G,) + v.shape[1:], v.dtype) for k, v in ys_shape[1].items()},
       "snapshots": np.zeros((len(exp.snap_gens),) + ys_shape[2].shape[1:], ys_shape[2].dtype),
       "next_gen": np.zeros((), np.int64),
   }
-  abstract = {"carry": checkpoint.abstract(carry, exp.carry_shardings), "history": _storable(history)}
-  step, restored = ckpts.restore_latest(abstract)
+  # Restore before compiling anything, so an unreadable workdir costs no compile time.
+  step, restored = ckpts.restore_latest({"carry": carry_abstract, "history": _storable(history)})
   if restored is not None:
     carry = restored["carry"]
     history.update(restored["history"])
@@ -178,6 +185,8 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None) -> dict:
     print(f"{workdir} already holds a finished run of {G} generations; nothing to do", flush=True)
     ckpts.close()
     return history
+  if restored is None:
+    carry = exp.init_carry(shared)
 
   L = cfg.checkpoint_every
   t0, done_since = time.time(), 0
