@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.generations = 10
   c.chains = 1                   # independent replicas of the whole recursion (vmapped, sharded over devices)
+  c.chain_batch = 0              # chains vmapped together per device; 0: 1 on CPU, all on GPU/TPU
   c.checkpoint_every = 10        # generations per compiled chunk; an Orbax checkpoint after each chunk
   c.keep_checkpoints = 3         # >= 2 so a corrupt latest checkpoint can fall back to the one before
   c.num_devices = 0              # 0: all visible devices
@@ -63,6 +64,7 @@ def validate(cfg) -> None:
   for path in ("generations", "chains", "checkpoint_every", "keep_checkpoints", "samples.n"):
     _positive_int(cfg, path)
   _positive_int(cfg, "num_devices", allow_zero=True)
+  _positive_int(cfg, "chain_batch", allow_zero=True)
   _positive_int(cfg, "n_real", allow_zero=True)
   _positive_int(cfg, "regime.subsample", allow_zero=True)
   _positive_int(cfg, "snapshot_size", allow_zero=True)
@@ -105,3 +107,22 @@ def check_workdir(workdir: str) -> None:
     os.remove(probe)
   except OSError as e:
     raise ConfigError(f"workdir {workdir} is not writable: {e.strerror}") from None
+
+
+def load(name: str, arg: str | None = None, **overrides) -> ml_collections.ConfigDict:
+  """configs/<name>.py's get_config(arg) (or a path to any config file), as the CLI would build it, with
+  `a__b=value` overrides for nested fields. For tests, benchmarks and notebooks."""
+  import importlib.util
+  path = name if name.endswith(".py") else os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"collapse_jax_config_{os.path.basename(path)[:-3]}", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config(arg) if arg is not None else mod.get_config()
+  for key, value in overrides.items():
+    node = cfg
+    *parents, leaf = key.split("__")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg

@@ -23,7 +23,7 @@ from collapse_jax import sharding
 from collapse_jax.config import ConfigError
 
 # Fields that may change between a run and its resumption without changing any result.
-_RESUMABLE_CHANGES = {"plots", "num_devices", "keep_checkpoints", "checkpoint_every"}
+_RESUMABLE_CHANGES = {"plots", "num_devices", "keep_checkpoints", "checkpoint_every", "chain_batch"}
 
 
 class Experiment:
@@ -50,6 +50,11 @@ class Experiment:
     self.n_chains = cfg.chains
     self.padded_chains = sharding.pad_to_mesh(cfg.chains, self.mesh) if fam.vmap_chains else 1
     self.stats = metrics_lib.stat_names(cfg.quantiles)
+    local = self.padded_chains // self.mesh.devices.size
+    # chain_batch 0: one chain at a time on CPU (a vmapped EM while_loop runs until its slowest chain is
+    # done, which costs more than it saves there), all of a device's chains at once on accelerators.
+    auto = 1 if self.mesh.devices.flat[0].platform == "cpu" else local
+    self.chain_batch = max(1, min(cfg.chain_batch or auto, local))
     self.snap_gens = sorted({g for g in cfg.snapshot_generations if g < cfg.generations})
     self._counts_dev = np.asarray(self.counts + [self.spec.m_max], np.int32)
     self._chunk = None
@@ -76,10 +81,30 @@ class Experiment:
     return carry, metrics, samples[:self.cfg.snapshot_size]
 
   # --- the compiled chunk --------------------------------------------------------------------------------
+  def _all_chains(self, carry, g, shared):
+    """One generation of every chain. Each device runs its own chains (shard_map), `chain_batch` at a time
+    vmapped: a chain's arithmetic then depends only on that batch size, not on how many devices share the
+    chains, so sharded and single-device runs agree bit for bit when chain_batch divides the chains per device."""
+    b = self.chain_batch
+
+    def local(carry_c, g, shared):
+      fn = lambda c: self._generation(c, g, shared)
+      n_local = jax.tree.leaves(carry_c)[0].shape[0]
+      if b >= n_local:
+        return jax.vmap(fn)(carry_c)
+      return jax.lax.map(fn, carry_c, batch_size=b if b > 1 else None)
+
+    spec = jax.sharding.PartitionSpec(sharding.AXIS)
+    rep = jax.sharding.PartitionSpec()
+    # check_vma=False: the families' while_loops start from constants that become per-device values; there
+    # are no collectives inside, so the varying-axis bookkeeping would only demand casts in every family.
+    return jax.shard_map(local, mesh=self.mesh, in_specs=(spec, rep, rep), out_specs=spec,
+                         check_vma=False)(carry, g, shared)
+
   def _chunk_body(self, carry, gs, shared):
     def step(carry, g):
       if self.family.vmap_chains:
-        carry, metrics, snap = jax.vmap(self._generation, in_axes=(0, None, None))(carry, g, shared)
+        carry, metrics, snap = self._all_chains(carry, g, shared)
         snap = snap[0]
       else:
         carry, metrics, snap = self._generation(carry, g, shared)
@@ -160,7 +185,8 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None) -> dict:
   cfg_json = json.loads(cfg.to_json_best_effort())
   ckpts = checkpoint.Checkpoints(workdir, cfg.keep_checkpoints)
   _check_resumable(workdir, cfg_json, bool(ckpts.steps()))
-  metrics_lib.write_atomic(os.path.join(workdir, "config.json"), json.dumps(cfg_json, indent=2, sort_keys=True))
+  if jax.process_index() == 0:  # on multi-host runs one process writes the host-side files; Orbax does the rest
+    metrics_lib.write_atomic(os.path.join(workdir, "config.json"), json.dumps(cfg_json, indent=2, sort_keys=True))
 
   shared_host = fam.shared()
   shared_sh = jax.tree.map(lambda _: sharding.replicated(exp.mesh), shared_host)
@@ -204,7 +230,8 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None) -> dict:
         history["snapshots"][i] = snap[g - s]
     history["next_gen"] = np.asarray(e, np.int64)
     ckpts.save(e, {"carry": carry, "history": _storable(history)})
-    _write_metrics(workdir, exp, history, e)
+    if jax.process_index() == 0:
+      _write_metrics(workdir, exp, history, e)
     now = time.time()
     if t_first is None:  # the first chunk includes compilation; the rate is measured after it
       t_first, done_since = now, 0
@@ -218,7 +245,7 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None) -> dict:
       ckpts.close()
       return history
   ckpts.close()
-  if cfg.plots:
+  if cfg.plots and jax.process_index() == 0:
     make_plots(workdir, exp, history)
   return history
 

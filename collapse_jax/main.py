@@ -6,6 +6,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config.json, metrics.jsonl, checkpoints/, plots/.")
+_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False,
+                                 "Call jax.distributed.initialize() first (multi-host TPU slices, SLURM).")
 
 
 def _fail(msg: str):
@@ -37,6 +39,9 @@ def main(argv):
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; the loop prints its own progress
+  if _DISTRIBUTED.value:
+    import jax
+    jax.distributed.initialize()
   from collapse_jax import loop  # after flag parsing, so --help and flag errors do not pay JAX's import
   from collapse_jax.config import ConfigError
   try:

@@ -17,8 +17,11 @@ def aggregate(metrics_C: dict, n_chains: int, quantiles) -> tuple[dict, dict]:
   scalars, arrays = {}, {}
   for name, m in metrics_C.items():
     if m.ndim == 1:
-      m = m[:n_chains].astype(jnp.float32)
-      scalars[name] = jnp.concatenate([m.mean()[None], m.std()[None], jnp.quantile(m, jnp.asarray(quantiles))])
+      m = m[:n_chains]
+      m = m if jnp.issubdtype(m.dtype, jnp.floating) else m.astype(jnp.float32)
+      # Reduced in the metric's own precision, stored as float32 (the history and metrics.jsonl).
+      stats = jnp.concatenate([m.mean()[None], m.std()[None], jnp.quantile(m, jnp.asarray(quantiles, m.dtype))])
+      scalars[name] = stats.astype(jnp.float32)
     else:
       arrays[name] = m[0]
   return scalars, arrays

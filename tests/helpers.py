@@ -1,26 +1,16 @@
-"""Shared test helpers: load a config file as the CLI does, and run the CLI in a subprocess."""
-import importlib.util
+"""Shared test helpers: configs as the CLI builds them, and the CLI in a subprocess."""
 import os
 import subprocess
 import sys
+
+from collapse_jax import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str, arg: str | None = None, **overrides):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(REPO, "configs", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config(arg) if arg is not None else mod.get_config()
   # One device unless a test asks for more: 8 simulated devices on 2 cores only add thread contention.
-  cfg.num_devices = 1
-  for path, value in overrides.items():
-    node = cfg
-    *parents, leaf = path.split("__")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return cfg
+  return config_lib.load(name, arg, **{"num_devices": 1, **overrides})
 
 
 def cli(*args, devices: int = 1, timeout: float = 600, **popen):

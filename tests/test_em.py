@@ -1,0 +1,321 @@
+"""collapse_jax.em against scikit-learn, scipy and numerical integration."""
+import itertools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
+
+from collapse_jax import em
+
+
+@pytest.fixture
+def x64():
+  # A context rather than jax.config.update, so float32 stays the default for every other test.
+  with jax.enable_x64(True):
+    yield
+
+
+# One data size throughout, so that jitted functions compile once per (K, D, dtype) and are shared by tests.
+_N = 400
+
+
+def _mixture(seed, k, d, sep):
+  """A random mixture whose component means sit about `sep` standard deviations apart."""
+  rng = np.random.default_rng(seed)
+  weights = rng.dirichlet(np.full(k, 5.0))
+  means = rng.normal(size=(k, d)) * sep
+  a = rng.normal(size=(k, d, d)) * 0.5
+  covs = a @ np.swapaxes(a, 1, 2) + 0.5 * np.eye(d)
+  return em.GMM(weights=weights, means=means, covs=covs)
+
+
+def _draw(g, n, seed):
+  rng = np.random.default_rng(seed)
+  comp = rng.choice(len(g.weights), size=n, p=g.weights)
+  z = rng.normal(size=(n, g.means.shape[1]))
+  return g.means[comp] + np.einsum('nij,nj->ni', np.linalg.cholesky(g.covs)[comp], z)
+
+
+def _perturbed_init(g, seed):
+  rng = np.random.default_rng(seed)
+  weights = np.full(len(g.weights), 1.0 / len(g.weights))
+  return em.GMM(weights=weights, means=g.means + rng.normal(size=g.means.shape), covs=g.covs * 1.5)
+
+
+def _sklearn_fit(x, init, tol, max_iter):
+  precisions = np.linalg.inv(np.asarray(init.covs, np.float64))
+  gm = GaussianMixture(len(init.weights), tol=tol, max_iter=max_iter, weights_init=np.asarray(init.weights),
+                       means_init=np.asarray(init.means), precisions_init=precisions)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', ConvergenceWarning)
+    return gm.fit(x)
+
+
+def _as_jax(g, dtype):
+  return jax.tree.map(lambda a: jnp.asarray(a, dtype), g)
+
+
+def _assert_gmm_close(ours, weights, means, covs, atol):
+  np.testing.assert_allclose(np.asarray(ours.weights), weights, atol=atol, rtol=0)
+  np.testing.assert_allclose(np.asarray(ours.means), means, atol=atol, rtol=0)
+  np.testing.assert_allclose(np.asarray(ours.covs), covs, atol=atol, rtol=0)
+
+
+# Jitted once here: eager calls would compile every small op separately and dominate the test time.
+_fit = jax.jit(em.fit)  # max_iter traced too, so each data shape compiles once
+_kmeans_init = jax.jit(em.kmeans_init, static_argnums=2)
+_e_step = jax.jit(em.e_step)
+_m_step = jax.jit(em.m_step)
+_log_prob = jax.jit(em.log_prob)
+_sample = jax.jit(em.sample, static_argnums=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1-2. EM against sklearn from the same start.
+
+
+@pytest.mark.parametrize('d,k', [(2, 2), (3, 3), (2, 3)])
+def test_fixed_iterations_match_sklearn_float64(x64, d, k):
+  g = _mixture(seed=10 * d + k, k=k, d=d, sep=1.0)  # overlapping: EM keeps moving for many iterations
+  x = _draw(g, _N, seed=d + k)
+  init = _perturbed_init(g, seed=k)
+  sk = _sklearn_fit(x, init, tol=0, max_iter=25)
+  ours, n_iter, converged, lb = _fit(jnp.asarray(x), jnp.ones(len(x)), _as_jax(init, jnp.float64), 0.0,
+                                     25, 1e-6)
+  assert ours.means.dtype == jnp.float64
+  assert int(n_iter) == 25 and not bool(converged)
+  assert np.abs(sk.means_ - init.means).max() > 0.05  # the test is void if EM stood still
+  _assert_gmm_close(ours, sk.weights_, sk.means_, sk.covariances_, atol=1e-6)
+  np.testing.assert_allclose(float(lb), sk.lower_bound_, rtol=1e-10)
+
+
+@pytest.mark.parametrize('tol', [1e-3, 1e-5])
+def test_default_tolerances_match_sklearn(tol):
+  g = _mixture(seed=3, k=3, d=2, sep=6.0)
+  x = _draw(g, _N, seed=4)
+  init = _perturbed_init(g, seed=5)
+  sk = _sklearn_fit(x, init, tol=tol, max_iter=200)
+  ours, n_iter, converged, _ = _fit(jnp.asarray(x, jnp.float32), jnp.ones(len(x)),
+                                    _as_jax(init, jnp.float32), tol, 200, 1e-6)
+  assert ours.means.dtype == jnp.float32
+  assert bool(converged) and sk.converged_
+  assert abs(int(n_iter) - sk.n_iter_) <= 1
+  _assert_gmm_close(ours, sk.weights_, sk.means_, sk.covariances_, atol=1e-3)
+
+
+def test_e_step_and_score_match_sklearn(x64):
+  g = _mixture(seed=7, k=3, d=3, sep=1.5)
+  x = _draw(g, _N, seed=8)
+  sk = _sklearn_fit(x, _perturbed_init(g, seed=9), tol=0, max_iter=5)
+  fitted = em.GMM(weights=sk.weights_, means=sk.means_, covs=sk.covariances_)
+  log_resp, mean_ll = _e_step(fitted, jnp.asarray(x), jnp.ones(len(x)))
+  np.testing.assert_allclose(np.exp(log_resp), sk.predict_proba(x), atol=1e-10)
+  np.testing.assert_allclose(float(mean_ll), sk.score(x), rtol=1e-12)
+  np.testing.assert_allclose(_log_prob(fitted, jnp.asarray(x)), sk.score_samples(x), rtol=1e-12)
+
+
+def _match_components(means_a, means_b):
+  k = len(means_a)
+  return min(itertools.permutations(range(k)), key=lambda p: np.abs(means_a[list(p)] - means_b).sum())
+
+
+def test_kmeans_init_then_fit_matches_sklearn_default():
+  g = _mixture(seed=11, k=3, d=2, sep=8.0)
+  x = _draw(g, _N, seed=12)
+  xj, w = jnp.asarray(x, jnp.float32), jnp.ones(len(x))
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', ConvergenceWarning)
+    sk_init = GaussianMixture(3, max_iter=0, random_state=0).fit(x)  # max_iter=0 keeps the k-means start
+  sk = GaussianMixture(3, random_state=0).fit(x)
+  init = _kmeans_init(xj, w, 3, jax.random.key(0))
+  ours, _, converged, _ = _fit(xj, w, init, 1e-3, 100, 1e-6)
+  assert bool(converged)
+  for got, want in [(init, sk_init), (ours, sk)]:
+    perm = np.array(_match_components(np.asarray(got.means), want.means_))
+    _assert_gmm_close(jax.tree.map(lambda a: a[perm], got), want.weights_, want.means_, want.covariances_,
+                      atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# k-means pieces.
+
+
+@pytest.mark.parametrize('far_centre', [False, True])
+def test_lloyd_matches_sklearn_kmeans(x64, far_centre):
+  g = _mixture(seed=13, k=3, d=2, sep=1.5)
+  x = _draw(g, _N, seed=14)
+  centres = x[:3].copy()
+  if far_centre:  # an empty first cluster exercises sklearn's relocation to the farthest point
+    centres[1] = [100.0, 100.0]
+  km = KMeans(3, init=centres, n_init=1, tol=1e-4, max_iter=300, algorithm='lloyd').fit(x)
+  w = jnp.ones(len(x))
+  c, labels, n_iter = jax.jit(em._lloyd)(jnp.asarray(x).T, w, jnp.asarray(centres), 300, 1e-4)
+  assert km.n_iter_ > 2
+  assert int(n_iter) == km.n_iter_
+  np.testing.assert_array_equal(np.asarray(labels), km.labels_)
+  np.testing.assert_allclose(np.asarray(c), km.cluster_centers_, atol=1e-10)
+
+
+def test_kmeans_plusplus_seeds_valid_rows_in_distinct_blobs():
+  blobs = np.array([[0.0, 0.0], [20.0, 0.0], [0.0, 20.0]])
+  rng = np.random.default_rng(15)
+  x = np.repeat(blobs, 50, axis=0) + rng.normal(size=(150, 2))
+  w = np.ones(150)
+  w[::7] = 0  # scattered padding rows, moved to a spot any seeding would love
+  x[w == 0] = [1e3, 1e3]
+  seed_fn = jax.jit(lambda key: em._kmeans_plusplus(jnp.asarray(x, jnp.float32).T, jnp.asarray(w), 3, key))
+  for i in range(20):
+    seeds = np.asarray(seed_fn(jax.random.key(i)))
+    rows = [np.flatnonzero(np.all(x.astype(np.float32) == s, axis=1)) for s in seeds]
+    assert all(len(r) == 1 and w[r[0]] == 1 for r in rows)
+    assert len({int(np.argmin(np.linalg.norm(blobs - s, axis=1))) for s in seeds}) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Padding rows have no influence.
+
+
+@pytest.mark.parametrize('junk', [1e30, np.nan])
+def test_padding_rows_have_no_influence(junk):
+  g = _mixture(seed=16, k=3, d=2, sep=3.0)
+  x = _draw(g, _N, seed=17).astype(np.float32)
+  cap = _N + 120
+  buf = np.full((cap, 2), junk, np.float32)  # 1e30 overflows when squared: 0 * inf would leak NaN
+  buf[:_N] = x
+  w = np.zeros(cap, np.float32)
+  w[:_N] = 1
+  key = jax.random.key(3)
+  init_buf = _kmeans_init(jnp.asarray(buf), jnp.asarray(w), 3, key)
+  init_ref = _kmeans_init(jnp.asarray(x), jnp.ones(_N), 3, key)
+  _assert_gmm_close(init_buf, init_ref.weights, init_ref.means, init_ref.covs, atol=1e-5)
+  # Padding scattered through the buffer, not only trailing.
+  perm = np.random.default_rng(18).permutation(cap)
+  xb, wb = jnp.asarray(buf[perm]), jnp.asarray(w[perm])
+  fit_buf, n_buf, _, lb_buf = _fit(xb, wb, init_ref, 0.0, 40, 1e-6)
+  fit_ref, n_ref, _, lb_ref = _fit(jnp.asarray(x), jnp.ones(_N), init_ref, 0.0, 40, 1e-6)
+  assert int(n_buf) == int(n_ref) == 40
+  _assert_gmm_close(fit_buf, fit_ref.weights, fit_ref.means, fit_ref.covs, atol=1e-5)
+  np.testing.assert_allclose(float(lb_buf), float(lb_ref), rtol=1e-6)
+  assert np.all(np.isfinite(np.asarray(_e_step(fit_ref, xb, wb)[0])))
+
+
+def test_m_step_weights_equal_subsetting(x64):
+  rng = np.random.default_rng(19)
+  x = rng.normal(size=(200, 3))
+  resp = rng.dirichlet(np.ones(2), size=200)
+  keep = rng.random(200) < 0.6
+  got = _m_step(jnp.asarray(x), jnp.asarray(keep, jnp.float64), jnp.asarray(resp), 1e-6)
+  want = _m_step(jnp.asarray(x[keep]), jnp.ones(keep.sum()), jnp.asarray(resp[keep]), 1e-6)
+  _assert_gmm_close(got, np.asarray(want.weights), np.asarray(want.means), np.asarray(want.covs), atol=1e-12)
+  # And sklearn's own formula on the subset.
+  from sklearn.mixture._gaussian_mixture import _estimate_gaussian_parameters
+  nk, means, covs = _estimate_gaussian_parameters(x[keep], resp[keep], 1e-6, 'full')
+  _assert_gmm_close(got, nk / nk.sum(), means, covs, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Densities, distances, moments, sampling.
+
+
+@pytest.mark.parametrize('d', [2, 8])  # 8 takes the library Cholesky path
+def test_log_prob_matches_scipy(d):
+  g = _mixture(seed=20 + d, k=3, d=d, sep=2.0)
+  x = _draw(g, 50, seed=21)
+  want = np.log(sum(wk * stats.multivariate_normal(m, c).pdf(x) for wk, m, c in zip(g.weights, g.means, g.covs)))
+  got = _log_prob(_as_jax(g, jnp.float32), jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5)
+
+
+def test_l2_distance_matches_grid_integral(x64):
+  p = _mixture(seed=22, k=2, d=2, sep=1.5)
+  q = _mixture(seed=23, k=3, d=2, sep=1.5)
+  grid = np.linspace(-12, 12, 961)
+  xx = np.stack(np.meshgrid(grid, grid), axis=-1).reshape(-1, 2)
+  dens = [np.exp(np.asarray(_log_prob(_as_jax(g, jnp.float64), jnp.asarray(xx)))) for g in (p, q)]
+  want = np.sqrt(np.sum((dens[0] - dens[1]) ** 2) * (grid[1] - grid[0]) ** 2)
+  got = float(jax.jit(em.l2_distance)(_as_jax(p, jnp.float64), _as_jax(q, jnp.float64)))
+  assert want > 0.05
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_l2_distance_of_a_mixture_to_itself_is_zero():
+  p = _as_jax(_mixture(seed=24, k=3, d=2, sep=1.0), jnp.float32)
+  assert float(jax.jit(em.l2_distance)(p, p)) == 0.0
+
+
+def test_mixture_moments_closed_form(x64):
+  g = _mixture(seed=25, k=3, d=3, sep=2.0)
+  mean, cov = jax.jit(em.mixture_moments)(_as_jax(g, jnp.float64))
+  want_mean = g.weights @ g.means
+  second = np.einsum('k,kij->ij', g.weights, g.covs + np.einsum('ki,kj->kij', g.means, g.means))
+  np.testing.assert_allclose(np.asarray(mean), want_mean, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(cov), second - np.outer(want_mean, want_mean), atol=1e-12)
+
+
+def test_sample_moments_and_component_frequencies():
+  n = 200_000
+  g = _as_jax(_mixture(seed=26, k=3, d=2, sep=1.5), jnp.float32)
+  xs = np.asarray(_sample(g, n, jax.random.key(4)), np.float64)
+  mean, cov = (np.asarray(a, np.float64) for a in jax.jit(em.mixture_moments)(g))
+  np.testing.assert_array_less(np.abs(xs.mean(0) - mean), 5 * np.sqrt(np.diag(cov) / n))
+  centred = xs - mean
+  prods = centred[:, :, None] * centred[:, None, :]
+  np.testing.assert_array_less(np.abs(prods.mean(0) - cov), 5 * prods.std(0) / np.sqrt(n))
+  # Far-apart components make the generating component readable off the nearest mean.
+  far = _as_jax(_mixture(seed=27, k=3, d=2, sep=30.0), jnp.float32)
+  xs = np.asarray(_sample(far, n, jax.random.key(5)))
+  comp = np.argmin(np.linalg.norm(xs[:, None] - np.asarray(far.means)[None], axis=-1), axis=1)
+  freq = np.bincount(comp, minlength=3) / n
+  wts = np.asarray(far.weights, np.float64)
+  np.testing.assert_array_less(np.abs(freq - wts), 5 * np.sqrt(wts * (1 - wts) / n))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. vmap over chains equals a Python loop.
+
+
+def test_vmap_fit_equals_loop(x64):
+  datasets, inits = [], []
+  for i in range(6):
+    g = _mixture(seed=30 + i, k=2, d=2, sep=1.0 + i)
+    datasets.append(_draw(g, _N, seed=40 + i))
+    inits.append(_as_jax(_perturbed_init(g, seed=50 + i), jnp.float64))
+  xb = jnp.asarray(np.stack(datasets))
+  initb = jax.tree.map(lambda *a: jnp.stack(a), *inits)
+  w = jnp.ones(_N)
+  batched = jax.jit(jax.vmap(lambda x, i: em.fit(x, w, i, 1e-5, 300, 1e-6)))(xb, initb)
+  looped = [_fit(xb[i], w, inits[i], 1e-5, 300, 1e-6) for i in range(6)]
+  n_iters = [int(r[1]) for r in looped]
+  assert len(set(n_iters)) > 1  # chains stop at different iterations, so the batched loop must freeze some
+  np.testing.assert_array_equal(np.asarray(batched[1]), n_iters)
+  np.testing.assert_array_equal(np.asarray(batched[2]), [bool(r[2]) for r in looped])
+  for i, r in enumerate(looped):
+    got = jax.tree.map(lambda a: a[i], batched[0])
+    _assert_gmm_close(got, np.asarray(r[0].weights), np.asarray(r[0].means), np.asarray(r[0].covs), atol=1e-10)
+
+
+def test_vmap_kmeans_init_equals_loop():
+  xb = jnp.asarray(np.stack([_draw(_mixture(seed=70 + i, k=3, d=2, sep=2.0), _N, seed=i) for i in range(4)]),
+                   jnp.float32)
+  keys = jax.random.split(jax.random.key(6), 4)
+  w = jnp.ones(_N)
+  kb = jax.jit(jax.vmap(lambda x, key: em.kmeans_init(x, w, 3, key)))(xb, keys)
+  for i in range(4):
+    one = _kmeans_init(xb[i], w, 3, keys[i])
+    _assert_gmm_close(jax.tree.map(lambda a: a[i], kb), np.asarray(one.weights), np.asarray(one.means),
+                      np.asarray(one.covs), atol=1e-5)
+
+
+def test_tol_zero_runs_max_iter_even_when_traced():
+  g = _mixture(seed=60, k=3, d=2, sep=6.0)
+  x = jnp.asarray(_draw(g, _N, seed=61), jnp.float32)
+  init = _as_jax(_perturbed_init(g, seed=62), jnp.float32)
+  for m in (0, 1, 7, 150):
+    _, n_iter, converged, _ = _fit(x, jnp.ones(_N), init, 0.0, m, 1e-6)
+    assert int(n_iter) == m and not bool(converged)
