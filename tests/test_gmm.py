@@ -55,7 +55,7 @@ def test_generation_zero_metrics_against_theory(tmp_path):
 def test_collapse_visible_and_accumulate_resists(tmp_path):
   out = {}
   for regime in ("replace", "accumulate"):
-    cfg = _quick(chains=16, generations=60, checkpoint_every=60, regime__name=regime)
+    cfg = _quick(chains=8, generations=30, checkpoint_every=30, regime__name=regime)
     out[regime] = loop.run(cfg, str(tmp_path / regime))["metrics"]
   rep, acc = out["replace"], out["accumulate"]
   # Replacing the data drifts away from generation 0 and loses held-out likelihood; accumulating does far less.
