@@ -10,6 +10,7 @@ from scipy import stats
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
+from sklearn.mixture._gaussian_mixture import _estimate_gaussian_parameters
 
 from collapse_jax import em
 
@@ -213,8 +214,7 @@ def test_m_step_weights_equal_subsetting(x64):
   got = _m_step(jnp.asarray(x), jnp.asarray(keep, jnp.float64), jnp.asarray(resp), 1e-6)
   want = _m_step(jnp.asarray(x[keep]), jnp.ones(keep.sum()), jnp.asarray(resp[keep]), 1e-6)
   _assert_gmm_close(got, np.asarray(want.weights), np.asarray(want.means), np.asarray(want.covs), atol=1e-12)
-  # And sklearn's own formula on the subset.
-  from sklearn.mixture._gaussian_mixture import _estimate_gaussian_parameters
+  # And sklearn's own (private) formula on the subset.
   nk, means, covs = _estimate_gaussian_parameters(x[keep], resp[keep], 1e-6, 'full')
   _assert_gmm_close(got, nk / nk.sum(), means, covs, atol=1e-12)
 

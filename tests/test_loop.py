@@ -162,7 +162,8 @@ def test_all_checkpoints_corrupt_is_an_error_that_keeps_the_files(tmp_path):
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
-  args = ["--config=configs/gaussian.py:100", "--config.generations=300", "--config.chains=64",
+  # The README's main job (the paper's GMM recursion), shortened: 2 chains, a checkpoint every 5 generations.
+  args = ["--config=configs/gmm.py", "--config.generations=300", "--config.chains=2",
           "--config.checkpoint_every=5", "--config.plots=False"]
   ref = cli(*args, f"--workdir={tmp_path / 'ref'}")
   assert ref.returncode == 0, ref.stdout + ref.stderr
