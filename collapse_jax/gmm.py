@@ -67,7 +67,7 @@ class GMMFamily:
             "n_iter": jnp.zeros((), jnp.int32), "converged": jnp.zeros((), jnp.bool_)}
 
   def fit(self, x, w, key, prev_model, g, shared):
-    init = em.kmeans_init(x, w, self.k, key, max_iter=self.kmeans_iter)
+    init = em.kmeans_init(x, w, self.k, key, max_iter=self.kmeans_iter, reg_covar=self.reg_covar)
     gmm, n_iter, converged, _ = em.fit(x, w, init, self.tol, self.max_iter, self.reg_covar)
     return {"gmm": gmm, "n_iter": jnp.asarray(n_iter, jnp.int32), "converged": jnp.asarray(converged)}
 
