@@ -317,3 +317,15 @@ def test_tfds_tfrecord_copy_is_refused_with_the_fix(tfds, prepared_dir, monkeypa
   _forbid_download(monkeypatch, tfds)
   with pytest.raises(mnist.DataError, match=r"prepared as tfrecord.*convert_format.*--file_format=array_record"):
     mnist.load("tfds", "train", str(data_dir))
+
+
+def test_split_slices_partition_one_file(tmp_path):
+  """'test[:k]' and 'test[k:]' are disjoint and together the whole split, for every source."""
+  full = mnist.load("digits", "test")
+  head, tail = mnist.load("digits", "test[:100]"), mnist.load("digits", "test[100:]")
+  assert head.shape[0] == 100 and tail.shape[0] == full.shape[0] - 100
+  np.testing.assert_array_equal(np.concatenate([head, tail]), full)
+  assert mnist.load("digits", "test[10:20]", limit=3).shape[0] == 3
+  assert "rows [:100]" in mnist.describe("idx", "test[:100]", "/d")
+  with pytest.raises(mnist.DataError, match=r"config\.vae\.split .*got 'test\[a:\]'"):
+    mnist.load("digits", "test[a:]")

@@ -1,6 +1,6 @@
 """MNIST images for the VAE experiment, as a host array uint8 [N, 28, 28, 1] with pixel values 0..255.
 
-Sources (config.vae.data), splits "train" and "test" (config.vae.split):
+Sources (config.vae.data), splits "train" and "test", optionally sliced as "test[:8000]" (config.vae.split):
   tfds    The real data set through `tfds.data_source("mnist")`. It reads a copy prepared as array_record (or
           parquet) in data_dir (default $TFDS_DATA_DIR, else ~/tensorflow_datasets) without TensorFlow. Where no
           copy is prepared, it prepares one, which needs TensorFlow (tfds encodes the images with tf.image) and
@@ -19,6 +19,7 @@ tensorflow_datasets and scikit-learn are imported only by the source that needs 
 import gzip
 import importlib.util
 import os
+import re
 import socket
 import struct
 import threading
@@ -46,11 +47,26 @@ class DataError(ConfigError):
   """A data set that cannot be read as asked; the message fits on one line and says how to get it."""
 
 
+_SLICE = re.compile(r"^(\w+)\[(-?\d*):(-?\d*)\]$")
+
+
+def parse_split(split: str) -> tuple[str, slice]:
+  """'test' or tfds-style 'test[:8000]' / 'test[8000:]' -> ('test', slice). Slices let one file serve as
+  both training and held-out data (e.g. only MNIST's t10k file at hand)."""
+  m = _SLICE.match(split) if isinstance(split, str) else None
+  if m:
+    lo, hi = (int(v) if v else None for v in m.group(2, 3))
+    return m.group(1), slice(lo, hi)
+  return split, slice(None)
+
+
 def _check(source, split):
   if source not in SOURCES:
     raise DataError(f"config.vae.data must be one of {', '.join(SOURCES)}, got {source!r}")
-  if split not in SPLITS:
-    raise DataError(f"config.vae.split must be one of {', '.join(SPLITS)}, got {split!r}")
+  name, _ = parse_split(split)
+  if name not in SPLITS:
+    raise DataError(f"config.vae.split must be one of {', '.join(SPLITS)} (optionally sliced, e.g. test[:8000]), "
+                    f"got {split!r}")
 
 
 def _tfds_dir(data_dir):
@@ -60,12 +76,14 @@ def _tfds_dir(data_dir):
 def describe(source: str, split: str = "train", data_dir: str | None = None) -> str:
   """A one-line label for outputs. Checks source and split (cheaply: nothing is read)."""
   _check(source, split)
+  name, sl = parse_split(split)
+  rows = "" if sl == slice(None) else f" rows [{'' if sl.start is None else sl.start}:{'' if sl.stop is None else sl.stop}]"
   if source == "tfds":
-    return f"MNIST {split} via tfds ({_tfds_dir(data_dir)})"
+    return f"MNIST {name}{rows} via tfds ({_tfds_dir(data_dir)})"
   if source == "idx":
-    return f"MNIST {_IDX_NAMES[split].split('-')[0]} from IDX files at {data_dir}"
-  part = f"images 0..{DIGITS_TRAIN - 1}" if split == "train" else f"images {DIGITS_TRAIN}.. (held out)"
-  return f"OFFLINE STAND-IN: scikit-learn 8x8 digits resized to 28x28 (not MNIST), {split} split = {part}"
+    return f"MNIST {_IDX_NAMES[name].split('-')[0]}{rows} from IDX files at {data_dir}"
+  part = f"images 0..{DIGITS_TRAIN - 1}" if name == "train" else f"images {DIGITS_TRAIN}.. (held out)"
+  return f"OFFLINE STAND-IN: scikit-learn 8x8 digits resized to 28x28 (not MNIST), {name} split = {part}{rows}"
 
 
 def load(source: str, split: str = "train", data_dir: str | None = None, limit: int = 0) -> np.ndarray:
@@ -74,12 +92,14 @@ def load(source: str, split: str = "train", data_dir: str | None = None, limit: 
   _check(source, split)
   if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 0:
     raise DataError(f"limit must be a non-negative integer, got {limit!r}")
+  split, rows = parse_split(split)
   if source == "tfds":
-    x = _load_tfds(split, data_dir, int(limit))
+    x = _load_tfds(split, data_dir, int(limit) if rows == slice(None) else 0)
   elif source == "idx":
     x = _read_idx(_find_idx(split, data_dir))
   else:
     x = _load_digits(split)
+  x = x[rows]
   if limit:
     x = x[:limit]
   return np.ascontiguousarray(x)
