@@ -1,0 +1,165 @@
+"""VAE training throughput: our jitted `VAEFamily.fit` against a PyTorch implementation of the same model and loss.
+
+  python benchmarks/vae_bench.py [--steps 8] [--rounds 3] [--batch 256] [--devices 0] [--torch-device auto]
+
+Both sides train the paper's 647,081-parameter VAE (summed BCE + KL, Adam lr 1e-3 with coupled L2 1e-5) on the
+same random images for the same number of batch-256 steps. JAX: one compile stage (the first call of `fit`, one
+epoch over steps*batch images), then timed calls ending in block_until_ready; what is timed is the whole of
+`fit` (shuffle, lax.scan over batches, fresh init), i.e. the code a generation runs. PyTorch (optional: skipped
+with a message when not importable; on CUDA when available): a warm-up call, then the same steps with
+shuffled batches, a fresh model per call too. Rounds alternate JAX and PyTorch so that load from other
+processes on a shared machine hits both alike; the median round is reported, and the speed-up is the median
+of the per-round ratios. Output: a table, then one JSON line per implementation.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from collapse_jax import sharding  # noqa: E402
+from collapse_jax.models import vae as vae_model  # noqa: E402
+
+
+def jax_runner(x_NxHxWxC: np.ndarray, batch: int, devices: int):
+  import importlib.util
+
+  from collapse_jax.vae import VAEFamily
+
+  spec = importlib.util.spec_from_file_location("vae_config", os.path.join(_REPO, "configs", "vae.py"))
+  config = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(config)
+  cfg = config.get_config()
+  cfg.vae.batch_size, cfg.vae.epochs = batch, 1
+  mesh = sharding.make_mesh(devices or None)
+  fam = VAEFamily(cfg, mesh)  # no data is loaded: the benchmark feeds its own images
+  x = jax.device_put(jnp.asarray(x_NxHxWxC), sharding.leading(mesh) if len(x_NxHxWxC) % mesh.devices.size == 0
+                     else sharding.replicated(mesh))
+  w = jnp.ones((x.shape[0],), jnp.float32)
+  prev = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fam.init_model, jax.random.PRNGKey(0), {}))
+  fit = jax.jit(fam.fit)
+  calls = iter(range(1 << 30))
+
+  def run():
+    model = fit(x, w, jax.random.PRNGKey(next(calls)), prev, jnp.int32(0), {})
+    jax.block_until_ready(model)
+    return float(model["train_loss"])
+
+  return run, f"jax {jax.__version__} ({mesh.devices.size} x {jax.devices()[0].platform})"
+
+
+def torch_runner(x_NxHxWxC: np.ndarray, batch: int, device: str):
+  try:
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+  except ImportError as e:
+    return None, f"torch not importable ({e}); PyTorch peer skipped"
+
+  class TorchVAE(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.enc = nn.Sequential(nn.Conv2d(1, 64, 4, 2, 1), nn.ReLU(), nn.Conv2d(64, 128, 4, 2, 1), nn.ReLU(),
+                               nn.Flatten())
+      self.fc_mu, self.fc_logvar = nn.Linear(128 * 49, 20), nn.Linear(128 * 49, 20)
+      self.fc_dec = nn.Linear(20, 128 * 49)
+      self.dec = nn.Sequential(nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.ReLU(), nn.ConvTranspose2d(64, 1, 4, 2, 1),
+                               nn.Sigmoid())
+
+    def forward(self, x):
+      h = self.enc(x)
+      mu, logvar = self.fc_mu(h), self.fc_logvar(h)
+      z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+      return self.dec(F.relu(self.fc_dec(z)).view(-1, 128, 7, 7)), mu, logvar
+
+  if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+  torch.manual_seed(0)
+  n_params = sum(p.numel() for p in TorchVAE().parameters())
+  assert n_params == 647_081, n_params
+  data = torch.from_numpy(np.ascontiguousarray(x_NxHxWxC.transpose(0, 3, 1, 2))).to(device)
+
+  def run():
+    # A fresh model and optimiser per call, as `fit` starts each generation from scratch.
+    m = TorchVAE().to(device)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3, weight_decay=1e-5)
+    total = torch.zeros((), device=device)
+    for idx in torch.randperm(len(data), device=device).split(batch):
+      xb = data[idx]
+      recon, mu, logvar = m(xb)
+      loss = F.binary_cross_entropy(recon, xb, reduction="sum") - 0.5 * torch.sum(1 + logvar - mu**2 - logvar.exp())
+      opt.zero_grad()
+      loss.backward()
+      opt.step()
+      total += loss.detach()
+    return total.item() / len(data)  # .item() waits for the device, like block_until_ready
+
+  where = f"{torch.get_num_threads()} threads" if device == "cpu" else device
+  return run, f"torch {torch.__version__} ({where})"
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--steps", type=int, default=8, help="batches per timed call")
+  p.add_argument("--rounds", type=int, default=3, help="timed calls per implementation (alternating)")
+  p.add_argument("--batch", type=int, default=256)
+  p.add_argument("--devices", type=int, default=0, help="JAX devices to shard batches over (0: all)")
+  p.add_argument("--torch-device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+  args = p.parse_args(argv)
+  n = args.steps * args.batch
+  x = np.random.default_rng(0).uniform(size=(n,) + vae_model.IMAGE_HxWxC).astype(np.float32)
+
+  t0 = time.perf_counter()
+  run_jax, jax_desc = jax_runner(x, args.batch, args.devices)
+  run_jax()  # compile stage
+  compile_s = time.perf_counter() - t0
+  run_torch, torch_desc = torch_runner(x, args.batch, args.torch_device)
+  if run_torch is None:
+    print(torch_desc)
+  else:
+    run_torch()  # warm-up (allocator, thread pool)
+
+  load_before = os.getloadavg()[0]
+  times = {"jax": [], "torch": []}
+  for _ in range(args.rounds):
+    for name, fn in (("jax", run_jax), ("torch", run_torch)):
+      if fn is None:
+        continue
+      t = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t)
+
+  rows = []
+  for name, desc in (("jax", jax_desc), ("torch", torch_desc)):
+    if not times[name]:
+      continue
+    med = statistics.median(times[name])
+    rows.append({"bench": "vae_train", "impl": name, "desc": desc, "batch": args.batch, "steps": args.steps,
+                 "rounds": args.rounds, "median_s": med, "images_per_s": n / med,
+                 "compile_s": compile_s if name == "jax" else None, "machine": platform.processor() or platform.machine(),
+                 # Other processes' load skews wall-clock rates (and not equally: PyTorch's threads suffer more).
+                 "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)], "cpus": os.cpu_count()})
+  if len(rows) == 2:
+    # Each round times both back to back, so the per-round ratio cancels load that drifts between rounds.
+    rows[0]["speedup_vs_torch"] = statistics.median(t / j for j, t in zip(times["jax"], times["torch"]))
+  print(f"{'impl':6} {'images/s':>10} {'median s':>9}  detail")
+  for r in rows:
+    print(f"{r['impl']:6} {r['images_per_s']:10.1f} {r['median_s']:9.3f}  {r['desc']}")
+  if len(rows) == 2:
+    print(f"jax / torch = {rows[0]['speedup_vs_torch']:.2f}x (median of per-round ratios; jax compile stage "
+          f"{compile_s:.1f}s)")
+  for r in rows:
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+  main()

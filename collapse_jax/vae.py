@@ -1,0 +1,281 @@
+"""The paper's VAE recursion on MNIST: train a fresh VAE each generation on images decoded by the previous one.
+
+Generation 0 trains on real MNIST (or an offline stand-in). Generation g >= 1 trains either on images decoded
+from z ~ N(0, I) by generation g-1, drawn afresh for every batch (config vae.fresh_samples=True, the paper's
+way; the loop's buffer then only sets how many images make an epoch), or on the fixed synthetic training set
+the loop's regime builds (replace, real_fraction, accumulate, accumulate_subsample). Images handed on are
+decoder means, as in the paper.
+
+Training (one `fit`): a fresh model from the generation's key; Adam (lr 1e-3) with PyTorch's coupled L2 weight
+decay (1e-5); the loss summed over the batch, as the reference PyTorch code does. Batches come from the valid
+rows of (x, w): each epoch sorts random keys with invalid rows pushed last, so the first n_valid entries of the
+order are a uniform permutation of the valid rows; an epoch is ceil(n_valid / batch) steps (PyTorch's
+DataLoader with drop_last=False), the last batch masked where it runs past n_valid. The buffer capacity N is
+static, n_valid is not, so the scan runs ceil(N / batch) steps per epoch and skips (lax.cond) those past the
+valid count. Batches are sharded over the mesh's 'data' axis; parameters are replicated.
+
+Metrics (evaluate): `latent_mean`, `latent_std` of the generation-0 encoder's latent means of N images decoded
+by this generation (the paper's Fig.: std 0.674 -> 0.433 over generations 1-5), their histogram `latent_hist`
+(a per-generation array for the density plot), and test-set ELBO per image on real data (`test_elbo`, with its
+`test_recon` and `test_kl` parts), plus the training loss per image over the last epoch.
+"""
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from collapse_jax import sharding
+from collapse_jax.config import ConfigError
+from collapse_jax.models import vae as vae_model
+
+DATA_SOURCES = ("digits", "idx", "tfds")
+# Latent-mean histogram for the density plot: fixed bins so generations are comparable.
+HIST_BINS = 80
+HIST_RANGE = 4.0
+
+
+def hist_centers() -> np.ndarray:
+  edges = np.linspace(-HIST_RANGE, HIST_RANGE, HIST_BINS + 1)
+  return 0.5 * (edges[1:] + edges[:-1])
+
+
+def _check(ok: bool, field: str, want: str, value) -> None:
+  if not ok:
+    raise ConfigError(f"config.vae.{field} must be {want}, got {value!r}")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class VAEFamily:
+  name = "vae"
+  vmap_chains = False
+  datum_shape = vae_model.IMAGE_HxWxC
+  datum_dtype = jnp.float32
+  metric_names = ("latent_std", "latent_mean", "test_elbo", "test_recon", "test_kl", "train_loss")
+
+  @staticmethod
+  def validate(cfg) -> None:
+    if "vae" not in cfg:
+      raise ConfigError("config.vae is missing (use configs/vae.py)")
+    c = cfg.vae
+    _check(c.data in DATA_SOURCES, "data", f"one of {', '.join(DATA_SOURCES)}", c.data)
+    _check(isinstance(c.data_dir, str), "data_dir", "a string", c.data_dir)
+    from collapse_jax.data import mnist  # light: it imports tfds only when reading through it
+    for field in ("train_split", "test_split"):
+      _check(mnist.parse_split(c[field])[0] in mnist.SPLITS, field, "train or test, optionally sliced like "
+             "test[:8000]", c[field])
+    for field in ("batch_size", "epochs", "latent_eval_n", "eval_batch"):
+      _check(_is_int(c[field]) and c[field] >= 1, field, "a positive integer", c[field])
+    _check(_is_int(c.limit) and c.limit >= 0, "limit", "a non-negative integer (0: all)", c.limit)
+    _check(_is_num(c.lr) and c.lr > 0, "lr", "> 0", c.lr)
+    _check(_is_num(c.weight_decay) and c.weight_decay >= 0, "weight_decay", ">= 0", c.weight_decay)
+    _check(_is_num(c.beta) and c.beta >= 0, "beta", ">= 0", c.beta)
+    _check(isinstance(c.fresh_samples, bool), "fresh_samples", "True or False", c.fresh_samples)
+    if c.fresh_samples and cfg.regime.name != "replace":
+      raise ConfigError(f"config.vae.fresh_samples=True draws every batch from the previous model, so "
+                        f"config.regime.name must be 'replace', got {cfg.regime.name!r}")
+
+  def __init__(self, cfg, mesh):
+    c = cfg.vae
+    self.mesh = mesh
+    n_dev = mesh.devices.size
+    for field in ("batch_size", "eval_batch"):
+      if c[field] % n_dev:
+        raise ConfigError(f"config.vae.{field}={c[field]} must be a multiple of the {n_dev} devices it is split over")
+    self.batch, self.epochs, self.eval_batch = c.batch_size, c.epochs, c.eval_batch
+    self.beta, self.fresh, self.latent_eval_n = float(c.beta), c.fresh_samples, c.latent_eval_n
+    self.tx = optax.chain(optax.add_decayed_weights(c.weight_decay), optax.adam(c.lr))
+    self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: vae_model.VAE(nnx.Rngs(0))))
+    self._batch_sharding = NamedSharding(mesh, P(sharding.AXIS))
+    self._replicated = sharding.replicated(mesh)
+    self._data_cfg = (c.data, c.data_dir, c.limit, c.train_split, c.test_split)
+    self._cfg_n_real = cfg.n_real
+    self._images = None
+
+  # --- host side -----------------------------------------------------------------------------------------
+  def _load(self) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) uint8 images, loaded on first use so model-only uses (benchmarks, tests) need no data."""
+    if self._images is None:
+      from collapse_jax.data import mnist  # only VAE runs need the image loaders
+
+      source, data_dir, limit, train_split, test_split = self._data_cfg
+      train = mnist.load(source, train_split, data_dir, limit)
+      test = mnist.load(source, test_split, data_dir, limit)
+      if self._cfg_n_real and self._cfg_n_real != train.shape[0]:
+        raise ConfigError(f"config.n_real={self._cfg_n_real} but config.vae.data={source!r} gives {train.shape[0]} "
+                          f"training images; leave config.n_real at 0 and size the data with config.vae.limit")
+      self._images = train, test
+    return self._images
+
+  @property
+  def n_real(self) -> int:
+    return int(self._load()[0].shape[0])
+
+  def shared(self):
+    from collapse_jax.data import mnist
+
+    train, test = self._load()
+    return {"train_x": mnist.as_float(train), "test_x": mnist.as_float(test)}
+
+  def init_chain(self, key, shared):
+    # The evaluation key is fixed per chain so every generation is measured on the same z and test-set noise:
+    # differences between generations are then the models', not the Monte Carlo draw's.
+    eval_key = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    return shared["train_x"], {"eval_key": eval_key}
+
+  # --- model plumbing ------------------------------------------------------------------------------------
+  def _module(self, params) -> vae_model.VAE:
+    return nnx.merge(self.graphdef, params)
+
+  def _batch(self, a):
+    return jax.lax.with_sharding_constraint(a, self._batch_sharding)
+
+  def init_model(self, key, shared):
+    module = vae_model.VAE(nnx.Rngs(key))
+    params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+    params = jax.lax.with_sharding_constraint(params, self._replicated)
+    return {"params": params, "train_loss": jnp.zeros((), jnp.float32)}
+
+  def _decode(self, params, z_BxL):
+    return self._module(params).decode(z_BxL)
+
+  # --- one generation ------------------------------------------------------------------------------------
+  def fit(self, x, w, key, prev_model, g, shared):
+    B, N = self.batch, x.shape[0]
+    steps_cap = math.ceil(N / B)  # static: the scan length of an epoch
+    n_valid = jnp.sum(w > 0).astype(jnp.int32)
+    steps = (n_valid + B - 1) // B
+    k_init, k_train = jax.random.split(key)
+    params = self.init_model(k_init, shared)["params"]
+    opt = self.tx.init(params)
+    use_fresh = (jnp.asarray(g) > 0) if self.fresh else None
+
+    def loss_fn(params, x_BxHxWxC, w_B, eps_BxL):
+      bce_B, kl_B = vae_model.per_example_loss(self._module(params), x_BxHxWxC, eps_BxL)
+      return jnp.sum(w_B * (bce_B + self.beta * kl_B))
+
+    def epoch(carry, k_epoch):
+      k_perm, k_steps = jax.random.split(k_epoch)
+      order_N = jnp.argsort(jnp.where(w > 0, jax.random.uniform(k_perm, (N,)), 2.0))
+      order = jnp.pad(order_N, (0, steps_cap * B - N))
+
+      def train_step(carry, s):
+        k_data, k_loss = jax.random.split(jax.random.fold_in(k_steps, s))
+        w_B = self._batch((s * B + jnp.arange(B) < n_valid).astype(jnp.float32))
+
+        def read(_):
+          return x[jax.lax.dynamic_slice_in_dim(order, s * B, B)]
+
+        def fresh(_):
+          z_BxL = jax.random.normal(k_data, (B, vae_model.LATENT))
+          return self._decode(prev_model["params"], self._batch(z_BxL))
+
+        x_B = jax.lax.cond(use_fresh, fresh, read, None) if self.fresh else read(None)
+        eps_BxL = self._batch(jax.random.normal(k_loss, (B, vae_model.LATENT)))
+        params, opt = carry
+        loss, grads = jax.value_and_grad(loss_fn)(params, self._batch(x_B), w_B, eps_BxL)
+        updates, opt = self.tx.update(grads, opt, params)
+        return (optax.apply_updates(params, updates), opt), loss
+
+      def step(carry, s):
+        # Steps past this buffer's valid count are skipped whole (no read, no decode, no update).
+        return jax.lax.cond(s < steps, train_step, lambda c, _: (c, jnp.zeros((), jnp.float32)), carry, s)
+
+      carry, loss_S = jax.lax.scan(step, carry, jnp.arange(steps_cap))
+      return carry, jnp.sum(loss_S)
+
+    (params, _), loss_E = jax.lax.scan(epoch, (params, opt), jax.random.split(k_train, self.epochs))
+    return {"params": params, "train_loss": loss_E[-1] / jnp.maximum(n_valid, 1)}
+
+  def _map_rows(self, fn, *xs):
+    """fn over row chunks of arrays sharing their leading size n (padded to whole chunks, padding dropped).
+
+    Chunks are multiples of the mesh size so each shards evenly; all randomness is drawn for the n rows
+    before chunking, so results do not depend on the chunk size or the number of devices.
+    """
+    n = xs[0].shape[0]
+    d = self.mesh.devices.size
+    chunk = min(self.eval_batch, -(-n // d) * d)
+    count = -(-n // chunk)
+
+    def split(a):
+      a = jnp.pad(a, ((0, count * chunk - n),) + ((0, 0),) * (a.ndim - 1))
+      return a.reshape((count, chunk) + a.shape[1:])
+
+    out = jax.lax.map(lambda cs: fn(*map(self._batch, cs)), tuple(map(split, xs)))
+    return jax.tree.map(lambda o: o.reshape((count * chunk,) + o.shape[2:])[:n], out)
+
+  def sample(self, model, n, key, shared):
+    z_NxL = jax.random.normal(key, (n, vae_model.LATENT))
+    return self._map_rows(lambda z_BxL: self._decode(model["params"], z_BxL), z_NxL)
+
+  def evaluate(self, model, model0, aux, shared):
+    k_sample, k_elbo = jax.random.split(aux["eval_key"])
+    # Latent means of this generation's images under the generation-0 encoder (a fixed yardstick).
+    x_gen = self.sample(model, self.latent_eval_n, k_sample, shared)
+    encoder0 = self._module(model0["params"])
+    mu_NxL = self._map_rows(lambda xb: encoder0.encode(xb)[0], x_gen)
+    counts, _ = jnp.histogram(mu_NxL.ravel(), bins=HIST_BINS, range=(-HIST_RANGE, HIST_RANGE))
+    density = counts / (mu_NxL.size * (2 * HIST_RANGE / HIST_BINS))
+    # Test-set ELBO per image, one reparameterised z per image.
+    test_x = shared["test_x"]
+    eps_TxL = jax.random.normal(k_elbo, (test_x.shape[0], vae_model.LATENT))
+    module = self._module(model["params"])
+    bce_T, kl_T = self._map_rows(lambda xb, eb: vae_model.per_example_loss(module, xb, eb), test_x, eps_TxL)
+    recon, kl = bce_T.mean(), kl_T.mean()
+    return {
+        "latent_std": jnp.std(mu_NxL), "latent_mean": jnp.mean(mu_NxL),
+        "test_elbo": -(recon + kl), "test_recon": recon, "test_kl": kl,
+        "train_loss": model["train_loss"], "latent_hist": density.astype(jnp.float32),
+    }
+
+  # --- figures -------------------------------------------------------------------------------------------
+  def plot(self, workdir, metrics, arrays, snapshots):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = os.path.join(workdir, "plots")
+    os.makedirs(out, exist_ok=True)
+    for g, x_KxHxWxC in sorted(snapshots.items()):
+      k = x_KxHxWxC.shape[0]
+      if not k:
+        continue
+      cols = math.ceil(math.sqrt(k))
+      rows = math.ceil(k / cols)
+      grid = np.ones((rows * 29 + 1, cols * 29 + 1), np.float32)  # 1-pixel white gutters
+      for i in range(k):
+        r, c = divmod(i, cols)
+        grid[1 + 29 * r:29 * (r + 1), 1 + 29 * c:29 * (c + 1)] = x_KxHxWxC[i, :, :, 0]
+      grid = np.kron(np.clip(grid, 0, 1), np.ones((3, 3), np.float32))  # 3x: 28-pixel digits are too small to read
+      plt.imsave(os.path.join(out, f"vae_samples_gen{g:04d}.png"), grid, cmap="gray", vmin=0, vmax=1)
+    hist = arrays.get("latent_hist")
+    if hist is None or not len(hist):
+      return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    centers = hist_centers()
+    colors = plt.cm.viridis(np.linspace(0, 1, len(hist)))
+    std = metrics.get("latent_std", {}).get("mean")
+    for g, (h, col) in enumerate(zip(hist, colors)):
+      label = f"gen {g}" + (f" (std {std[g]:.3f})" if std is not None else "")
+      ax.plot(centers, h, color=col, label=label)
+    ax.set_xlabel("latent mean (generation-0 encoder)")
+    ax.set_ylabel("density")
+    ax.set_title("VAE: latent means of generated images over generations")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "vae_latent_density.png"), dpi=110)
+    plt.close(fig)

@@ -1,0 +1,283 @@
+"""The VAE family: the paper's model and loss, one compiled generation, fresh-samples mode, sharding, the loop.
+
+Compiles are the cost here (tens of seconds each on 2 CPU cores), so each distinct program is compiled once per
+module (fixtures) and reused; training runs are a few small batches of the paper-size model.
+"""
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from collapse_jax import config as config_lib, loop, sharding
+from collapse_jax import metrics as metrics_lib
+from collapse_jax.config import ConfigError
+from collapse_jax.models import vae as vae_model
+from collapse_jax.vae import HIST_BINS, HIST_RANGE, VAEFamily
+from tests.helpers import cli, load_config
+
+
+def _cfg(*args, **overrides):
+  return load_config("vae", ",".join(("quick",) + args), **overrides)
+
+
+def _zeros_model(fam, shared):
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fam.init_model, jax.random.PRNGKey(0), shared))
+
+
+# --- the model ----------------------------------------------------------------------------------------------------
+
+
+def test_param_count_and_shapes():
+  model = vae_model.VAE(nnx.Rngs(0))
+  assert vae_model.count_params(nnx.state(model, nnx.Param)) == 647_081
+  x = jnp.full((3, 28, 28, 1), 0.5)
+  logits, mu, logvar = model(x, jnp.zeros((3, 20)))
+  assert logits.shape == (3, 28, 28, 1) and mu.shape == logvar.shape == (3, 20)
+  y = model.decode(jnp.ones((5, 20)))
+  assert y.shape == (5, 28, 28, 1) and float(y.min()) >= 0 and float(y.max()) <= 1
+
+
+@pytest.mark.parametrize("impl", ["matmul", "xla"])
+def test_conv_layers_match_flax_values_and_gradients(impl):
+  x14 = jax.random.uniform(jax.random.key(0), (2, 14, 14, 8))
+  x7 = jax.random.uniform(jax.random.key(1), (2, 7, 7, 8))
+  down = vae_model.DownConv(8, 6, nnx.Rngs(0), impl)
+  ref = nnx.Conv(8, 6, (4, 4), strides=2, padding=((1, 1), (1, 1)), rngs=nnx.Rngs(1))
+  up = vae_model.UpConv(8, 6, nnx.Rngs(0), impl)
+  # PyTorch's ConvTranspose2d(padding=1) for k=4, s=2 is Flax padding ((2, 2), (2, 2)): 7 -> 14 exactly.
+  ref_t = nnx.ConvTranspose(8, 6, (4, 4), strides=2, padding=((2, 2), (2, 2)), rngs=nnx.Rngs(1))
+  for ours, theirs, x, shape in ((down, ref, x14, (2, 7, 7, 6)), (up, ref_t, x7, (2, 14, 14, 6))):
+    theirs.kernel[...], theirs.bias[...] = ours.kernel[...], ours.bias[...]
+    assert ours(x).shape == shape
+    np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+    # The matmul forms have hand-written adjoints (_im2col / _col2im); check them through both inputs.
+    dy = jax.random.normal(jax.random.key(2), shape)
+    grad = nnx.grad(lambda layer, x: jnp.sum(layer(x) * dy), argnums=(0, 1))
+    (g_ours, gx_ours), (g_theirs, gx_theirs) = grad(ours, x), grad(theirs, x)
+    np.testing.assert_allclose(gx_ours, gx_theirs, rtol=1e-5, atol=1e-5)
+    for name in ("kernel", "bias"):
+      np.testing.assert_allclose(g_ours[name][...], g_theirs[name][...], rtol=1e-5, atol=1e-4)
+
+
+def test_loss_matches_hand_computation():
+  model = vae_model.VAE(nnx.Rngs(3))
+  x = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1))
+  eps = jax.random.normal(jax.random.key(1), (2, 20))
+  bce, kl = vae_model.per_example_loss(model, x, eps)
+  mu, logvar = map(np.asarray, model.encode(x))
+  z = mu + np.exp(0.5 * logvar) * np.asarray(eps)
+  p = np.asarray(model.decode(jnp.asarray(z)), np.float64)
+  xn = np.asarray(x, np.float64)
+  want_bce = -np.sum(xn * np.log(p) + (1 - xn) * np.log(1 - p), axis=(1, 2, 3))
+  want_kl = 0.5 * np.sum(mu**2 + np.exp(logvar) - logvar - 1, axis=1)
+  np.testing.assert_allclose(bce, want_bce, rtol=1e-4)
+  np.testing.assert_allclose(kl, want_kl, rtol=1e-4, atol=1e-6)
+
+
+# --- config -------------------------------------------------------------------------------------------------------
+
+
+def test_configs_validate():
+  for arg in (None, "quick", "mnist", "mnist_idx", "dataset", "real_fraction", "accumulate", "mnist,real_fraction"):
+    cfg = load_config("vae", arg) if arg else load_config("vae")
+    config_lib.validate(cfg)
+    VAEFamily.validate(cfg)
+  assert set(range(5)) <= set(load_config("vae").snapshot_generations)
+  with pytest.raises(ValueError, match="configs/vae.py:ARG"):
+    load_config("vae", "bogus")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("vae__batch_size", 0, r"config\.vae\.batch_size must be a positive integer, got 0"),
+    ("vae__eval_batch", -8, r"config\.vae\.eval_batch must be a positive integer"),
+    ("vae__limit", -1, r"config\.vae\.limit must be a non-negative integer"),
+    ("vae__data", "cifar", r"config\.vae\.data must be one of digits, idx, tfds"),
+    ("vae__lr", 0.0, r"config\.vae\.lr must be > 0"),
+    ("vae__weight_decay", -1e-5, r"config\.vae\.weight_decay must be >= 0"),
+    ("regime__name", "accumulate", r"config\.vae\.fresh_samples=True .* must be 'replace'"),
+])
+def test_bad_vae_config_is_refused(field, value, match):
+  with pytest.raises(ConfigError, match=match):
+    VAEFamily.validate(_cfg(**{field: value}))
+
+
+def test_batch_must_divide_over_devices():
+  with pytest.raises(ConfigError, match=r"config\.vae\.batch_size=30 must be a multiple of the 8 devices"):
+    VAEFamily(_cfg(vae__batch_size=30), sharding.make_mesh(8))
+
+
+# --- one generation -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fresh():
+  """The quick config (fresh samples per batch), 2 epochs, its jitted fit and evaluate, and generation 0."""
+  fam = VAEFamily(_cfg(vae__epochs=2), sharding.make_mesh(1))
+  shared = jax.device_put(fam.shared())
+  x, aux = fam.init_chain(jax.random.PRNGKey(0), shared)
+  w = jnp.ones((x.shape[0],), jnp.float32)
+  fit, evaluate = jax.jit(fam.fit), jax.jit(fam.evaluate)
+  model0 = fit(x, w, jax.random.PRNGKey(1), _zeros_model(fam, shared), jnp.int32(0), shared)
+  return dict(fam=fam, shared=shared, x=x, w=w, aux=aux, fit=fit, evaluate=evaluate, model0=model0)
+
+
+def test_training_improves_test_elbo(fresh):
+  f = fresh
+  untrained = f["fam"].init_model(jax.random.PRNGKey(1), f["shared"])
+  before = f["evaluate"](untrained, untrained, f["aux"], f["shared"])
+  after = f["evaluate"](f["model0"], f["model0"], f["aux"], f["shared"])
+  assert float(after["test_elbo"]) > float(before["test_elbo"]) + 50, (before["test_elbo"], after["test_elbo"])
+  assert np.isfinite(float(after["train_loss"]))
+  assert set(f["fam"].metric_names) <= set(after)
+  hist = np.asarray(after["latent_hist"])
+  assert hist.shape == (HIST_BINS,)
+  # A density over the bins: it integrates to the share of latent means inside the plotted range.
+  assert 0.9 < hist.sum() * 2 * HIST_RANGE / HIST_BINS <= 1 + 1e-5
+
+
+def test_fresh_samples_ignore_x_after_generation_0_and_compile_once(fresh):
+  f = fresh
+  fit, x, w, m0 = f["fit"], f["x"], f["w"], f["model0"]
+  other = jnp.flip(x, axis=0) * 0.5
+  k = jax.random.PRNGKey(7)
+  g1 = fit(x, w, k, m0, jnp.int32(1), f["shared"])
+  # The fixture's call took a host-made zeros model (uncommitted arrays, another jit cache entry); from here on
+  # every argument is a device array like the loop's, and no g, key or data may add a compilation.
+  compiled = fit._cache_size()
+  g1_other = fit(other, w, k, m0, jnp.int32(1), f["shared"])
+  g0_other = fit(other, w, jax.random.PRNGKey(1), m0, jnp.int32(0), f["shared"])
+  g2 = fit(x, w, jax.random.PRNGKey(8), g1, jnp.int32(2), f["shared"])
+  assert fit._cache_size() == compiled
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g1_other)):
+    np.testing.assert_array_equal(a, b)
+  # At generation 0 the buffer is the training data: other data, another model (the same key as model0's).
+  assert float(g0_other["train_loss"]) != float(m0["train_loss"])
+  assert np.isfinite(float(g2["train_loss"]))
+
+
+def test_dataset_mode_masks_invalid_rows_and_sample_is_chunk_invariant():
+  fam = VAEFamily(_cfg("dataset", vae__epochs=1, vae__batch_size=16), sharding.make_mesh(1))
+  shared = fam.shared()
+  x, _ = fam.init_chain(jax.random.PRNGKey(0), shared)
+  n = x.shape[0]
+  # Rows past the valid count hold junk; with w = 0 they must not touch training.
+  junk = jnp.concatenate([x, jnp.full((20,) + x.shape[1:], 0.77)])
+  w = jnp.concatenate([jnp.ones((n,)), jnp.zeros((20,))])
+  x_pad = jnp.concatenate([x, jnp.zeros((20,) + x.shape[1:])])
+  fit = jax.jit(fam.fit)
+  zeros = _zeros_model(fam, shared)
+  a = fit(junk, w, jax.random.PRNGKey(3), zeros, jnp.int32(1), shared)
+  b = fit(x_pad, w, jax.random.PRNGKey(3), zeros, jnp.int32(1), shared)
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(u, v)
+  s = fam.sample(a, 100, jax.random.PRNGKey(4), shared)
+  assert s.shape == (100, 28, 28, 1) and s.dtype == jnp.float32
+  fam.eval_batch = 32  # another chunking of the same draw
+  np.testing.assert_allclose(fam.sample(a, 100, jax.random.PRNGKey(4), shared), s, rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_fit_equals_unsharded():
+  assert len(jax.devices()) == 8, "conftest sets 8 simulated CPU devices"
+  out = []
+  for n_dev in (1, 8):
+    fam = VAEFamily(_cfg(vae__epochs=1), sharding.make_mesh(n_dev))
+    shared = fam.shared()
+    x, _ = fam.init_chain(jax.random.PRNGKey(0), shared)
+    model = jax.jit(fam.fit)(x, jnp.ones((x.shape[0],)), jax.random.PRNGKey(2), _zeros_model(fam, shared),
+                             jnp.int32(0), shared)
+    out.append(jax.tree.map(np.asarray, model))
+  np.testing.assert_allclose(out[0]["train_loss"], out[1]["train_loss"], rtol=1e-5)
+  # Summation order differs across shards; Adam turns a near-zero gradient's rounding into a step of up to lr
+  # in single weights, so the parameters are compared as whole tensors.
+  for path, a in jax.tree_util.tree_leaves_with_path(out[0]["params"]):
+    b = dict(jax.tree_util.tree_leaves_with_path(out[1]["params"]))[path]
+    assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(a), jax.tree_util.keystr(path)
+
+
+def test_plot_writes_grids_and_density(tmp_path):
+  fam = VAEFamily(_cfg(), sharding.make_mesh(1))
+  hist = np.stack([np.exp(-np.linspace(-4, 4, HIST_BINS) ** 2 / s) for s in (1.0, 0.5)]).astype(np.float32)
+  metrics = {"latent_std": {"mean": np.array([0.7, 0.5])}}
+  snaps = {0: np.random.default_rng(0).uniform(size=(10, 28, 28, 1)), 1: np.zeros((10, 28, 28, 1))}
+  fam.plot(str(tmp_path), metrics, {"latent_hist": hist}, snaps)
+  for name in ("vae_samples_gen0000.png", "vae_samples_gen0001.png", "vae_latent_density.png"):
+    assert os.path.getsize(tmp_path / "plots" / name) > 0
+
+
+# --- through the loop ---------------------------------------------------------------------------------------------
+
+_LOOP = dict(generations=3, num_devices=1)
+
+
+@pytest.fixture(scope="module")
+def loop_run(tmp_path_factory):
+  """An uninterrupted 3-generation quick run, recording the loop's compiled chunk."""
+  chunks = []
+  orig = loop.Experiment.chunk_fn
+
+  def spy(self, shardings):
+    fn = orig(self, shardings)
+    chunks.append(fn)
+    return fn
+
+  loop.Experiment.chunk_fn = spy
+  try:
+    wd = str(tmp_path_factory.mktemp("vae") / "full")
+    hist = loop.run(_cfg(**_LOOP), wd)
+  finally:
+    loop.Experiment.chunk_fn = orig
+  return wd, hist, chunks
+
+
+def test_loop_end_to_end(loop_run):
+  wd, hist, chunks = loop_run
+  rows = metrics_lib.read_jsonl(os.path.join(wd, "metrics.jsonl"))
+  assert [r["generation"] for r in rows] == [0, 1, 2]
+  assert all(np.isfinite(r["test_elbo/mean"]) and r["latent_std/mean"] > 0 for r in rows)
+  assert hist["arrays"]["latent_hist"].shape == (3, HIST_BINS)
+  assert hist["snapshots"].shape == (3, 16, 28, 28, 1)
+  for name in ["vae_metrics.png", "vae_latent_density.png"] + [f"vae_samples_gen{g:04d}.png" for g in range(3)]:
+    assert os.path.exists(os.path.join(wd, "plots", name)), name
+  # Three generations, three chunk calls, one compilation.
+  assert {id(c) for c in chunks} == {id(chunks[0])} and chunks[0]._cache_size() == 1
+
+
+def test_loop_interrupted_in_process_equals_uninterrupted(loop_run, tmp_path):
+  full_wd, full, _ = loop_run
+  wd = str(tmp_path / "cut")
+  loop.run(_cfg(**_LOOP), wd, stop_after=1)
+  assert len(metrics_lib.read_jsonl(os.path.join(wd, "metrics.jsonl"))) == 1
+  resumed = loop.run(_cfg(**_LOOP), wd)
+  for k in full["metrics"]:
+    np.testing.assert_array_equal(full["metrics"][k], resumed["metrics"][k], err_msg=k)
+  np.testing.assert_array_equal(full["snapshots"], resumed["snapshots"])
+  assert (metrics_lib.read_jsonl(os.path.join(wd, "metrics.jsonl"))
+          == metrics_lib.read_jsonl(os.path.join(full_wd, "metrics.jsonl")))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+  args = ["--config=configs/vae.py:quick", "--config.generations=4", "--config.plots=False"]
+  ref = cli(*args, f"--workdir={tmp_path / 'ref'}")
+  assert ref.returncode == 0, ref.stdout + ref.stderr
+  wd = tmp_path / "killed"
+  proc = cli(*args, f"--workdir={wd}", background=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    steps = [s for s in os.listdir(wd / "checkpoints") if s.isdigit()] if (wd / "checkpoints").exists() else []
+    if steps:
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  again = cli(*args, f"--workdir={wd}")
+  assert again.returncode == 0, again.stdout + again.stderr
+  assert "resuming" in again.stdout
+  assert (metrics_lib.read_jsonl(str(wd / "metrics.jsonl"))
+          == metrics_lib.read_jsonl(str(tmp_path / "ref" / "metrics.jsonl")))
