@@ -83,7 +83,8 @@ def test_loss_matches_hand_computation():
 
 
 def test_configs_validate():
-  for arg in (None, "quick", "mnist", "mnist_idx", "dataset", "real_fraction", "accumulate", "mnist,real_fraction"):
+  for arg in (None, "quick", "mnist", "mnist_idx", "t10k", "dataset", "real_fraction", "accumulate",
+              "mnist,real_fraction"):
     cfg = load_config("vae", arg) if arg else load_config("vae")
     config_lib.validate(cfg)
     VAEFamily.validate(cfg)
