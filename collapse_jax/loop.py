@@ -10,7 +10,6 @@ Keys: chain c's key is fold_in(root, c); generation g's is fold_in(fold_in(chain
 any chain can be recomputed on its own; its parts (mixing, fitting, sampling) fold in 0, 1, 2.
 """
 import json
-import math
 import os
 import time
 

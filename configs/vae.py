@@ -3,7 +3,7 @@ the real images, generation g >= 1 on images decoded from N(0, I) by generation 
 paper), 30 epochs of batch 256 with Adam each.
 
 Command (offline default: scikit-learn's 8x8 digits resized to 28x28 as a stand-in for MNIST, 1500 training
-images; CPU, 2 cores: about 3 minutes per generation):
+images; 2 CPU cores: 70-100 s per generation, 9 minutes for the 5 generations):
   python -m collapse_jax.main --config=configs/vae.py --workdir=runs/vae
 Real MNIST (the paper's setting; a GPU or TPU is advised: 60,000 images x 30 epochs per generation):
   python -m collapse_jax.main --config=configs/vae.py:mnist --workdir=runs/vae_mnist            # tfds
@@ -22,6 +22,8 @@ samples.n to the new training-set size too, so that each generation hands on as 
 Expected result: the generation-0 encoder's latent means of generated images narrow generation by generation
 (the paper: std 0.674 -> 0.433 over generations 1-5 on MNIST) and the test-set ELBO on real images falls;
 plots/vae_latent_density.png shows the density over generations, plots/vae_samples_gen*.png the samples.
+Measured (default, digits stand-in, seed 0, jax 0.10.2 CPU): latent std 0.42, 0.30, 0.28, 0.29, 0.29 and test
+ELBO -173, -202, -271, -504, -320 nats over generations 0-4; by generation 4 the samples are near-black.
 """
 from collapse_jax.config import base_config
 

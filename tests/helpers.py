@@ -21,3 +21,30 @@ def cli(*args, devices: int = 1, timeout: float = 600, **popen):
   if popen.pop("background", False):
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def sigkill_then_resume(tmp_path, args, min_checkpoints: int = 1, timeout: float = 300):
+  """Run the CLI uninterrupted, and again killed by SIGKILL once `min_checkpoints` checkpoints exist, then
+  resumed on the same workdir. Returns (uninterrupted metrics rows, resumed rows, rows written when killed)."""
+  import signal
+  import time
+  from collapse_jax.metrics import read_jsonl
+  ref = cli(*args, f"--workdir={tmp_path / 'ref'}")
+  assert ref.returncode == 0, ref.stdout + ref.stderr
+  wd = tmp_path / "killed"
+  proc = cli(*args, f"--workdir={wd}", background=True)
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    ck = wd / "checkpoints"
+    if ck.exists() and len([s for s in os.listdir(ck) if s.isdigit()]) >= min_checkpoints:
+      break
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  # A kill between a checkpoint's save and the metrics file's rewrite leaves no (or an older) metrics.jsonl.
+  done = len(read_jsonl(str(wd / "metrics.jsonl"))) if (wd / "metrics.jsonl").exists() else 0
+  again = cli(*args, f"--workdir={wd}")
+  assert again.returncode == 0, again.stdout + again.stderr
+  assert "resuming" in again.stdout
+  return read_jsonl(str(tmp_path / "ref" / "metrics.jsonl")), read_jsonl(str(wd / "metrics.jsonl")), done

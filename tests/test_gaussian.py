@@ -1,5 +1,4 @@
 """The single-Gaussian recursion against closed-form theory."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -2,8 +2,6 @@
 bad input is refused before compilation with the field named, corrupt checkpoints fall back."""
 import json
 import os
-import signal
-import time
 
 import jax
 import numpy as np
@@ -12,7 +10,7 @@ import pytest
 from collapse_jax import loop
 from collapse_jax.config import ConfigError
 from collapse_jax import metrics as metrics_lib
-from tests.helpers import cli, load_config
+from tests.helpers import cli, load_config, sigkill_then_resume
 
 
 def _gauss(**kw):
@@ -165,22 +163,6 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
   # The README's main job (the paper's GMM recursion), shortened: 2 chains, a checkpoint every 5 generations.
   args = ["--config=configs/gmm.py", "--config.generations=300", "--config.chains=2",
           "--config.checkpoint_every=5", "--config.plots=False"]
-  ref = cli(*args, f"--workdir={tmp_path / 'ref'}")
-  assert ref.returncode == 0, ref.stdout + ref.stderr
-  wd = tmp_path / "killed"
-  proc = cli(*args, f"--workdir={wd}", background=True)
-  deadline = time.time() + 120
-  while time.time() < deadline and proc.poll() is None:
-    steps = [s for s in os.listdir(wd / "checkpoints") if s.isdigit()] if (wd / "checkpoints").exists() else []
-    if len(steps) >= 2:
-      break
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-  done = len(_jsonl(str(wd)))
+  ref, resumed, done = sigkill_then_resume(tmp_path, args, min_checkpoints=2, timeout=120)
   assert 0 < done < 300
-  again = cli(*args, f"--workdir={wd}")
-  assert again.returncode == 0, again.stdout + again.stderr
-  assert "resuming" in again.stdout
-  assert _jsonl(str(wd)) == _jsonl(str(tmp_path / "ref"))
+  assert resumed == ref

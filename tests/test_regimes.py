@@ -1,9 +1,7 @@
 """Regimes build the training set each generation: checked against hand-built expectations on tagged data."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import pytest
 
 from collapse_jax import config as config_lib, regimes
 
