@@ -49,7 +49,9 @@ class Family(Protocol):
     """n data from `model` (n static)."""
 
   def evaluate(self, model, model0, aux, shared) -> dict[str, jax.Array]:
-    """Scalar metrics of `model` for one chain; `model0` is generation 0's model."""
+    """Metrics of `model` for one chain; `model0` is generation 0's model. Scalars are aggregated over chains
+    (mean, std, quantiles); arrays (e.g. a histogram) are kept per generation for chain 0."""
 
-  def plot(self, workdir: str, metrics: dict, snapshots: dict) -> None:
-    """Family-specific figures from the host-side metrics history and sample snapshots."""
+  def plot(self, workdir: str, metrics: dict, arrays: dict, snapshots: dict) -> None:
+    """Family-specific figures into workdir/plots/: metrics {name: {stat: [G]}}, arrays {name: [G, ...]} (the
+    non-scalar metrics, chain 0), snapshots {generation: chain 0's first snapshot_size samples}."""
