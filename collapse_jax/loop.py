@@ -82,8 +82,9 @@ class Experiment:
   # --- the compiled chunk --------------------------------------------------------------------------------
   def _all_chains(self, carry, g, shared):
     """One generation of every chain. Each device runs its own chains (shard_map), `chain_batch` at a time
-    vmapped: a chain's arithmetic then depends only on that batch size, not on how many devices share the
-    chains, so sharded and single-device runs agree bit for bit when chain_batch divides the chains per device."""
+    vmapped, so a chain's arithmetic depends on that batch size and not on how many chains a device holds:
+    meshes of 2 and 8 devices agree bit for bit. A 1-device mesh is compiled without SPMD partitioning and can
+    differ from them in the last bit (tests/test_gmm.py compares it in float64)."""
     b = self.chain_batch
 
     def local(carry_c, g, shared):
