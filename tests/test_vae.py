@@ -40,6 +40,14 @@ def test_param_count_and_shapes():
   assert y.shape == (5, 28, 28, 1) and float(y.min()) >= 0 and float(y.max()) <= 1
 
 
+def flax_kernel(layer, k=None):
+  """Our kernel (or a kernel-shaped gradient) in nnx.Conv / nnx.ConvTranspose's [r, s, in, out] layout."""
+  k = layer.kernel[...] if k is None else k
+  if isinstance(layer, vae_model.DownConv):  # held as [out, r, s, in]
+    return jnp.transpose(k, (1, 2, 3, 0))
+  return jnp.transpose(k, (1, 2, 0, 3))[::-1, ::-1]  # [in, r, s, out], PyTorch's taps: Flax's flipped
+
+
 @pytest.mark.parametrize("impl", ["matmul", "xla"])
 def test_conv_layers_match_flax_values_and_gradients(impl):
   x14 = jax.random.uniform(jax.random.key(0), (2, 14, 14, 8))
@@ -50,7 +58,7 @@ def test_conv_layers_match_flax_values_and_gradients(impl):
   # PyTorch's ConvTranspose2d(padding=1) for k=4, s=2 is Flax padding ((2, 2), (2, 2)): 7 -> 14 exactly.
   ref_t = nnx.ConvTranspose(8, 6, (4, 4), strides=2, padding=((2, 2), (2, 2)), rngs=nnx.Rngs(1))
   for ours, theirs, x, shape in ((down, ref, x14, (2, 7, 7, 6)), (up, ref_t, x7, (2, 14, 14, 6))):
-    theirs.kernel[...], theirs.bias[...] = ours.kernel[...], ours.bias[...]
+    theirs.kernel[...], theirs.bias[...] = flax_kernel(ours), ours.bias[...]
     assert ours(x).shape == shape
     np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
     # The matmul forms have hand-written adjoints (_im2col / _col2im); check them through both inputs.
@@ -58,8 +66,8 @@ def test_conv_layers_match_flax_values_and_gradients(impl):
     grad = nnx.grad(lambda layer, x: jnp.sum(layer(x) * dy), argnums=(0, 1))
     (g_ours, gx_ours), (g_theirs, gx_theirs) = grad(ours, x), grad(theirs, x)
     np.testing.assert_allclose(gx_ours, gx_theirs, rtol=1e-5, atol=1e-5)
-    for name in ("kernel", "bias"):
-      np.testing.assert_allclose(g_ours[name][...], g_theirs[name][...], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(flax_kernel(ours, g_ours["kernel"][...]), g_theirs["kernel"][...], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(g_ours["bias"][...], g_theirs["bias"][...], rtol=1e-5, atol=1e-4)
 
 
 def test_loss_matches_hand_computation():

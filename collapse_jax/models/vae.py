@@ -9,8 +9,9 @@ Architecture (Shumailov et al. 2024, Methods, as in their PyTorch code):
 
 PyTorch's ConvTranspose2d(padding=p) pads the stride-dilated input by k-1-p per side, whereas Flax passes its
 `padding` straight to `lax.conv_transpose`; PyTorch p=1 with k=4 is therefore Flax ((2, 2), (2, 2)), which maps
-7 -> 14 -> 28 exactly. The 4x4 stride-2 layers are our own (DownConv, UpConv: same parameters and outputs as
-nnx.Conv / nnx.ConvTranspose) because XLA's CPU convolutions are very slow inside loops; see _Conv4x4.
+7 -> 14 -> 28 exactly. The 4x4 stride-2 layers are our own (DownConv, UpConv: the outputs of nnx.Conv /
+nnx.ConvTranspose, kernels held in PyTorch's tap order with the channel axes where the CPU matmuls want them)
+because XLA's CPU convolutions are very slow inside loops; see _Conv4x4.
 Initialisation follows PyTorch's defaults (weights and biases uniform in +-1/sqrt(fan_in), fan_in as PyTorch
 computes it), so training dynamics match the reference code rather than Flax's lecun-normal/zero-bias ones.
 
@@ -28,7 +29,6 @@ LATENT = 20
 IMAGE_HxWxC = (28, 28, 1)
 _K = (4, 4)
 _FEAT_HxWxC = (7, 7, 128)
-_DN = ("NHWC", "HWIO", "NHWC")
 
 
 def _torch_uniform(fan_in: int):
@@ -53,20 +53,28 @@ def _use_matmul(impl: str) -> bool:
 
 
 class _Conv4x4(nnx.Module):
-  """Shared parameters of the two 4x4 stride-2 layers: kernel [4, 4, in, out] (Flax's HWIO) and bias [out],
-  named as Flax's Conv/ConvTranspose name them.
+  """Shared parameters of the two 4x4 stride-2 layers: a kernel [a, 4, 4, b] and a bias.
+
+  The kernel is stored in the orientation its CPU matmul wants (below), which is also PyTorch's order up to a
+  move of the channel axes: DownConv keeps [out, 4, 4, in] (PyTorch Conv2d's [out, in, kh, kw]) and UpConv
+  [in, 4, 4, out] (ConvTranspose2d's [in, out, kh, kw]), with no flip.
 
   Why not nnx.Conv / nnx.ConvTranspose: inside a loop body (the epochs scan), XLA's CPU backend lowers these
   convolutions' gradients to code that runs over 20x slower than the same op outside a loop (measured here;
-  cf. jax-ml/jax#12868), and the transposed convolution's kernel gradient is slow even outside one. On CPU
+  cf. jax-ml/jax#12868; jax 0.10.2 with impl 'xla': 40 images/s), and the transposed convolution's kernel gradient is slow even outside one. On CPU
   (impl "auto" or "matmul") DownConv is therefore im2col + one matmul and UpConv one matmul + col2im, which XLA
   runs at full speed anywhere; on GPU/TPU ("auto" or "xla") both are the native convolutions. Tests check
   every path against nnx.Conv / nnx.ConvTranspose.
+
+  The kernel gradient of either matmul is a^T b over the rows (batch x pixels) of its two operands; XLA:CPU
+  computes it at full speed when the result is [small channels, 16 x big channels], and at half speed in the
+  other orientation (measured here: 27 vs 47 ms for the 64 -> 128 layer at batch 256). Storing the kernel that way round means
+  no transpose sits between that dot and the parameter for XLA to fold into the dot the slow way.
   """
 
-  def __init__(self, n_in: int, n_out: int, fan_in: int, rngs: nnx.Rngs, impl: str = "auto"):
+  def __init__(self, shape: tuple[int, int, int, int], n_out: int, fan_in: int, rngs: nnx.Rngs, impl: str):
     init = _torch_uniform(fan_in)
-    self.kernel = nnx.Param(init(rngs.params(), _K + (n_in, n_out)))
+    self.kernel = nnx.Param(init(rngs.params(), shape))
     self.bias = nnx.Param(init(rngs.params(), (n_out,)))
     self.impl = impl
 
@@ -103,31 +111,34 @@ _im2col.defvjp(lambda x: (_im2col(x), None), lambda _, g: (_col2im(g),))
 _col2im.defvjp(lambda z: (_col2im(z), None), lambda _, g: (_im2col(g),))
 
 
-def _kernel_rows(kernel_4x4xCxO: jax.Array) -> jax.Array:
-  """[4, 4, c, o] -> [16c, o] with rows in _im2col's column order."""
-  c, o = kernel_4x4xCxO.shape[2:]
-  k = kernel_4x4xCxO.reshape(2, 2, 2, 2, c, o)  # [u, a, v, q, c, o]
-  return jnp.transpose(k, (0, 2, 1, 3, 4, 5)).reshape(16 * c, o)
+def _tap_cols(kernel_Ax4x4xB: jax.Array) -> jax.Array:
+  """[a, 4, 4, b] -> [a, 16b] with the taps in _im2col's (u, v, a, q) column order."""
+  n_a, n_b = kernel_Ax4x4xB.shape[0], kernel_Ax4x4xB.shape[3]
+  k = kernel_Ax4x4xB.reshape(n_a, 2, 2, 2, 2, n_b)  # [a, u, a', v, q, b]
+  return jnp.transpose(k, (0, 1, 3, 2, 4, 5)).reshape(n_a, 16 * n_b)
 
 
 class DownConv(_Conv4x4):
-  """Conv(k4, s2, p1): halves height and width, as nnx.Conv(n_in, n_out, (4, 4), 2, padding=((1, 1), (1, 1))).
-  The matmul form is im2col + one matmul."""
+  """Conv(k4, s2, p1): halves height and width, as nnx.Conv(n_in, n_out, (4, 4), 2, padding=((1, 1), (1, 1)))
+  with that layer's kernel [r, s, in, out] held here as [out, r, s, in]. The matmul form is im2col + one
+  matmul."""
 
   def __init__(self, n_in: int, n_out: int, rngs: nnx.Rngs, impl: str = "auto"):
-    super().__init__(n_in, n_out, n_in * _K[0] * _K[1], rngs, impl)
+    super().__init__((n_out,) + _K + (n_in,), n_out, n_in * _K[0] * _K[1], rngs, impl)
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     kernel = self.kernel[...]
     if not _use_matmul(self.impl):
-      y = jax.lax.conv_general_dilated(x_BxHxWxC, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=_DN)
+      y = jax.lax.conv_general_dilated(x_BxHxWxC, kernel, (2, 2), ((1, 1), (1, 1)),
+                                       dimension_numbers=("NHWC", "OHWI", "NHWC"))
       return y + self.bias[...]
-    return _im2col(x_BxHxWxC) @ _kernel_rows(kernel) + self.bias[...]
+    return _im2col(x_BxHxWxC) @ _tap_cols(kernel).T + self.bias[...]
 
 
 class UpConv(_Conv4x4):
-  """ConvTranspose(k4, s2, PyTorch padding 1): doubles height and width, as
-  nnx.ConvTranspose(n_in, n_out, (4, 4), strides=2, padding=((2, 2), (2, 2))).
+  """ConvTranspose(k4, s2, PyTorch padding 1): doubles height and width. Input pixel i adds tap r of the
+  kernel [in, r, s, out] to output pixel 2i + r - 1, as PyTorch's ConvTranspose2d (whose padding 1 with k=4
+  is Flax's ((2, 2), (2, 2)), with Flax's kernel spatially flipped: nnx.ConvTranspose correlates).
 
   The matmul form is one matmul + col2im (as PyTorch computes it): every input pixel's 16 taps, added into
   the output where a DownConv would have read them. No zeros are multiplied, unlike the dilated-input form.
@@ -135,16 +146,40 @@ class UpConv(_Conv4x4):
 
   def __init__(self, n_in: int, n_out: int, rngs: nnx.Rngs, impl: str = "auto"):
     # PyTorch stores transposed-conv weights as (in, out, k, k) and takes fan_in from dim 1: n_out * k * k.
-    super().__init__(n_in, n_out, n_out * _K[0] * _K[1], rngs, impl)
+    super().__init__((n_in,) + _K + (n_out,), n_out, n_out * _K[0] * _K[1], rngs, impl)
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     kernel = self.kernel[...]
     if not _use_matmul(self.impl):
-      y = jax.lax.conv_transpose(x_BxHxWxC, kernel, (2, 2), ((2, 2), (2, 2)), dimension_numbers=_DN)
+      y = jax.lax.conv_transpose(x_BxHxWxC, kernel[:, ::-1, ::-1], (2, 2), ((2, 2), (2, 2)),
+                                 dimension_numbers=("NHWC", "IHWO", "NHWC"))
       return y + self.bias[...]
-    # lax.conv_transpose correlates with the kernel unflipped: output tap r of an input pixel is kernel row 3 - r.
-    k_Cx16O = _kernel_rows(jnp.swapaxes(kernel[::-1, ::-1], 2, 3)).T
-    return _col2im(x_BxHxWxC @ k_Cx16O) + self.bias[...]
+    return _up(x_BxHxWxC, _tap_cols(kernel)) + self.bias[...]
+
+
+@jax.custom_vjp
+def _up(x_BxHxWxC: jax.Array, k_Cx16O: jax.Array) -> jax.Array:
+  return _col2im(x_BxHxWxC @ k_Cx16O)
+
+
+def _up_bwd(res, g_Bx2Hx2WxO):
+  """UpConv's VJP, written out to pin one dot's operand order. The kernel gradient x^T cols contracts the
+  rows of x [n, c] and of cols = im2col(g) [n, 16o]. Left to itself, XLA:CPU transposes the big cols for it
+  (a 51 MB copy per step for the 128 -> 64 layer at batch 256); transposing x instead, behind a barrier that
+  keeps XLA from undoing it, is 12% of the whole training step. Where cols is the narrower operand (the
+  64 -> 1 layer), XLA's own choice is the good one and is kept."""
+  x, k_Cx16O = res
+  c, n_cols = k_Cx16O.shape
+  cols_Nx16O = _im2col(g_Bx2Hx2WxO).reshape(-1, n_cols)
+  x_NxC = x.reshape(-1, c)
+  if n_cols > c:
+    dk = jax.lax.optimization_barrier(x_NxC.T) @ cols_Nx16O
+  else:
+    dk = x_NxC.T @ cols_Nx16O
+  return (cols_Nx16O @ k_Cx16O.T).reshape(x.shape), dk
+
+
+_up.defvjp(lambda x, k: (_up(x, k), (x, k)), _up_bwd)
 
 
 class VAE(nnx.Module):
