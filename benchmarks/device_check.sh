@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The accelerator checks in one call: versions, the VAE benchmark against PyTorch on the same GPU, the GMM
+# benchmark with many vmapped chains, and the GPU (native convolution) path checked against Flax's layers.
+# Made for the workplace's device tool (a bare GPU image with jax, flax, optax, orbax and torch but no
+# ml-collections, and no network). Here, once:
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl ml-collections==1.1.0
+# then run, carrying .whl, with a timeout that leaves room for a rerun (about 4 minutes of work):
+#   bash benchmarks/device_check.sh
+# On any other CUDA machine with the project installed it runs as it is. Output: a short log per step, also
+# written under $OUT (or ./device_check/) for the WORKSPACE results table.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-device_check}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} || exit 1
+fi
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+
+step() {  # name, command...: run one step with its own time limit; a failure does not stop the others
+  local name=$1; shift
+  echo "== $name"
+  timeout 240 "$@" 2>&1 | tee "$out/$name.txt" | grep -v "^WARNING\|^I0000\|^W0000" | tail -n 12
+  echo "== $name: exit ${PIPESTATUS[0]}"
+}
+
+step versions python3 -c "import jax, flax, optax, orbax.checkpoint as o, sys; print(sys.version.split()[0], 'jax', \
+jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__, jax.devices())"
+step nvidia_smi nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+# Correctness of the GPU path (impl 'auto' is the native convolutions there) and of the CPU matmul path.
+step conv_check env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -q -p no:cacheprovider tests/test_vae.py -k "conv_layers or param_count"
+# Long enough per call (32 batches of 256) that launch overheads do not dominate on a GPU.
+step vae_bench python3 benchmarks/vae_bench.py --torch-device auto --steps 32 --rounds 3
+step gmm_bench python3 benchmarks/gmm_bench.py --chains=4096 --generations=500 --sklearn_generations=20
