@@ -53,7 +53,7 @@ def _use_matmul(impl: str) -> bool:
 
 
 class _Conv4x4(nnx.Module):
-  """Shared parameters of the two 4x4 stride-2 layers: a kernel [a, 4, 4, b] and a bias.
+  """Shared parameters of the two 4x4 stride-2 layers: a kernel [m, 4, 4, n] and a bias.
 
   The kernel is stored in the orientation its CPU matmul wants (below), which is also PyTorch's order up to a
   move of the channel axes: DownConv keeps [out, 4, 4, in] (PyTorch Conv2d's [out, in, kh, kw]) and UpConv
@@ -61,15 +61,16 @@ class _Conv4x4(nnx.Module):
 
   Why not nnx.Conv / nnx.ConvTranspose: inside a loop body (the epochs scan), XLA's CPU backend lowers these
   convolutions' gradients to code that runs over 20x slower than the same op outside a loop (measured here;
-  cf. jax-ml/jax#12868; jax 0.10.2 with impl 'xla': 40 images/s), and the transposed convolution's kernel gradient is slow even outside one. On CPU
+  cf. jax-ml/jax#12868; training at 40 images/s with jax 0.10.2), and the transposed convolution's kernel
+  gradient is slow even outside one. On CPU
   (impl "auto" or "matmul") DownConv is therefore im2col + one matmul and UpConv one matmul + col2im, which XLA
   runs at full speed anywhere; on GPU/TPU ("auto" or "xla") both are the native convolutions. Tests check
   every path against nnx.Conv / nnx.ConvTranspose.
 
   The kernel gradient of either matmul is a^T b over the rows (batch x pixels) of its two operands; XLA:CPU
   computes it at full speed when the result is [small channels, 16 x big channels], and at half speed in the
-  other orientation (measured here: 27 vs 47 ms for the 64 -> 128 layer at batch 256). Storing the kernel that way round means
-  no transpose sits between that dot and the parameter for XLA to fold into the dot the slow way.
+  other orientation (measured here: 27 vs 47 ms for the 64 -> 128 layer at batch 256). With the kernel stored
+  that way round, no transpose sits between that dot and the parameter for XLA to fold into the dot.
   """
 
   def __init__(self, shape: tuple[int, int, int, int], n_out: int, fan_in: int, rngs: nnx.Rngs, impl: str):
@@ -111,11 +112,11 @@ _im2col.defvjp(lambda x: (_im2col(x), None), lambda _, g: (_col2im(g),))
 _col2im.defvjp(lambda z: (_col2im(z), None), lambda _, g: (_im2col(g),))
 
 
-def _tap_cols(kernel_Ax4x4xB: jax.Array) -> jax.Array:
-  """[a, 4, 4, b] -> [a, 16b] with the taps in _im2col's (u, v, a, q) column order."""
-  n_a, n_b = kernel_Ax4x4xB.shape[0], kernel_Ax4x4xB.shape[3]
-  k = kernel_Ax4x4xB.reshape(n_a, 2, 2, 2, 2, n_b)  # [a, u, a', v, q, b]
-  return jnp.transpose(k, (0, 1, 3, 2, 4, 5)).reshape(n_a, 16 * n_b)
+def _tap_cols(kernel_Mx4x4xN: jax.Array) -> jax.Array:
+  """[m, 4, 4, n] -> [m, 16n] with the taps in _im2col's (u, v, a, q) column order."""
+  m, n = kernel_Mx4x4xN.shape[0], kernel_Mx4x4xN.shape[3]
+  k = kernel_Mx4x4xN.reshape(m, 2, 2, 2, 2, n)  # [m, u, a, v, q, n]
+  return jnp.transpose(k, (0, 1, 3, 2, 4, 5)).reshape(m, 16 * n)
 
 
 class DownConv(_Conv4x4):
@@ -166,8 +167,8 @@ def _up_bwd(res, g_Bx2Hx2WxO):
   """UpConv's VJP, written out to pin one dot's operand order. The kernel gradient x^T cols contracts the
   rows of x [n, c] and of cols = im2col(g) [n, 16o]. Left to itself, XLA:CPU transposes the big cols for it
   (a 51 MB copy per step for the 128 -> 64 layer at batch 256); transposing x instead, behind a barrier that
-  keeps XLA from undoing it, is 12% of the whole training step. Where cols is the narrower operand (the
-  64 -> 1 layer), XLA's own choice is the good one and is kept."""
+  keeps XLA from undoing it, saves about 12% of the training step. Where cols is the narrower operand (the
+  64 -> 1 layer), XLA's own choice is the good one and is kept (a barrier there made the step slower)."""
   x, k_Cx16O = res
   c, n_cols = k_Cx16O.shape
   cols_Nx16O = _im2col(g_Bx2Hx2WxO).reshape(-1, n_cols)
