@@ -48,20 +48,23 @@ def flax_kernel(layer, k=None):
   return jnp.transpose(k, (1, 2, 0, 3))[::-1, ::-1]  # [in, r, s, out], PyTorch's taps: Flax's flipped
 
 
+# (8, 6) takes one branch of UpConv's VJP (its im2col columns, 16 x 6, outnumber its input channels) and
+# (32, 1), the decoder's last layer's case, the other.
 @pytest.mark.parametrize("impl", ["matmul", "xla"])
-def test_conv_layers_match_flax_values_and_gradients(impl):
-  x14 = jax.random.uniform(jax.random.key(0), (2, 14, 14, 8))
-  x7 = jax.random.uniform(jax.random.key(1), (2, 7, 7, 8))
-  down = vae_model.DownConv(8, 6, nnx.Rngs(0), impl)
-  ref = nnx.Conv(8, 6, (4, 4), strides=2, padding=((1, 1), (1, 1)), rngs=nnx.Rngs(1))
-  up = vae_model.UpConv(8, 6, nnx.Rngs(0), impl)
+@pytest.mark.parametrize("n_in,n_out", [(8, 6), (32, 1)])
+def test_conv_layers_match_flax_values_and_gradients(impl, n_in, n_out):
+  x14 = jax.random.uniform(jax.random.key(0), (2, 14, 14, n_in))
+  x7 = jax.random.uniform(jax.random.key(1), (2, 7, 7, n_in))
+  down = vae_model.DownConv(n_in, n_out, nnx.Rngs(0), impl)
+  ref = nnx.Conv(n_in, n_out, (4, 4), strides=2, padding=((1, 1), (1, 1)), rngs=nnx.Rngs(1))
+  up = vae_model.UpConv(n_in, n_out, nnx.Rngs(0), impl)
   # PyTorch's ConvTranspose2d(padding=1) for k=4, s=2 is Flax padding ((2, 2), (2, 2)): 7 -> 14 exactly.
-  ref_t = nnx.ConvTranspose(8, 6, (4, 4), strides=2, padding=((2, 2), (2, 2)), rngs=nnx.Rngs(1))
-  for ours, theirs, x, shape in ((down, ref, x14, (2, 7, 7, 6)), (up, ref_t, x7, (2, 14, 14, 6))):
+  ref_t = nnx.ConvTranspose(n_in, n_out, (4, 4), strides=2, padding=((2, 2), (2, 2)), rngs=nnx.Rngs(1))
+  for ours, theirs, x, shape in ((down, ref, x14, (2, 7, 7, n_out)), (up, ref_t, x7, (2, 14, 14, n_out))):
     theirs.kernel[...], theirs.bias[...] = flax_kernel(ours), ours.bias[...]
     assert ours(x).shape == shape
     np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
-    # The matmul forms have hand-written adjoints (_im2col / _col2im); check them through both inputs.
+    # The matmul forms have hand-written adjoints (_im2col / _col2im, UpConv's VJP); check both inputs'.
     dy = jax.random.normal(jax.random.key(2), shape)
     grad = nnx.grad(lambda layer, x: jnp.sum(layer(x) * dy), argnums=(0, 1))
     (g_ours, gx_ours), (g_theirs, gx_theirs) = grad(ours, x), grad(theirs, x)
