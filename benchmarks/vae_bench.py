@@ -1,6 +1,6 @@
 """VAE training throughput: our jitted `VAEFamily.fit` against a PyTorch implementation of the same model and loss.
 
-  python benchmarks/vae_bench.py [--steps 8] [--rounds 3] [--batch 256] [--devices 0] [--torch-device auto]
+  python benchmarks/vae_bench.py [--steps 16] [--rounds 5] [--batch 256] [--devices 0] [--torch-device auto]
 
 Both sides train the paper's 647,081-parameter VAE (summed BCE + KL, Adam lr 1e-3 with coupled L2 1e-5) on the
 same random images for the same number of batch-256 steps. JAX: one compile stage (the first call of `fit`, one
@@ -109,8 +109,8 @@ def torch_runner(x_NxHxWxC: np.ndarray, batch: int, device: str):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--steps", type=int, default=8, help="batches per timed call")
-  p.add_argument("--rounds", type=int, default=3, help="timed calls per implementation (alternating)")
+  p.add_argument("--steps", type=int, default=16, help="batches per timed call")
+  p.add_argument("--rounds", type=int, default=5, help="timed calls per implementation (alternating)")
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--devices", type=int, default=0, help="JAX devices to shard batches over (0: all)")
   p.add_argument("--torch-device", default="auto", help="cpu, cuda, or auto (cuda when available)")
