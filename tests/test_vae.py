@@ -48,8 +48,8 @@ def flax_kernel(layer, k=None):
   return jnp.transpose(k, (1, 2, 0, 3))[::-1, ::-1]  # [in, r, s, out], PyTorch's taps: Flax's flipped
 
 
-# (8, 6) takes one branch of UpConv's VJP (its im2col columns, 16 x 6, outnumber its input channels) and
-# (32, 1), the decoder's last layer's case, the other.
+# (8, 6): more im2col columns (16 x 6) than input channels, as in the 128 -> 64 layer; (32, 1): fewer, as in
+# the decoder's last layer.
 @pytest.mark.parametrize("impl", ["matmul", "xla"])
 @pytest.mark.parametrize("n_in,n_out", [(8, 6), (32, 1)])
 def test_conv_layers_match_flax_values_and_gradients(impl, n_in, n_out):
