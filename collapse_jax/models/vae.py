@@ -62,10 +62,9 @@ class _Conv4x4(nnx.Module):
   Why not nnx.Conv / nnx.ConvTranspose: inside a loop body (the epochs scan), XLA's CPU backend lowers these
   convolutions' gradients to code that runs over 20x slower than the same op outside a loop (measured here;
   cf. jax-ml/jax#12868; training at 40 images/s with jax 0.10.2), and the transposed convolution's kernel
-  gradient is slow even outside one. On CPU
-  (impl "auto" or "matmul") DownConv is therefore im2col + one matmul and UpConv one matmul + col2im, which XLA
-  runs at full speed anywhere; on GPU/TPU ("auto" or "xla") both are the native convolutions. Tests check
-  every path against nnx.Conv / nnx.ConvTranspose.
+  gradient is slow even outside one. On CPU (impl "auto" or "matmul") DownConv is therefore im2col + one
+  matmul and UpConv one matmul + col2im, which XLA runs at full speed anywhere; on GPU/TPU ("auto" or "xla")
+  both are the native convolutions. Tests check every path against nnx.Conv / nnx.ConvTranspose.
 
   The kernel gradient of either matmul is a^T b over the rows (batch x pixels) of its two operands; XLA:CPU
   computes it at full speed when the result is [small channels, 16 x big channels], and at half speed in the
@@ -166,7 +165,7 @@ def _up(x_BxHxWxC: jax.Array, k_Cx16O: jax.Array) -> jax.Array:
 def _up_bwd(res, g_Bx2Hx2WxO):
   """UpConv's VJP, written out so that both dots see cols = im2col(g) as one [n, 16o] array. Through autodiff
   (col2im's VJP, then the kernel's reshapes), XLA:CPU instead transposed the whole 51 MB cols of the 128 -> 64
-  layer for the kernel gradient x^T cols at batch 256; this form saves about 12% of the training step."""
+  layer for the kernel gradient x^T cols at batch 256; this form saves about 10% of the training step."""
   x, k_Cx16O = res
   c, n_cols = k_Cx16O.shape
   cols_Nx16O = _im2col(g_Bx2Hx2WxO).reshape(-1, n_cols)
