@@ -23,8 +23,8 @@ samples.n to the new training-set size too, so that each generation hands on as 
 Expected result: the generation-0 encoder's latent means of generated images narrow generation by generation
 (the paper: std 0.674 -> 0.433 over generations 1-5 on MNIST) and the test-set ELBO on real images falls;
 plots/vae_latent_density.png shows the density over generations, plots/vae_samples_gen*.png the samples.
-Measured (seed 0, jax 0.10.2, 2 CPU cores), generations 0-4: default (digits stand-in): latent std 0.385, 0.250,
-0.240, 0.239, 0.238 and test ELBO -173, -202, -261, -390, -312 nats; by generation 4 the samples are near-black.
+Measured (seed 0, jax 0.10.2, 2 CPU cores), generations 0-4: default (digits stand-in): latent std 0.384, 0.249,
+0.240, 0.238, 0.237 and test ELBO -173, -202, -272, -399, -313 nats; by generation 4 the samples are near-black.
 t10k (real MNIST, 8,000 training images, 4 minutes per generation): latent std 0.863, 0.795, 0.728, 0.652, 0.579
 and test ELBO -111, -117, -126, -134, -144; with real_fraction, std 0.632 and ELBO -125 at generation 4.
 """
