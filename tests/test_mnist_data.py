@@ -320,7 +320,8 @@ def test_tfds_tfrecord_copy_is_refused_with_the_fix(tfds, prepared_dir, monkeypa
 
 
 def test_split_slices_partition_one_file(tmp_path):
-  """'test[:k]' and 'test[k:]' are disjoint and together the whole split, for every source."""
+  """'test[:k]' and 'test[k:]' are disjoint and together the whole split. The slice is taken after any
+  source has loaded its split, so the digits source stands for all three here; describe() names the rows."""
   full = mnist.load("digits", "test")
   head, tail = mnist.load("digits", "test[:100]"), mnist.load("digits", "test[100:]")
   assert head.shape[0] == 100 and tail.shape[0] == full.shape[0] - 100
