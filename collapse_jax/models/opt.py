@@ -1,0 +1,379 @@
+"""OPT (Zhang et al. 2022) as Flax NNX, computing exactly what Hugging Face's `OPTForCausalLM` computes.
+
+Used functionally like the VAE: `init_params` gives a pure dict of float32 parameters and `apply` merges it
+with a cached graphdef inside whatever jitted code calls it. Parameter layout (pure dict keys, shapes):
+
+  embed_tokens            [vocab, proj]          tied: also the LM head (logits = h @ embed_tokens.T)
+  embed_positions         [max_pos + 2, embed]   OPT's learned positions with their offset of 2
+  project_in / project_out [proj, embed] / [embed, proj]   only when word_embed_proj_dim != hidden (opt-350m)
+  layers/<i>/self_attn/{q,k,v}_proj/{kernel [embed, heads, kv], bias [heads, kv]}
+  layers/<i>/self_attn/out_proj/{kernel [heads, kv, embed], bias [embed]}
+  layers/<i>/{self_attn_layer_norm, final_layer_norm}/{scale, bias}, fc1, fc2/{kernel [in, out], bias}
+  final_layer_norm        pre-LN models only (HF has none when do_layer_norm_before is False)
+
+Heads are their own axis so sharding rules can name them (`logical_axes`); hf.py reshapes HF's [out, in].
+
+Positions come from the attention mask as HF does: cumsum(mask) * mask - 1, so a left-padded row gives its real
+tokens the positions 0, 1, ... of the unpadded row, and pads get -1 (table row 1, as in HF; their outputs are
+never used). Pad queries attend to themselves only, which keeps their rows finite (a fully masked row could
+give NaN in a fused kernel, and 0 * NaN in the next layer's value sum would reach real tokens).
+
+Dropout (training only, `deterministic=False`): on the attention output and the MLP output before each
+residual add, as HF; HF's OPT has no embedding dropout, so neither does this. Attention-probability dropout
+(`attention_dropout`, 0 in every OPT) takes a plain softmax path since jax.nn.dot_product_attention has none.
+
+Mixed precision: parameters float32, matmuls and the residual stream in `cfg.dtype`, LayerNorm statistics and
+softmax in float32 (dot_product_attention's XLA path upcasts its logits), logits accumulated in float32.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from collapse_jax.config import ConfigError
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+POS_OFFSET = 2  # OPT's position table starts 2 rows in (a fairseq padding_idx legacy)
+INIT_STD = 0.02
+LN_EPS = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class OPTConfig:
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  ffn_dim: int
+  max_position_embeddings: int
+  word_embed_proj_dim: int
+  do_layer_norm_before: bool = True
+  dropout: float = 0.1
+  attention_dropout: float = 0.0
+  pad_token_id: int = 1
+  bos_token_id: int = 2
+  eos_token_id: int = 2
+  dtype: str = "bfloat16"
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+
+def _published(hidden, layers, heads, proj=None, pre_ln=True) -> OPTConfig:
+  return OPTConfig(vocab_size=50272, hidden_size=hidden, num_layers=layers, num_heads=heads, ffn_dim=4 * hidden,
+                   max_position_embeddings=2048, word_embed_proj_dim=proj or hidden, do_layer_norm_before=pre_ln)
+
+
+SIZES: dict[str, OPTConfig] = {
+    "tiny": OPTConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, ffn_dim=256,
+                      max_position_embeddings=256, word_embed_proj_dim=64),
+    "opt-125m": _published(768, 12, 12),
+    "opt-350m": _published(1024, 24, 16, proj=512, pre_ln=False),
+    "opt-1.3b": _published(2048, 24, 32),
+    "opt-2.7b": _published(2560, 32, 32),
+    "opt-6.7b": _published(4096, 32, 32),
+    "opt-13b": _published(5120, 40, 40),
+}
+
+
+def validate(cfg: OPTConfig) -> None:
+  for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_dim", "max_position_embeddings",
+            "word_embed_proj_dim"):
+    v = getattr(cfg, f)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise ConfigError(f"OPTConfig.{f} must be a positive integer, got {v!r}")
+  if cfg.hidden_size % cfg.num_heads:
+    raise ConfigError(f"OPTConfig.hidden_size={cfg.hidden_size} is not a multiple of num_heads={cfg.num_heads}")
+  for f in ("dropout", "attention_dropout"):
+    v = getattr(cfg, f)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+      raise ConfigError(f"OPTConfig.{f} must be in [0, 1), got {v!r}")
+  if cfg.dtype not in DTYPES:
+    raise ConfigError(f"OPTConfig.dtype={cfg.dtype!r} is not one of {', '.join(DTYPES)}")
+  if not isinstance(cfg.do_layer_norm_before, bool):
+    raise ConfigError(f"OPTConfig.do_layer_norm_before must be a bool, got {cfg.do_layer_norm_before!r}")
+
+
+def get_size(name: str, **overrides) -> OPTConfig:
+  if name not in SIZES:
+    raise ConfigError(f"unknown OPT size {name!r}; known sizes: {', '.join(SIZES)}")
+  fields = {f.name for f in dataclasses.fields(OPTConfig)}
+  for k in overrides:
+    if k not in fields:
+      raise ConfigError(f"OPTConfig has no field {k!r} (override of size {name!r})")
+  cfg = dataclasses.replace(SIZES[name], **overrides)
+  validate(cfg)
+  return cfg
+
+
+def _normal(key, shape):
+  return INIT_STD * jax.random.normal(key, shape, jnp.float32)
+
+
+class _Proj(nnx.Module):
+  """A kernel (any rank, contracted by einsum at the call site) and its bias, HF's nn.Linear init."""
+
+  def __init__(self, kernel_shape, bias_shape, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(_normal(rngs.params(), kernel_shape))
+    self.bias = nnx.Param(jnp.zeros(bias_shape, jnp.float32))
+
+
+class _Norm(nnx.Module):
+  def __init__(self, n: int):
+    self.scale = nnx.Param(jnp.ones((n,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((n,), jnp.float32))
+
+  def __call__(self, x):
+    # Statistics in float32 whatever the compute dtype: bf16 variance of a 768-wide row loses most of its bits.
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS) * self.scale[...] + self.bias[...]
+    return y.astype(x.dtype)
+
+
+def _dropout(x, rate, key):
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class _Attention(nnx.Module):
+  def __init__(self, cfg: OPTConfig, rngs: nnx.Rngs):
+    e, h, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    self.q_proj = _Proj((e, h, d), (h, d), rngs)
+    self.k_proj = _Proj((e, h, d), (h, d), rngs)
+    self.v_proj = _Proj((e, h, d), (h, d), rngs)
+    self.out_proj = _Proj((h, d, e), (e,), rngs)
+    self.scaling = d**-0.5
+    self.attention_dropout = cfg.attention_dropout
+
+  def __call__(self, x_BxLxE, allowed_Bx1xLxS, layer_cache, index, drop_key):
+    dt = x_BxLxE.dtype
+
+    def proj(p):
+      return jnp.einsum("ble,ehd->blhd", x_BxLxE, p.kernel[...].astype(dt)) + p.bias[...].astype(dt)
+
+    # HF scales q (bias included) before the dot product, then attends with scale 1.
+    q_BxLxHxD = proj(self.q_proj) * jnp.asarray(self.scaling, dt)
+    k_BxLxHxD, v_BxLxHxD = proj(self.k_proj), proj(self.v_proj)
+    new_cache = None
+    if layer_cache is not None:
+      k_BxLxHxD = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k_BxLxHxD.astype(layer_cache["k"].dtype),
+                                                      index, axis=1)
+      v_BxLxHxD = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v_BxLxHxD.astype(layer_cache["v"].dtype),
+                                                      index, axis=1)
+      new_cache = {"k": k_BxLxHxD, "v": v_BxLxHxD}
+    if drop_key is not None and self.attention_dropout > 0.0:
+      logits = jnp.einsum("blhd,bshd->bhls", q_BxLxHxD, k_BxLxHxD, preferred_element_type=jnp.float32)
+      probs = jax.nn.softmax(jnp.where(allowed_Bx1xLxS, logits, -1e30), axis=-1)
+      probs = _dropout(probs, self.attention_dropout, drop_key).astype(dt)
+      o_BxLxHxD = jnp.einsum("bhls,bshd->blhd", probs, v_BxLxHxD.astype(dt))
+    else:
+      o_BxLxHxD = jax.nn.dot_product_attention(q_BxLxHxD, k_BxLxHxD.astype(dt), v_BxLxHxD.astype(dt),
+                                               mask=allowed_Bx1xLxS, scale=1.0)
+    out = jnp.einsum("blhd,hde->ble", o_BxLxHxD, self.out_proj.kernel[...].astype(dt))
+    return out + self.out_proj.bias[...].astype(dt), new_cache
+
+
+class _Block(nnx.Module):
+  def __init__(self, cfg: OPTConfig, rngs: nnx.Rngs):
+    e = cfg.hidden_size
+    self.self_attn = _Attention(cfg, rngs)
+    self.self_attn_layer_norm = _Norm(e)
+    self.fc1 = _Proj((e, cfg.ffn_dim), (cfg.ffn_dim,), rngs)
+    self.fc2 = _Proj((cfg.ffn_dim, e), (e,), rngs)
+    self.final_layer_norm = _Norm(e)
+    self.pre_ln = cfg.do_layer_norm_before
+    self.dropout = cfg.dropout
+
+  def __call__(self, x_BxLxE, allowed, layer_cache, index, key):
+    dt = x_BxLxE.dtype
+    keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
+    h = self.self_attn_layer_norm(x_BxLxE) if self.pre_ln else x_BxLxE
+    h, new_cache = self.self_attn(h, allowed, layer_cache, index, keys[0])
+    x_BxLxE = x_BxLxE + _dropout(h, self.dropout, keys[1])
+    if not self.pre_ln:  # opt-350m: post-LN
+      x_BxLxE = self.self_attn_layer_norm(x_BxLxE)
+    h = self.final_layer_norm(x_BxLxE) if self.pre_ln else x_BxLxE
+    h = jax.nn.relu(h @ self.fc1.kernel[...].astype(dt) + self.fc1.bias[...].astype(dt))
+    h = h @ self.fc2.kernel[...].astype(dt) + self.fc2.bias[...].astype(dt)
+    x_BxLxE = x_BxLxE + _dropout(h, self.dropout, keys[2])
+    if not self.pre_ln:
+      x_BxLxE = self.final_layer_norm(x_BxLxE)
+    return x_BxLxE, new_cache
+
+
+class OPT(nnx.Module):
+  def __init__(self, cfg: OPTConfig, rngs: nnx.Rngs):
+    validate(cfg)
+    self.cfg = cfg
+    e, p = cfg.hidden_size, cfg.word_embed_proj_dim
+    emb = _normal(rngs.params(), (cfg.vocab_size, p))
+    if 0 <= cfg.pad_token_id < cfg.vocab_size:  # HF zeroes nn.Embedding's padding_idx row at init
+      emb = emb.at[cfg.pad_token_id].set(0.0)
+    self.embed_tokens = nnx.Param(emb)
+    self.embed_positions = nnx.Param(_normal(rngs.params(), (cfg.max_position_embeddings + POS_OFFSET, e)))
+    self.project_in = nnx.Param(_normal(rngs.params(), (p, e))) if p != e else None
+    self.project_out = nnx.Param(_normal(rngs.params(), (e, p))) if p != e else None
+    self.layers = nnx.List([_Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_layer_norm = _Norm(e) if cfg.do_layer_norm_before else None
+
+  def __call__(self, ids_BxL, mask_BxL, positions_BxL=None, cache=None, dropout_key=None):
+    cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
+    b, l = ids_BxL.shape
+    mask_BxL = mask_BxL.astype(jnp.int32)
+    index = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
+    start_B = jnp.zeros((b,), jnp.int32) if cache is None else cache["pos"]
+    if positions_BxL is None:
+      positions_BxL = (start_B[:, None] + jnp.cumsum(mask_BxL, axis=1)) * mask_BxL - 1
+    if cache is None:
+      key_valid_BxS = mask_BxL > 0
+    else:
+      key_valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache["mask"], mask_BxL > 0, index, axis=1)
+    s = key_valid_BxS.shape[1]
+    q_slot_L = index + jnp.arange(l)
+    k_slot_S = jnp.arange(s)
+    causal_LxS = k_slot_S[None, :] <= q_slot_L[:, None]
+    own_LxS = k_slot_S[None, :] == q_slot_L[:, None]
+    allowed_Bx1xLxS = ((key_valid_BxS[:, None, None, :] & causal_LxS) | own_LxS)
+
+    x = self.embed_tokens[...][ids_BxL].astype(dt)
+    if self.project_in is not None:
+      x = x @ self.project_in[...].astype(dt)
+    x_BxLxE = x + self.embed_positions[...][positions_BxL + POS_OFFSET].astype(dt)
+    new_layers = []
+    for i, layer in enumerate(self.layers):
+      key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+      x_BxLxE, lc = layer(x_BxLxE, allowed_Bx1xLxS, None if cache is None else cache["layers"][i], index, key)
+      new_layers.append(lc)
+    if self.final_layer_norm is not None:
+      x_BxLxE = self.final_layer_norm(x_BxLxE)
+    if self.project_out is not None:
+      x_BxLxE = x_BxLxE @ self.project_out[...].astype(dt)
+    logits_BxLxV = jnp.einsum("blp,vp->blv", x_BxLxE, self.embed_tokens[...].astype(dt),
+                              preferred_element_type=jnp.float32)
+    if cache is None:
+      return logits_BxLxV
+    new_cache = {"layers": new_layers, "mask": key_valid_BxS, "index": index + l,
+                 "pos": start_B + mask_BxL.sum(axis=1).astype(jnp.int32)}
+    return logits_BxLxV, new_cache
+
+
+@functools.lru_cache(maxsize=None)
+def graphdef(cfg: OPTConfig):
+  return nnx.graphdef(nnx.eval_shape(lambda: OPT(cfg, nnx.Rngs(0))))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(cfg: OPTConfig, key) -> dict:
+  # Same distributions as OPT(cfg, rngs) builds, but one normal draw cut into every drawn tensor: XLA:CPU
+  # compiles each threefry draw of a distinct shape separately (~0.7 s apiece), so per-tensor draws made
+  # opt-125m's init (76 draws) a minute of compilation. The cost: a transient flat copy of the drawn params.
+  shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: OPT(cfg, nnx.Rngs(0))), nnx.Param))
+  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  names = [str(getattr(path[-1], "key", path[-1])) for path, _ in flat]
+  sizes = [leaf.size if n not in ("scale", "bias") else 0 for (_, leaf), n in zip(flat, names)]
+  draws = _normal(key, (sum(sizes),))
+  values, start = [], 0
+  for (_, leaf), n, size in zip(flat, names, sizes):
+    if size:
+      values.append(draws[start:start + size].reshape(leaf.shape))
+      start += size
+    else:
+      values.append(jnp.full(leaf.shape, 1.0 if n == "scale" else 0.0, jnp.float32))
+  params = jax.tree_util.tree_unflatten(treedef, values)
+  if 0 <= cfg.pad_token_id < cfg.vocab_size:
+    params["embed_tokens"] = params["embed_tokens"].at[cfg.pad_token_id].set(0.0)
+  return params
+
+
+def init_params(cfg: OPTConfig, key) -> dict:
+  """OPT's init (HF's _init_weights): kernels and embeddings N(0, 0.02), the pad row of the token table 0,
+  biases 0, LayerNorm scales 1. The same distributions as OPT(cfg, nnx.Rngs(key)), not the same values."""
+  validate(cfg)
+  return _init(cfg, key)
+
+
+def init_cache(cfg: OPTConfig, batch: int, max_len: int) -> dict:
+  """Preallocated K/V per layer ([batch, max_len, heads, head_dim] in the compute dtype), the key mask of the
+  slots written so far, the write index, and per row the number of real tokens seen (the next position)."""
+  validate(cfg)
+  if max_len > cfg.max_position_embeddings:
+    raise ConfigError(f"cache max_len={max_len} exceeds OPTConfig.max_position_embeddings="
+                      f"{cfg.max_position_embeddings}")
+  shape = (batch, max_len, cfg.num_heads, cfg.head_dim)
+  dt = DTYPES[cfg.dtype]
+  return {"layers": [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.num_layers)],
+          "mask": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32),
+          "pos": jnp.zeros((batch,), jnp.int32)}
+
+
+def apply(cfg: OPTConfig, params, ids_BxL, mask_BxL, *, deterministic=True, dropout_key=None,
+          positions_BxL=None, cache=None):
+  """Logits [B, L, vocab] in float32; with a cache, (logits, new_cache), the new tokens written at its index."""
+  validate(cfg)
+  if ids_BxL.ndim != 2 or mask_BxL.shape != ids_BxL.shape:
+    raise ConfigError(f"ids_BxL {ids_BxL.shape} must be 2-D with mask_BxL of the same shape, got {mask_BxL.shape}")
+  if positions_BxL is not None and positions_BxL.shape != ids_BxL.shape:
+    raise ConfigError(f"positions_BxL {positions_BxL.shape} must have ids_BxL's shape {ids_BxL.shape}")
+  limit = cfg.max_position_embeddings if cache is None else cache["mask"].shape[1]
+  if ids_BxL.shape[1] > limit:
+    raise ConfigError(f"ids_BxL length {ids_BxL.shape[1]} exceeds {'max_position_embeddings' if cache is None else 'the cache length'} {limit}")
+  if not deterministic and dropout_key is None and (cfg.dropout > 0 or cfg.attention_dropout > 0):
+    raise ConfigError("apply(deterministic=False) needs a dropout_key")
+  model = nnx.merge(graphdef(cfg), params)
+  return model(ids_BxL, mask_BxL, positions_BxL, cache, None if deterministic else dropout_key)
+
+
+_AXES = {
+    "embed_positions": ("position", "embed"), "project_in": ("proj", "embed"), "project_out": ("embed", "proj"),
+    ("q_proj", "kernel"): ("embed", "heads", "kv"), ("q_proj", "bias"): ("heads", "kv"),
+    ("out_proj", "kernel"): ("heads", "kv", "embed"), ("out_proj", "bias"): ("embed",),
+    ("fc1", "kernel"): ("embed", "mlp"), ("fc1", "bias"): ("mlp",),
+    ("fc2", "kernel"): ("mlp", "embed"), ("fc2", "bias"): ("embed",),
+    "scale": ("embed",), "bias": ("embed",),
+}
+for _n in ("k_proj", "v_proj"):
+  _AXES[(_n, "kernel")], _AXES[(_n, "bias")] = _AXES[("q_proj", "kernel")], _AXES[("q_proj", "bias")]
+
+
+def logical_axes(params):
+  """Per parameter, one logical axis name per dimension. The token table's width is "embed" when it equals
+  the hidden size and "proj" when project_in/out map between them (opt-350m)."""
+  has_proj = "project_in" in params and params["project_in"] is not None
+
+  def axes(path, leaf):
+    names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    if names[-1] == "embed_tokens":
+      return ("vocab", "proj" if has_proj else "embed")
+    found = _AXES.get(tuple(names[-2:])) or _AXES.get(names[-1])
+    if found is None or len(found) != leaf.ndim:
+      raise ConfigError(f"no logical axes for parameter {'/'.join(names)} of shape {leaf.shape}")
+    return found
+
+  return jax.tree_util.tree_map_with_path(axes, params)
+
+
+def count_params(params) -> int:
+  return sum(int(leaf.size) for leaf in jax.tree.leaves(params))
+
+
+def flops_per_token(cfg: OPTConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward = 3 x forward), PaLM's appendix-B convention:
+
+    6 * N + 12 * num_layers * hidden_size * seq_len
+
+  N counts the weights that take part in matmuls: every layer's kernels, project_in/out, and the token table
+  once, as the tied LM head (its lookup is free). Biases, LayerNorms and the position table are left out (the
+  position lookup is free; biases and norms are O(hidden) per token). The attention term is full (not
+  causal-halved) attention: Q K^T and probs V are 2 * seq_len * hidden multiply-adds each per layer and token.
+  """
+  e, f, p = cfg.hidden_size, cfg.ffn_dim, cfg.word_embed_proj_dim
+  per_layer = 4 * e * e + 2 * e * f
+  n = cfg.num_layers * per_layer + cfg.vocab_size * p + (2 * e * p if p != e else 0)
+  return 6.0 * n + 12.0 * cfg.num_layers * e * seq_len
