@@ -33,6 +33,8 @@ class Experiment:
     family_cls = registry.family_class(cfg.family)
     family_cls.validate(cfg)
     self.cfg = cfg
+    if mesh is None and cfg.num_devices > len(jax.devices()):
+      raise ConfigError(f"config.num_devices={cfg.num_devices} but only {len(jax.devices())} devices are visible")
     self.mesh = mesh or sharding.make_mesh(cfg.num_devices or None)
     self.family = family_cls(cfg, self.mesh)
     fam = self.family
@@ -262,7 +264,8 @@ def _storable(history: dict) -> dict:
 
 
 def _write_metrics(workdir, exp, history, upto):
-  lines = metrics_lib.jsonl_lines(history["metrics"], exp.stats, upto, exp.counts)
+  sizes = regimes.train_sizes(exp.spec, exp.counts)  # valid training rows, not M_g: accumulating regimes grow
+  lines = metrics_lib.jsonl_lines(history["metrics"], exp.stats, upto, sizes)
   metrics_lib.write_atomic(os.path.join(workdir, "metrics.jsonl"), "\n".join(lines) + "\n")
 
 

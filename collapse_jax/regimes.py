@@ -26,6 +26,9 @@ class Spec:
   train_size: int        # N: capacity of the training buffer handed to `fit`
   real_fraction: float
   subsample: int
+  # round(real_fraction * M_g) per generation, counted on the host: float32 on device rounds some products
+  # differently (0.3 * 95 is 28.4999... in float64 but 28.500001 in float32), which broke the documented count.
+  real_counts: tuple[int, ...] = ()
 
 
 def make_spec(cfg, n_real: int, counts: list[int]) -> Spec:
@@ -35,9 +38,19 @@ def make_spec(cfg, n_real: int, counts: list[int]) -> Spec:
   # The pool holds the real data and every generation's samples; one extra m_max block of slack keeps the
   # last write in bounds (dynamic_update_slice would otherwise clamp it back over valid entries).
   pool = n_real + sum(counts[1:]) + m_max if name.startswith("accumulate") else 0
+  # A subsample larger than the whole pool takes all of it (top_k cannot draw more rows than the pool has).
   train = {"replace": max(n_real, m_max), "real_fraction": max(n_real, m_max), "accumulate": pool,
-           "accumulate_subsample": subsample}[name]
-  return Spec(name, n_real, m_max, pool, train, float(cfg.regime.real_fraction), subsample)
+           "accumulate_subsample": min(subsample, pool)}[name]
+  f = float(cfg.regime.real_fraction)
+  return Spec(name, n_real, m_max, pool, train, f, subsample, tuple(round(f * m) for m in counts))
+
+
+def train_sizes(spec: Spec, counts: list[int]) -> list[int]:
+  """How many valid rows each generation's training set has (host side, for metrics.jsonl); counts[0] is R."""
+  if not spec.name.startswith("accumulate"):
+    return list(counts)
+  pool_n = [spec.n_real + sum(counts[1:g + 1]) for g in range(len(counts))]
+  return pool_n if spec.name == "accumulate" else [min(spec.train_size, n) for n in pool_n]
 
 
 def init(spec: Spec, real_RxS: jax.Array) -> dict:
@@ -72,7 +85,7 @@ def training_set(spec: Spec, data: dict, g, key, n_g) -> tuple[jax.Array, jax.Ar
     else:
       # A fresh random subset of the real data each generation (the paper's 10% "preserved" data), then
       # the previous generation's samples up to the training-set size.
-      k = jnp.round(spec.real_fraction * n_g).astype(jnp.int32)
+      k = jnp.asarray(spec.real_counts, jnp.int32)[g]
       j = jnp.arange(N)
       perm_R = jax.random.permutation(key, spec.n_real)
       from_real = data["real"][perm_R[jnp.minimum(j, spec.n_real - 1)]]

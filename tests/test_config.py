@@ -1,0 +1,102 @@
+"""Loop-level config: every validated field refused with its name (and its boundary value accepted, so an
+off-by-one bound fails too), and the sample-count schedules against hand-computed counts."""
+import jax
+import ml_collections
+import pytest
+
+from collapse_jax import config as config_lib, loop
+from collapse_jax.config import ConfigError
+from tests.helpers import load_config
+
+
+def _with(path: str, value, cfg=None):
+  """A base config with one field set to anything, even a value of another type (ml_collections would refuse
+  e.g. seed=1.5 on assignment; a config built from a dict, as a JSON-loaded one is, does not)."""
+  d = (cfg or config_lib.base_config()).to_dict()
+  node = d
+  *parents, leaf = path.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  return ml_collections.ConfigDict(d)
+
+
+BAD = [
+    ("generations", 0, "must be a positive integer"),
+    ("generations", True, "must be a positive integer"),
+    ("chains", 0, "must be a positive integer"),
+    ("checkpoint_every", 0, "must be a positive integer"),
+    ("checkpoint_every", 2.0, "must be a positive integer"),
+    ("keep_checkpoints", 1, "must be >= 2"),
+    ("keep_checkpoints", 0, "must be a positive integer"),
+    ("samples.n", 0, "must be a positive integer"),
+    ("num_devices", -1, "must be a non-negative integer"),
+    ("chain_batch", -1, "must be a non-negative integer"),
+    ("n_real", -1, "must be a non-negative integer"),
+    ("regime.subsample", -1, "must be a non-negative integer"),
+    ("snapshot_size", -1, "must be a non-negative integer"),
+    ("regime.name", "keep_all", "is not one of"),
+    ("regime.real_fraction", 1.0001, r"must be in \[0, 1\]"),
+    ("regime.real_fraction", -0.0001, r"must be in \[0, 1\]"),
+    ("regime.real_fraction", True, r"must be in \[0, 1\]"),
+    ("samples.schedule", "cubic", "is not one of"),
+    ("quantiles", (), r"must be in \[0, 1\]"),
+    ("quantiles", (0.5, 1.01), r"must be in \[0, 1\]"),
+    ("quantiles", (-0.01, 0.5), r"must be in \[0, 1\]"),
+    ("snapshot_generations", (3, -1), "must be non-negative"),
+    ("seed", 1.5, "must be an integer"),
+    ("seed", True, "must be an integer"),
+    ("seed", "3", "must be an integer"),
+]
+
+
+@pytest.mark.parametrize("path,value,msg", BAD, ids=[f"{p}={v!r}" for p, v, _ in BAD])
+def test_bad_field_is_refused_by_name(path, value, msg):
+  with pytest.raises(ConfigError, match=rf"config\.{path.replace('.', chr(92) + '.')}\b.*{msg}"):
+    config_lib.validate(_with(path, value))
+
+
+@pytest.mark.parametrize("schedule,growth", [("linear", -0.01), ("geometric", 0.99)])
+def test_bad_growth_is_refused_by_name(schedule, growth):
+  cfg = _with("samples.growth", growth, _with("samples.schedule", schedule))
+  with pytest.raises(ConfigError, match=rf"config\.samples\.growth must be >= {int(schedule == 'geometric')}"):
+    config_lib.validate(cfg)
+
+
+GOOD = [  # the boundary values each bound above must still accept
+    ("keep_checkpoints", 2), ("generations", 1), ("num_devices", 0), ("chain_batch", 0), ("n_real", 0),
+    ("regime.subsample", 0), ("snapshot_size", 0), ("regime.real_fraction", 0.0), ("regime.real_fraction", 1.0),
+    ("quantiles", (0.0, 1.0)), ("snapshot_generations", (0,)), ("seed", 0), ("seed", -7),
+    ("regime.name", "accumulate_subsample"),
+]
+
+
+@pytest.mark.parametrize("path,value", GOOD, ids=[f"{p}={v!r}" for p, v in GOOD])
+def test_boundary_value_is_accepted(path, value):
+  config_lib.validate(_with(path, value))
+
+
+@pytest.mark.parametrize("schedule,growth", [("linear", 0.0), ("geometric", 1.0)])
+def test_boundary_growth_is_accepted(schedule, growth):
+  config_lib.validate(_with("samples.growth", growth, _with("samples.schedule", schedule)))
+
+
+def test_num_devices_beyond_the_visible_ones_is_a_config_error():
+  n = len(jax.devices())
+  with pytest.raises(ConfigError, match=rf"config\.num_devices={n + 1} but only {n} devices"):
+    loop.Experiment(load_config("gaussian", "100", num_devices=n + 1))
+  assert loop.Experiment(load_config("gaussian", "100", num_devices=n)).mesh.devices.size == n  # no compile
+
+
+@pytest.mark.parametrize("schedule,growth,want", [
+    ("fixed", 3.0, [10, 10, 10, 10, 10]),          # growth is ignored by the fixed schedule
+    ("linear", 0.0, [10, 10, 10, 10, 10]),
+    ("linear", 2.4, [10, 12, 15, 17, 20]),         # 10 + 2.4 g = 10, 12.4, 14.8, 17.2, 19.6, rounded
+    ("geometric", 1.0, [10, 10, 10, 10, 10]),
+    ("geometric", 1.3, [10, 13, 17, 22, 29]),      # 10 * 1.3^g = 10, 13, 16.9, 21.97, 28.561
+    ("geometric", 2.0, [10, 20, 40, 80, 160]),
+])
+def test_sample_counts_by_hand(schedule, growth, want):
+  cfg = config_lib.base_config()
+  cfg.samples.n, cfg.samples.schedule, cfg.samples.growth, cfg.generations = 10, schedule, growth, 5
+  assert config_lib.sample_counts(cfg) == want
