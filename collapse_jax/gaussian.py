@@ -5,6 +5,8 @@ and the estimate collapses to a point while the mean random-walks away (the Wass
 Metrics per chain: |mu - mu_hat| (Euclidean), |sigma - sigma_hat| with sigma_hat = sqrt(tr(Sigma_hat)/d) (exactly
 the 1-D quantity), ||Sigma_hat - Sigma||_F, var_ratio = tr(Sigma_hat)/tr(Sigma), and W2 to the original.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -51,10 +53,14 @@ class GaussianFamily:
       raise ConfigError(f"config.gaussian.dim must be a positive integer, got {c.dim!r}")
     if c.estimator not in ESTIMATORS:
       raise ConfigError(f"config.gaussian.estimator={c.estimator!r} is not one of {', '.join(ESTIMATORS)}")
-    if not c.true_std > 0:
-      raise ConfigError(f"config.gaussian.true_std must be > 0, got {c.true_std!r}")
-    if c.estimator == "unbiased" and min(cfg.samples.n, cfg.n_real or cfg.samples.n) < 2:
-      raise ConfigError("config.samples.n must be >= 2 for the unbiased estimator")
+    if not (math.isfinite(c.true_std) and c.true_std > 0):
+      raise ConfigError(f"config.gaussian.true_std must be finite and > 0, got {c.true_std!r}")
+    if not math.isfinite(c.true_mean):
+      raise ConfigError(f"config.gaussian.true_mean must be finite, got {c.true_mean!r}")
+    # Name the field that is too small: generation 0 fits n_real real data, later ones samples.n.
+    for path, n in (("samples.n", cfg.samples.n), ("n_real", cfg.n_real or cfg.samples.n)):
+      if c.estimator == "unbiased" and n < 2:
+        raise ConfigError(f"config.{path} must be >= 2 for the unbiased estimator, got {n}")
 
   def __init__(self, cfg, mesh):
     c = cfg.gaussian
@@ -77,11 +83,11 @@ class GaussianFamily:
     mu_D, cov_DxD = fit_moments(x, w, self.unbiased)
     return {"mean": mu_D, "cov": cov_DxD}
 
-  def sample(self, model, n, key, shared):
+  def sample(self, model, n, key, shared, train=None):
     z_NxD = jax.random.normal(key, (n, self.dim))
     return model["mean"] + z_NxD @ psd_sqrt(model["cov"])
 
-  def evaluate(self, model, model0, aux, shared):
+  def evaluate(self, model, model0, aux, shared, train=None):
     mu, cov, d = model["mean"], model["cov"], self.dim
     return {
         "var_ratio": jnp.trace(cov) / (d * self.sigma0**2),

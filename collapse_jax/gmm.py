@@ -4,6 +4,7 @@ Metrics per chain: the closed-form L2 distance to generation 0's GMM (the paper'
 the smallest and largest component standard deviation sqrt(tr(cov_k)/D) (label-switching invariant), the whole
 mixture's standard deviation, the mean log-likelihood of held-out real data, and EM's iteration count.
 """
+import math
 import os
 
 import jax
@@ -35,12 +36,16 @@ class GMMFamily:
       if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ConfigError(f"config.gmm.{f} must be a positive integer, got {v!r}")
     for f in ("tol", "reg_covar"):
-      if not (isinstance(c[f], (int, float)) and c[f] >= 0):
-        raise ConfigError(f"config.gmm.{f} must be a non-negative number, got {c[f]!r}")
-    if not c.true_std > 0:
-      raise ConfigError(f"config.gmm.true_std must be > 0, got {c.true_std!r}")
-    if c.components > min(cfg.samples.n, cfg.n_real or cfg.samples.n):
-      raise ConfigError(f"config.gmm.components={c.components} exceeds the samples per generation")
+      if not (isinstance(c[f], (int, float)) and math.isfinite(c[f]) and c[f] >= 0):
+        raise ConfigError(f"config.gmm.{f} must be a finite non-negative number, got {c[f]!r}")
+    if not (math.isfinite(c.true_std) and c.true_std > 0):
+      raise ConfigError(f"config.gmm.true_std must be finite and > 0, got {c.true_std!r}")
+    if not math.isfinite(c.true_mean):
+      raise ConfigError(f"config.gmm.true_mean must be finite, got {c.true_mean!r}")
+    # Generation 0 fits n_real real data, later generations samples.n synthetic ones: name the one too small.
+    for path, n in (("samples.n", cfg.samples.n), ("n_real", cfg.n_real or cfg.samples.n)):
+      if c.components > n:
+        raise ConfigError(f"config.gmm.components={c.components} exceeds config.{path}={n}, the data per generation")
 
   def __init__(self, cfg, mesh):
     c = cfg.gmm
@@ -71,10 +76,10 @@ class GMMFamily:
     gmm, n_iter, converged, _ = em.fit(x, w, init, self.tol, self.max_iter, self.reg_covar)
     return {"gmm": gmm, "n_iter": jnp.asarray(n_iter, jnp.int32), "converged": jnp.asarray(converged)}
 
-  def sample(self, model, n, key, shared):
+  def sample(self, model, n, key, shared, train=None):
     return em.sample(model["gmm"], n, key)
 
-  def evaluate(self, model, model0, aux, shared):
+  def evaluate(self, model, model0, aux, shared, train=None):
     gmm = model["gmm"]
     comp_std_K = jnp.sqrt(jnp.trace(gmm.covs, axis1=-2, axis2=-1) / self.dim)
     _, cov_DxD = em.mixture_moments(gmm)

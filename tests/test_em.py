@@ -49,10 +49,11 @@ def _perturbed_init(g, seed):
   return em.GMM(weights=weights, means=g.means + rng.normal(size=g.means.shape), covs=g.covs * 1.5)
 
 
-def _sklearn_fit(x, init, tol, max_iter):
+def _sklearn_fit(x, init, tol, max_iter, reg_covar=1e-6):
   precisions = np.linalg.inv(np.asarray(init.covs, np.float64))
-  gm = GaussianMixture(len(init.weights), tol=tol, max_iter=max_iter, weights_init=np.asarray(init.weights),
-                       means_init=np.asarray(init.means), precisions_init=precisions)
+  gm = GaussianMixture(len(init.weights), tol=tol, max_iter=max_iter, reg_covar=reg_covar,
+                       weights_init=np.asarray(init.weights), means_init=np.asarray(init.means),
+                       precisions_init=precisions)
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', ConvergenceWarning)
     return gm.fit(x)
@@ -108,6 +109,26 @@ def test_default_tolerances_match_sklearn(tol):
   assert bool(converged) and sk.converged_
   assert abs(int(n_iter) - sk.n_iter_) <= 1
   _assert_gmm_close(ours, sk.weights_, sk.means_, sk.covariances_, atol=1e-3)
+
+
+def test_stopping_rule_matches_sklearn_iteration_counts(x64):
+  """Where the tolerance decides when EM stops (4, 25 and 74 iterations at tol 1e-2, 1e-4, 1e-6 on these data),
+  ours stops at exactly sklearn's iteration: the rule is |change of the mean log-likelihood| < tol, absolute,
+  checked after each E-step, the first change infinite. float64, so rounding cannot move a stop."""
+  g = _mixture(seed=80, k=3, d=2, sep=1.0)
+  x = _draw(g, _N, seed=81)
+  init = _perturbed_init(g, seed=82)
+  n_iters = []
+  for tol in (1e-2, 1e-4, 1e-6):
+    sk = _sklearn_fit(x, init, tol=tol, max_iter=500, reg_covar=1e-3)
+    ours, n_iter, converged, lb = _fit(jnp.asarray(x), jnp.ones(len(x)), _as_jax(init, jnp.float64), tol, 500,
+                                       1e-3)
+    assert sk.converged_ and bool(converged)
+    assert int(n_iter) == sk.n_iter_, tol
+    np.testing.assert_allclose(float(lb), sk.lower_bound_, rtol=1e-12)
+    _assert_gmm_close(ours, sk.weights_, sk.means_, sk.covariances_, atol=1e-9)
+    n_iters.append(int(n_iter))
+  assert n_iters[0] < n_iters[1] < n_iters[2]  # the test is void unless tol changes the stopping point
 
 
 def test_e_step_and_score_match_sklearn(x64):
