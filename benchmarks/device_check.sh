@@ -33,3 +33,5 @@ step conv_check env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest pyth
 # Long enough per call (32 batches of 256) that launch overheads do not dominate on a GPU.
 step vae_bench python3 benchmarks/vae_bench.py --torch-device auto --steps 32 --rounds 3
 step gmm_bench python3 benchmarks/gmm_bench.py --chains=4096 --generations=500 --sklearn_generations=20
+# The LM trainer at the OPT-125m shape (seq 64 x batch 256, seq 1024 x batch 16, bf16): tokens/s and MFU.
+step lm_bench python3 benchmarks/lm_bench.py --shape opt125m --steps 8 --rounds 3

@@ -1,0 +1,326 @@
+"""Fine-tuning an OPT language model on 64-token blocks, as the paper's main experiment does with OPT-125m on
+wikitext-2: AdamW (lr 2e-5) with cosine decay to 1e-6 over the run's steps, batch 128, 5 epochs, the model
+best on validation perplexity kept.
+
+Data: blocks of token ids `ids_NxL` (int) with an optional `mask_NxL` (1 = real token). They live on the device
+(wikitext-2's ~2.4M tokens are ~10 MB as int32), replicated; each batch is gathered from them and split over the
+mesh's batch axes. An epoch is one `lax.scan` over ceil(N / batch) steps in an order drawn by
+fold_in(shuffle key, epoch); the last batch's rows past N are masked (a DataLoader with drop_last=False: every
+block is seen once per epoch, the last step averages over fewer tokens).
+
+Loss: next-token cross-entropy (predict ids[1:] from ids[:-1], as HF's OPTForCausalLM with labels=input_ids),
+averaged over the batch's real tokens (a token counts where it and its predecessor are unmasked).
+
+Keys: the state carries one training key; the shuffle of epoch e is fold_in(fold_in(key, 0), e), the dropout of
+step s fold_in(fold_in(key, 1), s), so any step can be replayed alone.
+
+Sharding: parameters and Adam's moments are split over 'fsdp' by `sharding.param_shardings` (logical axes from
+the model), batches over ('data', 'fsdp'); on one device it is plain jit.
+"""
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from collapse_jax import sharding
+from collapse_jax.config import ConfigError
+from collapse_jax.models import opt as opt_model
+
+# Peak dense bf16 FLOP/s per chip by device_kind substring (first match wins, so the longer names come first).
+PEAK_FLOPS = (
+    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12),
+    ("TPU v6 lite", 918e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12), ("TPU v4", 275e12),
+)
+SHUFFLE, DROPOUT = 0, 1  # fold_in tags for the two key streams
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  lr: float = 2e-5             # the paper's AdamW learning rate (peak, after warmup)
+  end_lr: float = 1e-6         # cosine decay ends here at the run's last step
+  warmup_steps: int = 0        # linear warmup from 0; counted inside the cosine's total steps
+  weight_decay: float = 0.0    # decoupled (AdamW), on >= 2-D weights only (HF Trainer exempts biases and norms)
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  grad_clip: float = 0.0       # global-norm clipping; 0: off
+  batch_size: int = 128
+  epochs: int = 5
+  eval_batch: int = 128
+  peak_flops: float = 0.0      # per-device peak for MFU; 0: look up the device kind (CPU: MFU not reported)
+  verbose: bool = True
+
+
+class TrainState(NamedTuple):
+  step: jax.Array    # int32, optimizer steps taken
+  params: Any
+  opt_state: Any
+  key: jax.Array     # the run's training key (uint32[2]); per-step keys are folded from it
+
+
+# --- validation (host side, before anything is compiled) -------------------------------------------------------
+def _fail(field: str, want: str, value) -> None:
+  raise ConfigError(f"TrainConfig.{field} must be {want}, got {value!r}")
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def as_blocks(blocks, name: str = "blocks") -> dict:
+  """{'ids': int32[N, L], 'mask': int32[N, L]} on the host from an array of ids or a dict with 'ids' (and 'mask')."""
+  ids, mask = (blocks.get("ids"), blocks.get("mask")) if isinstance(blocks, dict) else (blocks, None)
+  ids = np.asarray(ids)
+  if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+    raise ConfigError(f"{name} must be an integer array [blocks, length], got {ids.dtype}{list(ids.shape)}")
+  mask = np.ones(ids.shape, np.int32) if mask is None else np.asarray(mask).astype(np.int32)
+  if mask.shape != ids.shape:
+    raise ConfigError(f"{name} mask has shape {list(mask.shape)}, its ids {list(ids.shape)}")
+  return {"ids": ids.astype(np.int32), "mask": mask}
+
+
+def steps_per_epoch(n_blocks: int, batch: int) -> int:
+  return -(-n_blocks // batch)
+
+
+def validate(tcfg: TrainConfig, model_cfg, train_blocks: dict, valid_blocks: dict, mesh) -> None:
+  """Raise ConfigError naming the field for anything that would fail (or silently mistrain) later."""
+  for f in ("batch_size", "epochs", "eval_batch"):
+    if not _is_int(getattr(tcfg, f)) or getattr(tcfg, f) < 1:
+      _fail(f, "a positive integer", getattr(tcfg, f))
+  for f in ("lr", "b1", "b2", "eps"):
+    if not _is_num(getattr(tcfg, f)) or not getattr(tcfg, f) > 0:
+      _fail(f, "> 0", getattr(tcfg, f))
+  for f in ("end_lr", "weight_decay", "grad_clip", "peak_flops"):
+    if not _is_num(getattr(tcfg, f)) or getattr(tcfg, f) < 0:
+      _fail(f, ">= 0", getattr(tcfg, f))
+  if not _is_int(tcfg.warmup_steps) or tcfg.warmup_steps < 0:
+    _fail("warmup_steps", "a non-negative integer", tcfg.warmup_steps)
+  shards = sharding.batch_shards(mesh)
+  for f in ("batch_size", "eval_batch"):
+    if getattr(tcfg, f) % shards:
+      _fail(f, f"a multiple of the {shards} batch shards ({' x '.join(sharding.batch_axes(mesh))})", getattr(tcfg, f))
+  for name, b in (("train_blocks", train_blocks), ("valid_blocks", valid_blocks)):
+    n, length = b["ids"].shape
+    if n == 0 or not b["mask"].any():
+      raise ConfigError(f"{name} is empty: no blocks (or all masked)")
+    if length < 2:
+      raise ConfigError(f"{name} blocks have length {length}; next-token prediction needs at least 2")
+    if length > model_cfg.max_position_embeddings:
+      raise ConfigError(f"{name} blocks have length {length} > model max_position_embeddings "
+                        f"{model_cfg.max_position_embeddings}")
+    lo, hi = int(b["ids"].min()), int(b["ids"].max())
+    if lo < 0 or hi >= model_cfg.vocab_size:
+      raise ConfigError(f"{name} holds token id {hi if hi >= model_cfg.vocab_size else lo} outside the model's "
+                        f"vocab_size {model_cfg.vocab_size} (tokenizer and model disagree)")
+  total = tcfg.epochs * steps_per_epoch(train_blocks["ids"].shape[0], tcfg.batch_size)
+  if tcfg.warmup_steps >= total:
+    _fail("warmup_steps", f"< the run's {total} steps", tcfg.warmup_steps)
+
+
+# --- optimizer ----------------------------------------------------------------------------------------------------
+def schedule(tcfg: TrainConfig, total_steps: int):
+  return optax.warmup_cosine_decay_schedule(0.0, tcfg.lr, tcfg.warmup_steps, total_steps, tcfg.end_lr)
+
+
+def make_optimizer(tcfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  adamw = optax.adamw(schedule(tcfg, total_steps), tcfg.b1, tcfg.b2, tcfg.eps, weight_decay=tcfg.weight_decay,
+                      mask=decay_mask)
+  return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), adamw) if tcfg.grad_clip > 0 else adamw
+
+
+# --- the pure steps -------------------------------------------------------------------------------------------------
+def token_nll(logits_BxLxV, ids_BxL, mask_BxL):
+  """(summed next-token NLL, number of predicted tokens) of a batch."""
+  logp_BxTxV = jax.nn.log_softmax(logits_BxLxV[:, :-1].astype(jnp.float32), axis=-1)
+  nll_BxT = -jnp.take_along_axis(logp_BxTxV, ids_BxL[:, 1:, None], axis=-1)[..., 0]
+  w_BxT = (mask_BxL[:, 1:] * mask_BxL[:, :-1]).astype(jnp.float32)
+  return jnp.sum(nll_BxT * w_BxT), jnp.sum(w_BxT)
+
+
+def _has_dropout(model_cfg) -> bool:
+  return model_cfg.dropout > 0 or model_cfg.attention_dropout > 0
+
+
+def train_step(state: TrainState, batch: dict, *, model_cfg, tx):
+  """One AdamW step on the batch's token-mean loss. Returns (state, metrics)."""
+  dropout_key = jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT), state.step)
+
+  def loss_fn(params):
+    logits = opt_model.apply(model_cfg, params, batch["ids"], batch["mask"], deterministic=not _has_dropout(model_cfg),
+                             dropout_key=dropout_key if _has_dropout(model_cfg) else None)
+    nll, count = token_nll(logits, batch["ids"], batch["mask"])
+    # An all-masked batch (possible only at an epoch's padded tail) gives zero gradients, not NaN.
+    return nll / jnp.maximum(count, 1.0), (nll, count)
+
+  (loss, (nll, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "nll": nll, "tokens": count, "grad_norm": optax.tree.norm(grads)}
+  return TrainState(state.step + 1, params, opt_state, state.key), metrics
+
+
+def eval_step(params, batch: dict, *, model_cfg):
+  """(summed NLL, predicted tokens) of one batch, no dropout."""
+  logits = opt_model.apply(model_cfg, params, batch["ids"], batch["mask"], deterministic=True)
+  return token_nll(logits, batch["ids"], batch["mask"])
+
+
+def _constrain(tree, shardings):
+  return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
+
+
+def train_epoch(state: TrainState, blocks: dict, epoch, *, model_cfg, tx, batch_size: int, batch_sharding=None,
+                state_shardings=None):
+  """One shuffled pass over `blocks` as a lax.scan of train_step; pure, so it can sit inside a bigger program.
+
+  Returns (state, {'loss': token-mean training loss of the epoch, 'tokens': predicted tokens}).
+  """
+  ids_NxL, mask_NxL = blocks["ids"], blocks["mask"]
+  n, B = ids_NxL.shape[0], batch_size
+  S = steps_per_epoch(n, B)
+  order = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(state.key, SHUFFLE), epoch), n)
+  order = jnp.pad(order, (0, S * B - n))
+  keep = (jnp.arange(S * B) < n).astype(mask_NxL.dtype)
+
+  def body(state, s):
+    idx_B = jax.lax.dynamic_slice_in_dim(order, s * B, B)
+    keep_B = jax.lax.dynamic_slice_in_dim(keep, s * B, B)
+    batch = _constrain({"ids": ids_NxL[idx_B], "mask": mask_NxL[idx_B] * keep_B[:, None]}, batch_sharding)
+    state, m = train_step(state, batch, model_cfg=model_cfg, tx=tx)
+    # Keeps FSDP placement of the carry through the scan instead of leaving it to propagation.
+    return _constrain(state, state_shardings), (m["nll"], m["tokens"])
+
+  state, (nll_S, tokens_S) = jax.lax.scan(body, state, jnp.arange(S))
+  return state, {"loss": jnp.sum(nll_S) / jnp.maximum(jnp.sum(tokens_S), 1.0), "tokens": jnp.sum(tokens_S)}
+
+
+def perplexity(params, blocks: dict, *, model_cfg, eval_batch: int, batch_sharding=None):
+  """Token-weighted perplexity exp(total NLL / predicted tokens) of `blocks`, in batches of `eval_batch`."""
+  ids_NxL, mask_NxL = blocks["ids"], blocks["mask"]
+  n = ids_NxL.shape[0]
+  # Never pad a small set far past its size; chunks stay whole multiples of the batch shards.
+  shards = 1 if batch_sharding is None else sharding.batch_shards(batch_sharding.mesh)
+  E = min(eval_batch, -(-n // shards) * shards)
+  C = -(-n // E)
+  pad = ((0, C * E - n), (0, 0))
+  ids_CxExL = jnp.pad(ids_NxL, pad).reshape(C, E, -1)
+  mask_CxExL = jnp.pad(mask_NxL, pad).reshape(C, E, -1)  # padded rows carry mask 0: they count for nothing
+
+  def body(acc, xs):
+    batch = _constrain({"ids": xs[0], "mask": xs[1]}, batch_sharding)
+    nll, count = eval_step(params, batch, model_cfg=model_cfg)
+    return (acc[0] + nll, acc[1] + count), None
+
+  (nll, count), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (ids_CxExL, mask_CxExL))
+  return jnp.exp(nll / jnp.maximum(count, 1.0))
+
+
+# --- throughput ---------------------------------------------------------------------------------------------------
+def peak_flops_per_device(device=None, override: float = 0.0) -> float | None:
+  if override:
+    return float(override)
+  kind = getattr(device or jax.devices()[0], "device_kind", "")
+  return next((f for name, f in PEAK_FLOPS if name.lower() in kind.lower()), None)
+
+
+def mfu(model_cfg, seq_len: int, tokens_per_s: float, n_devices: int, peak: float | None) -> float | None:
+  if not peak:
+    return None
+  # Training FLOPs per token, the model's flops_per_token: 6 * N + 12 * layers * hidden * seq_len. 6 * N: each
+  # matmul weight (N of them, the tied LM head included, lookups excluded) costs 2 FLOPs per token forward and 4
+  # backward; attention's Q K^T and probs V add 2 * seq_len * hidden multiply-adds each per layer and token
+  # forward, x3 with backward (full, not causal-halved, attention: PaLM's convention).
+  return opt_model.flops_per_token(model_cfg, seq_len) * tokens_per_s / (peak * n_devices)
+
+
+def _fmt_time(s: float) -> str:
+  s = int(s)
+  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# --- the host-side run ----------------------------------------------------------------------------------------------
+def setup(tcfg: TrainConfig, model_cfg, params, n_train: int, key, mesh):
+  """(state placed on the mesh, its shardings, optimizer) for a run of `n_train` blocks."""
+  tx = make_optimizer(tcfg, tcfg.epochs * steps_per_epoch(n_train, tcfg.batch_size))
+  rep = sharding.replicated(mesh)
+  p_sh = sharding.param_shardings(params, opt_model.logical_axes(params), mesh)
+  o_sh = sharding.opt_state_shardings(jax.eval_shape(tx.init, params), params, p_sh, mesh)
+  state_sh = TrainState(rep, p_sh, o_sh, rep)
+  key = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+  # A copy, not a view: the state is donated, and the caller's params must survive the run.
+  init = jax.jit(lambda p, k: TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, p), tx.init(p), k),
+                 out_shardings=state_sh)
+  return init(params, key), state_sh, tx
+
+
+def epoch_program(tcfg: TrainConfig, model_cfg, tx, state_sh, mesh):
+  """train_epoch jitted for the mesh: (state, blocks, epoch) -> (state, metrics), the state donated."""
+  rep = sharding.replicated(mesh)
+  fn = functools.partial(train_epoch, model_cfg=model_cfg, tx=tx, batch_size=tcfg.batch_size,
+                         batch_sharding=sharding.batch_sharding(mesh), state_shardings=state_sh)
+  return jax.jit(fn, in_shardings=(state_sh, rep, rep), out_shardings=(state_sh, rep), donate_argnums=0)
+
+
+def perplexity_program(tcfg: TrainConfig, model_cfg, params_sh, mesh):
+  rep = sharding.replicated(mesh)
+  fn = functools.partial(perplexity, model_cfg=model_cfg, eval_batch=tcfg.eval_batch,
+                         batch_sharding=sharding.batch_sharding(mesh))
+  return jax.jit(fn, in_shardings=(params_sh, rep), out_shardings=rep)
+
+
+def train(tcfg: TrainConfig, model_cfg, params, train_blocks, valid_blocks, key, mesh=None, log=print):
+  """Fine-tune `params`; returns (the params best on validation perplexity, history).
+
+  history: 'epochs' (per epoch: train_loss, valid_ppl, seconds, tokens_per_s, mfu), 'best_epoch' (1-based),
+  'best_valid_ppl', 'initial_valid_ppl', 'compile_s', 'steps_per_epoch'.
+  """
+  mesh = sharding.make_mesh_2d(1, 1) if mesh is None else mesh
+  train_b, valid_b = as_blocks(train_blocks, "train_blocks"), as_blocks(valid_blocks, "valid_blocks")
+  validate(tcfg, model_cfg, train_b, valid_b, mesh)
+  n, seq_len = train_b["ids"].shape
+  S = steps_per_epoch(n, tcfg.batch_size)
+  t0 = time.perf_counter()
+  state, state_sh, tx = setup(tcfg, model_cfg, params, n, key, mesh)
+  train_d, valid_d = jax.device_put((train_b, valid_b), sharding.replicated(mesh))
+  copy_fn = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=state_sh.params)
+  # Compiled ahead so the first epoch's rate is a rate, not a compile time.
+  epoch_fn = epoch_program(tcfg, model_cfg, tx, state_sh, mesh).lower(state, train_d, jnp.int32(0)).compile()
+  ppl_fn = perplexity_program(tcfg, model_cfg, state_sh.params, mesh).lower(state.params, valid_d).compile()
+  compile_s = time.perf_counter() - t0
+  peak = peak_flops_per_device(mesh.devices.flat[0], tcfg.peak_flops)
+  history = {"epochs": [], "initial_valid_ppl": float(ppl_fn(state.params, valid_d)), "compile_s": compile_s,
+             "steps_per_epoch": S, "best_epoch": 0, "best_valid_ppl": math.inf}
+  best, t_run = None, time.perf_counter()
+  for e in range(tcfg.epochs):
+    t = time.perf_counter()
+    state, m = epoch_fn(state, train_d, jnp.int32(e))
+    loss = float(m["loss"])  # waits for the epoch
+    dt = time.perf_counter() - t
+    ppl = float(ppl_fn(state.params, valid_d))
+    tok_s = n * seq_len / dt
+    row = {"epoch": e + 1, "train_loss": loss, "valid_ppl": ppl, "seconds": dt, "tokens_per_s": tok_s,
+           "mfu": mfu(model_cfg, seq_len, tok_s, mesh.devices.size, peak)}
+    history["epochs"].append(row)
+    if ppl < history["best_valid_ppl"]:  # the paper's checkpoint rule: keep the epoch best on validation
+      best, history["best_epoch"], history["best_valid_ppl"] = copy_fn(state.params), e + 1, ppl
+    if tcfg.verbose:
+      eta = (time.perf_counter() - t_run) / (e + 1) * (tcfg.epochs - e - 1)
+      mfu_txt = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
+      log(f"[lm] epoch {e + 1}/{tcfg.epochs} ({100 * (e + 1) / tcfg.epochs:.0f}%)  train loss {loss:.4f}  "
+          f"valid ppl {ppl:.3f}{' (best)' if history['best_epoch'] == e + 1 else ''}  {tok_s:.4g} tok/s  "
+          f"MFU {mfu_txt}  ETA {_fmt_time(eta)}")
+  if best is None:  # every epoch's perplexity was NaN: hand back the last model rather than nothing
+    best, history["best_epoch"] = state.params, tcfg.epochs
+  return best, history

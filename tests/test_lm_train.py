@@ -1,0 +1,255 @@
+"""The LM trainer: loss and perplexity against hand computations, two AdamW steps against a hand-run of the update,
+the epoch's shuffle and remainder, learning on a Markov source (fp32 and bf16), best-on-validation selection, and
+bad input refused before compilation. A tiny OPT on tiny corpora, one device (the sharded runs: test_sharding.py).
+"""
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from collapse_jax import lm_train, sharding
+from collapse_jax.config import ConfigError
+from collapse_jax.models import opt
+
+V = 32
+
+
+def _cfg(**kw):
+  base = dict(vocab_size=V, hidden_size=32, num_heads=2, ffn_dim=64, max_position_embeddings=16, dropout=0.0,
+              dtype="float32")
+  return opt.get_size("tiny", **{**base, **kw})
+
+
+def _transitions(strength: float, skew: float = 0.0) -> np.ndarray:
+  """Row a: most mass on one successor (a * 5 + 3) % V, a little on every token, `skew` extra on tokens 0-3."""
+  T = np.full((V, V), 0.02)
+  T[np.arange(V), (np.arange(V) * 5 + 3) % V] += strength
+  T[:, :4] += skew
+  return T / T.sum(1, keepdims=True)
+
+
+def _chain(T, n, length, rng) -> np.ndarray:
+  x = np.zeros((n, length), np.int32)
+  x[:, 0] = rng.integers(0, V, n)
+  for t in range(1, length):
+    cdf = np.cumsum(T[x[:, t - 1]], axis=1)
+    x[:, t] = np.minimum((rng.random(n)[:, None] > cdf).sum(1), V - 1)
+  return x
+
+
+def _hand_nll(logits_BxLxV, ids_BxL, mask_BxL):
+  """Summed next-token NLL and count, written independently: position t predicts ids[t + 1]."""
+  nll, count = 0.0, 0.0
+  for t in range(ids_BxL.shape[1] - 1):
+    lse_B = jax.scipy.special.logsumexp(logits_BxLxV[:, t], axis=-1)
+    picked_B = jnp.take_along_axis(logits_BxLxV[:, t], ids_BxL[:, t + 1, None], axis=-1)[:, 0]
+    w_B = mask_BxL[:, t] * mask_BxL[:, t + 1]
+    nll, count = nll + jnp.sum((lse_B - picked_B) * w_B), count + jnp.sum(w_B)
+  return nll, count
+
+
+# --- loss, perplexity, schedule -------------------------------------------------------------------------------------
+
+
+def test_token_nll_shift_and_mask():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(3, 6, V)), jnp.float32)
+  ids = jnp.asarray(rng.integers(0, V, (3, 6)), jnp.int32)
+  mask = jnp.ones((3, 6), jnp.int32).at[1, 4:].set(0).at[2, 0].set(0)
+  nll, count = lm_train.token_nll(logits, ids, mask)
+  want_nll, want_count = _hand_nll(logits, ids, mask)
+  assert float(count) == 15 - 2 - 1 == float(want_count)
+  np.testing.assert_allclose(nll, want_nll, rtol=1e-6)
+
+
+def test_perplexity_batched_equals_one_pass():
+  cfg = _cfg()
+  params = opt.init_params(cfg, jax.random.key(1))
+  blocks = lm_train.as_blocks(_chain(_transitions(3.0), 7, 8, np.random.default_rng(1)))
+  blocks["mask"][2, 6:] = 0
+  # 7 blocks in batches of 3: the third batch is padded with masked rows, which must count for nothing.
+  ppl = jax.jit(functools.partial(lm_train.perplexity, model_cfg=cfg, eval_batch=3))(params, blocks)
+  logits = jax.jit(functools.partial(opt.apply, cfg))(params, blocks["ids"], blocks["mask"])
+  nll, count = jax.jit(_hand_nll)(logits, blocks["ids"], blocks["mask"])
+  assert float(count) == 7 * 7 - 2
+  np.testing.assert_allclose(ppl, math.exp(float(nll) / float(count)), rtol=1e-5)
+
+
+def test_schedule_hand_values():
+  tcfg = lm_train.TrainConfig(lr=2e-5, end_lr=1e-6, warmup_steps=10)
+  s = lm_train.schedule(tcfg, 110)
+  assert float(s(0)) == 0.0
+  np.testing.assert_allclose(float(s(5)), 1e-5, rtol=1e-6)
+  for t in (10, 35, 60, 109, 110):
+    want = 1e-6 + (2e-5 - 1e-6) * 0.5 * (1 + math.cos(math.pi * (t - 10) / 100))
+    np.testing.assert_allclose(float(s(t)), want, rtol=1e-5)
+  assert lm_train.TrainConfig() == lm_train.TrainConfig(lr=2e-5, end_lr=1e-6, batch_size=128, epochs=5)
+
+
+# --- one step ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("weight_decay,clip", [(0.1, 0.0), (0.0, 0.05)])
+def test_two_steps_match_hand_adamw(weight_decay, clip):
+  cfg = _cfg()
+  params = opt.init_params(cfg, jax.random.key(2))
+  rng = np.random.default_rng(2)
+  batch = {"ids": jnp.asarray(rng.integers(0, V, (4, 8)), jnp.int32),
+           "mask": jnp.ones((4, 8), jnp.int32).at[3, 6:].set(0)}
+  # eps 1e-4, not 1e-8: Adam's step is lr * g / (|g| + eps), and where |g| is near a tiny eps the float32
+  # rounding of g (the jitted step's reductions vs the hand run's) would move an update by ~1e-3 of a step.
+  tcfg = lm_train.TrainConfig(lr=1e-2, end_lr=1e-3, weight_decay=weight_decay, grad_clip=clip, batch_size=4,
+                              epochs=2, eps=1e-4)
+  # 12 blocks in batches of 4 for 2 epochs: the cosine runs over 6 steps.
+  state, _, tx = lm_train.setup(tcfg, cfg, params, 12, jax.random.key(0), sharding.make_mesh_2d(1, 1))
+  step = jax.jit(functools.partial(lm_train.train_step, model_cfg=cfg, tx=tx))
+  state1, m1 = step(state, batch)
+  state2, _ = step(state1, batch)
+
+  @jax.jit
+  def loss(p):
+    nll, count = _hand_nll(opt.apply(cfg, p, batch["ids"], batch["mask"]), batch["ids"], batch["mask"])
+    return nll / count
+
+  b1, b2, eps = 0.9, 0.999, 1e-4
+  p = jax.tree.map(np.asarray, params)
+  mu = nu = jax.tree.map(np.zeros_like, p)
+  for t in range(2):
+    g = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.grad(loss)(jax.tree.map(jnp.asarray, p)))
+    if t == 0:
+      np.testing.assert_allclose(m1["loss"], loss(params), rtol=1e-6)
+    if clip:
+      norm = math.sqrt(sum(float(np.sum(x**2)) for x in jax.tree.leaves(g)))
+      g = jax.tree.map(lambda x: x * min(1.0, clip / norm), g)
+    lr = 1e-3 + (1e-2 - 1e-3) * 0.5 * (1 + math.cos(math.pi * t / 6))
+    mu = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, mu, g)
+    nu = jax.tree.map(lambda v, x: b2 * v + (1 - b2) * x**2, nu, g)
+    p = jax.tree.map(lambda w, m, v: w - lr * ((m / (1 - b1**(t + 1))) / (np.sqrt(v / (1 - b2**(t + 1))) + eps)
+                                                + (weight_decay * w if w.ndim >= 2 else 0.0)), p, mu, nu)
+  assert int(state2.step) == 2
+  for got, want in zip(jax.tree.leaves(state2.params), jax.tree.leaves(p)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # 1e-4 of a step (lr 1e-2)
+
+
+def test_dropout_key_follows_step():
+  cfg = _cfg(dropout=0.3)
+  params = opt.init_params(cfg, jax.random.key(3))
+  batch = {"ids": jnp.asarray(np.random.default_rng(3).integers(0, V, (4, 8)), jnp.int32),
+           "mask": jnp.ones((4, 8), jnp.int32)}
+  tcfg = lm_train.TrainConfig(lr=1e-3, batch_size=4, epochs=1)
+  state, _, tx = lm_train.setup(tcfg, cfg, params, 40, jax.random.key(0), sharding.make_mesh_2d(1, 1))
+  step = jax.jit(functools.partial(lm_train.train_step, model_cfg=cfg, tx=tx))
+  loss = lambda s: float(step(s, batch)[1]["loss"])
+  # Same state, same masks; the same state at another step count, other masks.
+  assert loss(state) == loss(state)
+  assert loss(state) != loss(state._replace(step=state.step + 1))
+
+
+# --- the epoch ------------------------------------------------------------------------------------------------------
+
+
+def test_epoch_sees_every_block_once_in_a_fresh_order(monkeypatch):
+  """train_step replaced by a recorder: the epoch's batching alone, no model."""
+  n, B = 10, 4  # 3 steps; the last batch holds 2 real blocks and 2 masked rows
+
+  def record(state, batch, *, model_cfg, tx):
+    seen_N, order_S = state.params
+    first_B = batch["ids"][:, 0]  # block i starts with token i
+    seen_N = seen_N.at[first_B].add(batch["mask"][:, 0])
+    order_S = jax.lax.dynamic_update_slice_in_dim(order_S, jnp.where(batch["mask"][:, 0] > 0, first_B, -1),
+                                                  state.step * B, 0)
+    return state._replace(step=state.step + 1, params=(seen_N, order_S)), {"nll": 0.0, "tokens": 1.0}
+
+  monkeypatch.setattr(lm_train, "train_step", record)
+  blocks = {"ids": jnp.tile(jnp.arange(n)[:, None], (1, 5)), "mask": jnp.ones((n, 5), jnp.int32)}
+  epoch = jax.jit(functools.partial(lm_train.train_epoch, model_cfg=None, tx=None, batch_size=B))
+
+  def run(e, key=0):
+    state = lm_train.TrainState(jnp.int32(0), (jnp.zeros(n, jnp.int32), jnp.zeros(12, jnp.int32)), None,
+                                jax.random.key_data(jax.random.key(key)))
+    seen, order = epoch(state, blocks, e)[0].params
+    return np.asarray(seen), np.asarray(order)
+
+  seen0, order0 = run(0)
+  np.testing.assert_array_equal(seen0, np.ones(n))
+  assert sorted(order0[order0 >= 0]) == list(range(n)) and (order0 < 0).sum() == 2
+  _, order1 = run(1)
+  assert not np.array_equal(order0, order1)                 # reshuffled each epoch
+  np.testing.assert_array_equal(run(0)[1], order0)          # by fold_in(key, epoch): reproducible
+  assert not np.array_equal(run(0, key=1)[1], order0)       # and by the run's key
+
+
+# --- learning and selection ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_learns_markov_source_below_unigram_bound(dtype):
+  rng = np.random.default_rng(4)
+  T = _transitions(3.0)
+  train_x, valid_x = _chain(T, 1024, 16, rng), _chain(T, 128, 16, rng)
+  # The unigram bound: validation perplexity of the training data's token frequencies (what any model that
+  # ignores context can reach, up to smoothing); the floor: the true source's perplexity on the same tokens.
+  freq = (np.bincount(train_x[:, 1:].ravel(), minlength=V) + 1.0) / (train_x[:, 1:].size + V)
+  unigram = math.exp(-np.mean(np.log(freq[valid_x[:, 1:]])))
+  floor = math.exp(-np.mean(np.log(T[valid_x[:, :-1], valid_x[:, 1:]])))
+  assert unigram > 3 * floor  # the source has strong bigram structure
+  cfg = _cfg(dtype=dtype)
+  tcfg = lm_train.TrainConfig(lr=3e-3, end_lr=1e-4, warmup_steps=10, batch_size=32, epochs=5, eval_batch=64,
+                              verbose=False)
+  _, h = lm_train.train(tcfg, cfg, opt.init_params(cfg, jax.random.key(5)), train_x, valid_x, jax.random.key(6))
+  assert h["steps_per_epoch"] == 32
+  ppl = h["best_valid_ppl"]
+  assert h["initial_valid_ppl"] > 0.8 * V  # an untrained model is near uniform
+  assert 0.95 * floor < ppl < 1.5 * floor < 0.25 * unigram, (floor, ppl, unigram)
+  assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in h["epochs"])  # CPU: no peak, no MFU
+
+
+def test_keeps_the_epoch_best_on_validation():
+  """Train on a Markov chain, validate on i.i.d. tokens with the same frequencies: the unigram is the best model
+  for validation, so its perplexity falls while the model learns token frequencies, then rises as it learns the
+  bigrams (epoch 3 best here, computed once and fixed by the seeds)."""
+  rng = np.random.default_rng(0)
+  T = _transitions(6.0, skew=0.6)
+  train_x = _chain(T, 256, 16, rng)
+  freq = np.bincount(train_x.ravel(), minlength=V) / train_x.size
+  valid_x = rng.choice(V, size=(64, 16), p=freq).astype(np.int32)
+  cfg = _cfg()
+  params0 = opt.init_params(cfg, jax.random.key(0))
+  tcfg = lm_train.TrainConfig(lr=1e-3, end_lr=1e-4, batch_size=32, epochs=6, eval_batch=64, verbose=False)
+  best, h = lm_train.train(tcfg, cfg, params0, train_x, valid_x, jax.random.key(1))
+  ppls = [r["valid_ppl"] for r in h["epochs"]]
+  assert h["best_epoch"] == 1 + int(np.argmin(ppls)) and 1 < h["best_epoch"] < tcfg.epochs, ppls
+  assert ppls[-1] > 1.03 * min(ppls)
+  ppl = lm_train.perplexity(best, lm_train.as_blocks(valid_x), model_cfg=cfg, eval_batch=64)
+  np.testing.assert_allclose(ppl, min(ppls), rtol=1e-5)
+  # The caller's params are not consumed by the donated training state.
+  fresh = opt.init_params(cfg, jax.random.key(0))
+  assert float(jnp.sum(params0["embed_tokens"])) == float(jnp.sum(fresh["embed_tokens"]))
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+
+_ok = np.ones((8, 8), np.int32)
+
+
+@pytest.mark.parametrize("change,blocks,match", [
+    (dict(batch_size=12), _ok, r"TrainConfig\.batch_size .*multiple of the 8 batch shards"),
+    (dict(eval_batch=4), _ok, r"TrainConfig\.eval_batch"),
+    (dict(lr=0.0), _ok, r"TrainConfig\.lr must be > 0"),
+    (dict(epochs=0), _ok, r"TrainConfig\.epochs"),
+    (dict(warmup_steps=2), _ok, r"TrainConfig\.warmup_steps must be < the run's 2 steps"),
+    (dict(grad_clip=-1.0), _ok, r"TrainConfig\.grad_clip"),
+    ({}, np.ones((0, 8), np.int32), r"train_blocks is empty"),
+    ({}, np.ones((8, 17), np.int32), r"train_blocks blocks have length 17 > model max_position_embeddings 16"),
+    ({}, np.full((8, 8), V, np.int32), r"train_blocks holds token id 32 outside the model's vocab_size 32"),
+    ({}, np.ones((8, 8), np.float32), r"train_blocks must be an integer array"),
+])
+def test_bad_input_refused_before_compiling(monkeypatch, change, blocks, match):
+  monkeypatch.setattr(lm_train, "setup", lambda *a, **k: pytest.fail("got past validation"))
+  tcfg = dataclasses.replace(lm_train.TrainConfig(batch_size=8, epochs=2, eval_batch=8), **change)
+  with pytest.raises(ConfigError, match=match):
+    lm_train.train(tcfg, _cfg(), {}, blocks, _ok, jax.random.key(0), sharding.make_mesh_2d(4, 2))
