@@ -216,11 +216,11 @@ class VAEFamily:
     out = jax.lax.map(lambda cs: fn(*map(self._batch, cs)), tuple(map(split, xs)))
     return jax.tree.map(lambda o: o.reshape((count * chunk,) + o.shape[2:])[:n], out)
 
-  def sample(self, model, n, key, shared):
+  def sample(self, model, n, key, shared, train=None):
     z_NxL = jax.random.normal(key, (n, vae_model.LATENT))
     return self._map_rows(lambda z_BxL: self._decode(model["params"], z_BxL), z_NxL)
 
-  def evaluate(self, model, model0, aux, shared):
+  def evaluate(self, model, model0, aux, shared, train=None):
     k_sample, k_elbo = jax.random.split(aux["eval_key"])
     # Latent means of this generation's images under the generation-0 encoder (a fixed yardstick).
     x_gen = self.sample(model, self.latent_eval_n, k_sample, shared)

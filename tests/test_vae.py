@@ -3,10 +3,13 @@
 Compiles are the cost here (tens of seconds each on 2 CPU cores), so each distinct program is compiled once per
 module (fixtures) and reused; training runs are a few small batches of the paper-size model.
 """
+import functools
+import math
 import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -105,35 +108,73 @@ def test_configs_validate():
 @pytest.mark.parametrize("field,value,match", [
     ("vae__batch_size", 0, r"config\.vae\.batch_size must be a positive integer, got 0"),
     ("vae__eval_batch", -8, r"config\.vae\.eval_batch must be a positive integer"),
+    ("vae__epochs", 0, r"config\.vae\.epochs must be a positive integer"),
+    ("vae__latent_eval_n", 2.0, r"config\.vae\.latent_eval_n must be a positive integer"),
     ("vae__limit", -1, r"config\.vae\.limit must be a non-negative integer"),
+    ("vae__limit", True, r"config\.vae\.limit must be a non-negative integer"),
     ("vae__data", "cifar", r"config\.vae\.data must be one of digits, idx, tfds"),
+    ("vae__data_dir", 3, r"config\.vae\.data_dir must be a string"),
+    ("vae__train_split", "validation", r"config\.vae\.train_split must be train or test"),
+    ("vae__test_split", "tests[:10]", r"config\.vae\.test_split must be train or test"),
     ("vae__lr", 0.0, r"config\.vae\.lr must be > 0"),
     ("vae__weight_decay", -1e-5, r"config\.vae\.weight_decay must be >= 0"),
+    ("vae__beta", -0.5, r"config\.vae\.beta must be >= 0"),
+    ("vae__beta", "1", r"config\.vae\.beta must be >= 0"),
+    ("vae__fresh_samples", 1, r"config\.vae\.fresh_samples must be True or False"),
     ("regime__name", "accumulate", r"config\.vae\.fresh_samples=True .* must be 'replace'"),
 ])
 def test_bad_vae_config_is_refused(field, value, match):
+  # Through a plain dict: a config file may hold any type, which ConfigDict overrides would refuse first.
+  d = _cfg().to_dict()
+  section, leaf = field.split("__")
+  d[section][leaf] = value
   with pytest.raises(ConfigError, match=match):
-    VAEFamily.validate(_cfg(**{field: value}))
+    VAEFamily.validate(ml_collections.ConfigDict(d))
 
 
-def test_batch_must_divide_over_devices():
-  with pytest.raises(ConfigError, match=r"config\.vae\.batch_size=30 must be a multiple of the 8 devices"):
-    VAEFamily(_cfg(vae__batch_size=30), sharding.make_mesh(8))
+def test_missing_vae_section_is_refused():
+  with pytest.raises(ConfigError, match=r"config\.vae is missing"):
+    VAEFamily.validate(load_config("gaussian"))
+
+
+def test_n_real_must_match_the_training_data(tmp_path):
+  # The quick config reads 64 training images; a run sized for 10 must stop before writing or compiling.
+  wd = tmp_path / "run"
+  with pytest.raises(ConfigError) as err:
+    loop.run(_cfg(n_real=10), str(wd))
+  msg = str(err.value)
+  assert msg.startswith("config.n_real=10 but") and "gives 64 training images" in msg and "\n" not in msg, msg
+  assert not (wd / "config.json").exists()
+  assert loop.Experiment(_cfg(n_real=64)).family.n_real == 64
+
+
+@pytest.mark.parametrize("field", ["batch_size", "eval_batch"])
+def test_batches_must_divide_over_devices(field):
+  with pytest.raises(ConfigError, match=rf"config\.vae\.{field}=30 must be a multiple of the 8 devices"):
+    VAEFamily(_cfg(**{f"vae__{field}": 30}), sharding.make_mesh(8))
 
 
 # --- one generation -----------------------------------------------------------------------------------------------
 
 
+# Off-default hyperparameters, so that a family ignoring any of them (e.g. Adam's default lr, beta = 1, weight
+# decay 1e-5) leaves the hand computations below; wd = 1 makes the L2 term comparable to the gradients.
+_HYPER = dict(vae__epochs=2, vae__beta=0.5, vae__lr=3e-3, vae__weight_decay=1.0)
+
+
 @pytest.fixture(scope="module")
 def fresh():
-  """The quick config (fresh samples per batch), 2 epochs, its jitted fit and evaluate, and generation 0."""
-  fam = VAEFamily(_cfg(vae__epochs=2), sharding.make_mesh(1))
+  """The quick config (fresh samples per batch) with _HYPER, its jitted fit and evaluate, and generation 0."""
+  cfg = _cfg(**_HYPER)
+  fam = VAEFamily(cfg, sharding.make_mesh(1))
   shared = jax.device_put(fam.shared())
   x, aux = fam.init_chain(jax.random.PRNGKey(0), shared)
   w = jnp.ones((x.shape[0],), jnp.float32)
   fit, evaluate = jax.jit(fam.fit), jax.jit(fam.evaluate)
-  model0 = fit(x, w, jax.random.PRNGKey(1), _zeros_model(fam, shared), jnp.int32(0), shared)
-  return dict(fam=fam, shared=shared, x=x, w=w, aux=aux, fit=fit, evaluate=evaluate, model0=model0)
+  # Zeros placed like fit's outputs, so that every fit call of this module shares one compilation.
+  zeros = jax.device_put(_zeros_model(fam, shared), jax.devices()[0])
+  model0 = fit(x, w, jax.random.PRNGKey(1), zeros, jnp.int32(0), shared)
+  return dict(cfg=cfg, fam=fam, shared=shared, x=x, w=w, aux=aux, fit=fit, evaluate=evaluate, model0=model0)
 
 
 def test_training_improves_test_elbo(fresh):
@@ -156,18 +197,131 @@ def test_fresh_samples_ignore_x_after_generation_0_and_compile_once(fresh):
   other = jnp.flip(x, axis=0) * 0.5
   k = jax.random.PRNGKey(7)
   g1 = fit(x, w, k, m0, jnp.int32(1), f["shared"])
-  # The fixture's call took a host-made zeros model (uncommitted arrays, another jit cache entry); from here on
-  # every argument is a device array like the loop's, and no g, key or data may add a compilation.
+  # No g, key, data or previous model may add a compilation.
   compiled = fit._cache_size()
   g1_other = fit(other, w, k, m0, jnp.int32(1), f["shared"])
   g0_other = fit(other, w, jax.random.PRNGKey(1), m0, jnp.int32(0), f["shared"])
   g2 = fit(x, w, jax.random.PRNGKey(8), g1, jnp.int32(2), f["shared"])
-  assert fit._cache_size() == compiled
+  assert fit._cache_size() == compiled == 1
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g1_other)):
     np.testing.assert_array_equal(a, b)
   # At generation 0 the buffer is the training data: other data, another model (the same key as model0's).
   assert float(g0_other["train_loss"]) != float(m0["train_loss"])
   assert np.isfinite(float(g2["train_loss"]))
+
+
+def _sigmoid(a):
+  return 1.0 / (1.0 + np.exp(-np.asarray(a, np.float64)))
+
+
+@functools.cache
+def _hand_loss_grad(fam, beta):
+  """Value and gradient of the loss summed over the rows given (cached: each batch size compiles once)."""
+  def loss(params, x_BxHxWxC, eps_BxL):
+    bce_B, kl_B = vae_model.per_example_loss(nnx.merge(fam.graphdef, params), x_BxHxWxC, eps_BxL)
+    return jnp.sum(bce_B) + beta * jnp.sum(kl_B)
+
+  return jax.jit(jax.value_and_grad(loss))
+
+
+def _hand_fit(c, fam, x_N, valid_N, key, prev_params, g):
+  """`fit` redone step by step from the config: the same keys (k_init, k_train -> epochs -> fold_in(s) ->
+  k_data, k_loss), each epoch's valid rows in the order of their uniform keys, ceil(n_valid / batch) steps, the
+  loss summed over only the valid rows of a batch, and PyTorch's Adam with coupled L2 written out in numpy.
+  Returns the final parameters (leaves) and the last epoch's loss per image."""
+  B, L, n_valid = c.batch_size, vae_model.LATENT, int(valid_N.sum())
+  k_init, k_train = jax.random.split(key)
+  p, treedef = jax.tree.flatten(jax.tree.map(np.asarray, fam.init_model(k_init, {})["params"]))
+  loss_grad = _hand_loss_grad(fam, c.beta)
+  m, v, t = [np.zeros(a.shape) for a in p], [np.zeros(a.shape) for a in p], 0
+  for k_epoch in jax.random.split(k_train, c.epochs):
+    k_perm, k_steps = jax.random.split(k_epoch)
+    order = [i for i in np.argsort(np.asarray(jax.random.uniform(k_perm, (len(x_N),)))) if valid_N[i]]
+    epoch_loss = 0.0
+    for s in range(math.ceil(n_valid / B)):
+      k_data, k_loss = jax.random.split(jax.random.fold_in(k_steps, s))
+      rows = order[s * B:(s + 1) * B]
+      eps = jax.random.normal(k_loss, (B, L))[:len(rows)]
+      if g == 0:
+        x_b = x_N[rows]
+      else:
+        decoder = nnx.merge(fam.graphdef, prev_params)
+        x_b = _sigmoid(decoder.decode_logits(jax.random.normal(k_data, (B, L))))[:len(rows)].astype(np.float32)
+      value, grads = loss_grad(jax.tree.unflatten(treedef, p), x_b, eps)
+      grads = jax.tree.leaves(grads)
+      epoch_loss, t = epoch_loss + float(value), t + 1
+      for i, (a, d) in enumerate(zip(p, grads)):
+        d = np.asarray(d, np.float64) + c.weight_decay * a
+        m[i] = 0.9 * m[i] + 0.1 * d
+        v[i] = 0.999 * v[i] + 0.001 * d * d
+        step = c.lr * (m[i] / (1 - 0.9**t)) / (np.sqrt(v[i] / (1 - 0.999**t)) + 1e-8)
+        p[i] = (a - step).astype(np.float32)
+  return p, epoch_loss / n_valid
+
+
+# g = 0 reads the buffer: 40 valid rows of 64 make two steps per epoch, the second with 8 valid rows of 32.
+# g = 1 decodes every batch from the previous model: 8 valid rows make one masked step, the second is skipped.
+@pytest.mark.parametrize("g,n_valid", [(0, 40), (1, 8)])
+def test_fit_matches_hand_adam_on_a_ragged_buffer(fresh, g, n_valid):
+  f = fresh
+  x = np.asarray(f["x"])
+  valid = np.zeros(len(x), bool)
+  valid[np.random.default_rng(g).choice(len(x), n_valid, replace=False)] = True
+  x = np.where(valid[:, None, None, None], x, 0.77).astype(np.float32)  # junk where w = 0
+  key = jax.random.PRNGKey(5)
+  got = f["fit"](jnp.asarray(x), jnp.asarray(valid, jnp.float32), key, f["model0"], jnp.int32(g), f["shared"])
+  want, want_loss = _hand_fit(f["cfg"].vae, f["fam"], x, valid, key, f["model0"]["params"], g)
+  np.testing.assert_allclose(got["train_loss"], want_loss, rtol=1e-4)
+  init = jax.tree.leaves(f["fam"].init_model(jax.random.split(key)[0], {})["params"])
+  # Compared as whole updates per tensor: float32 gradients round differently inside the compiled scan, and
+  # Adam divides by |gradient|, so single small-gradient weights may move apart. Measured: at most 2e-4 of an
+  # update's norm; beta 1, wd 0, decoupled wd or lr 1e-3 each move some tensor by over 15% of it.
+  for (path, a), b, a0 in zip(jax.tree_util.tree_leaves_with_path(got["params"]), want, init):
+    err = np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b - np.asarray(a0))
+    assert err < 1e-3, (jax.tree_util.keystr(path), err)
+
+
+def test_evaluate_metrics_match_hand_computation(fresh):
+  f = fresh
+  fam, aux, test_x = f["fam"], f["aux"], np.asarray(f["shared"]["test_x"])
+  # The current model: generation 0 with an informative posterior (training this short leaves it at the prior,
+  # mu ~ 0 and logvar ~ 0, where a wrong sigma = exp(logvar / 2) would not show).
+  params = jax.tree.map(np.asarray, f["model0"]["params"])
+  params["fc_mu"] = jax.tree.map(lambda a: 50 * a, params["fc_mu"])
+  params["fc_logvar"]["bias"] = params["fc_logvar"]["bias"] - 3.0
+  sharded = jax.tree.leaves(f["model0"])[0].sharding
+  model = {"params": jax.device_put(params, sharded), "train_loss": f["model0"]["train_loss"]}
+  # The generation-0 model differs from the current one, and its encoder's means (fc_mu scaled up) reach past
+  # the histogram's range, so the density's normalisation by all N x L means (not those in range) shows.
+  params0 = jax.tree.map(np.asarray, fam.init_model(jax.random.PRNGKey(11), {})["params"])
+  params0["fc_mu"] = jax.tree.map(lambda a: 160 * a, params0["fc_mu"])
+  params0 = jax.device_put(params0, sharded)
+  got = f["evaluate"](model, {"params": params0, "train_loss": model["train_loss"]}, aux, f["shared"])
+  k_sample, k_elbo = jax.random.split(aux["eval_key"])
+  current, gen0 = nnx.merge(fam.graphdef, model["params"]), nnx.merge(fam.graphdef, params0)
+  x_gen = _sigmoid(current.decode_logits(jax.random.normal(k_sample, (fam.latent_eval_n, vae_model.LATENT))))
+  mu0 = np.asarray(gen0.encode(jnp.asarray(x_gen, jnp.float32))[0], np.float64)
+  mu_current = np.asarray(current.encode(jnp.asarray(x_gen, jnp.float32))[0], np.float64)
+  assert abs(mu_current.std() - mu0.std()) > 0.5 * mu0.std() and np.mean(np.abs(mu0) > HIST_RANGE) > 0.05
+  np.testing.assert_allclose(got["latent_std"], mu0.std(), rtol=1e-4)
+  np.testing.assert_allclose(got["latent_mean"], mu0.mean(), atol=1e-4 * mu0.std())
+  width = 2 * HIST_RANGE / HIST_BINS
+  counts, _ = np.histogram(mu0.ravel(), HIST_BINS, (-HIST_RANGE, HIST_RANGE))
+  got_counts = np.asarray(got["latent_hist"], np.float64) * mu0.size * width
+  np.testing.assert_allclose(got_counts, np.round(got_counts), atol=1e-3)
+  # At most one mean on the other side of a bin edge: the compiled and eager encoders round differently.
+  assert np.abs(got_counts - counts).sum() <= 2 + 1e-3, (got_counts, counts)
+  # Test ELBO per image: one z = mu + sigma * eps per test image, Bernoulli log-likelihood and closed-form KL.
+  mu, logvar = (np.asarray(a, np.float64) for a in current.encode(jnp.asarray(test_x)))
+  z = mu + np.exp(0.5 * logvar) * np.asarray(jax.random.normal(k_elbo, mu.shape))
+  logits = np.asarray(current.decode_logits(jnp.asarray(z, jnp.float32)), np.float64).reshape(len(z), -1)
+  x = test_x.reshape(len(z), -1)
+  recon = np.mean(np.sum(np.logaddexp(0, logits) - x * logits, axis=1))
+  kl = np.mean(0.5 * np.sum(mu**2 + np.exp(logvar) - logvar - 1, axis=1))
+  np.testing.assert_allclose(got["test_recon"], recon, rtol=1e-4)
+  np.testing.assert_allclose(got["test_kl"], kl, rtol=1e-4)
+  np.testing.assert_allclose(got["test_elbo"], -(recon + kl), rtol=1e-4)
+  assert float(got["train_loss"]) == float(model["train_loss"])
 
 
 def test_dataset_mode_masks_invalid_rows_and_sample_is_chunk_invariant():
