@@ -152,7 +152,7 @@ class _Attention(nnx.Module):
     self.scaling = d**-0.5
     self.attention_dropout = cfg.attention_dropout
 
-  def __call__(self, x_BxLxE, allowed_Bx1xLxS, layer_cache, index, drop_key):
+  def __call__(self, x_BxLxE, allowed_Bx1xLxS, layer_cache, index, drop_key, prefix=None):
     dt = x_BxLxE.dtype
 
     def proj(p):
@@ -168,7 +168,10 @@ class _Attention(nnx.Module):
       v_BxLxHxD = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v_BxLxHxD.astype(layer_cache["v"].dtype),
                                                       index, axis=1)
       new_cache = {"k": k_BxLxHxD, "v": v_BxLxHxD}
-    if drop_key is not None and self.attention_dropout > 0.0:
+    if prefix is not None:
+      o_BxLxHxD = _attend_with_prefix(q_BxLxHxD, k_BxLxHxD.astype(dt), v_BxLxHxD.astype(dt), allowed_Bx1xLxS,
+                                      *prefix)
+    elif drop_key is not None and self.attention_dropout > 0.0:
       logits = jnp.einsum("blhd,bshd->bhls", q_BxLxHxD, k_BxLxHxD, preferred_element_type=jnp.float32)
       probs = jax.nn.softmax(jnp.where(allowed_Bx1xLxS, logits, -1e30), axis=-1)
       probs = _dropout(probs, self.attention_dropout, drop_key).astype(dt)
@@ -178,6 +181,23 @@ class _Attention(nnx.Module):
                                                mask=allowed_Bx1xLxS, scale=1.0)
     out = jnp.einsum("blhd,hde->ble", o_BxLxHxD, self.out_proj.kernel[...].astype(dt))
     return out + self.out_proj.bias[...].astype(dt), new_cache
+
+
+def _attend_with_prefix(q_BxLxHxD, k_BxSxHxD, v_BxSxHxD, allowed_Bx1xLxS, pk_GxPxHxD, pv_GxPxHxD, pvalid_GxP):
+  """Attention over a shared prefix (G prompts' keys/values, each read by B / G consecutive rows: beam search)
+  and each row's own cache, in one softmax. The prefix is read in place rather than copied to every row."""
+  dt = q_BxLxHxD.dtype
+  b, l, h, d = q_BxLxHxD.shape
+  g, p = pvalid_GxP.shape
+  q_GxRxLxHxD = q_BxLxHxD.reshape(g, b // g, l, h, d)
+  pre_GxRxHxLxP = jnp.einsum("grlhd,gphd->grhlp", q_GxRxLxHxD, pk_GxPxHxD.astype(dt),
+                             preferred_element_type=jnp.float32)
+  pre_BxHxLxP = jnp.where(pvalid_GxP[:, None, None, None, :], pre_GxRxHxLxP, -1e30).reshape(b, h, l, p)
+  own_BxHxLxS = jnp.einsum("blhd,bshd->bhls", q_BxLxHxD, k_BxSxHxD, preferred_element_type=jnp.float32)
+  own_BxHxLxS = jnp.where(allowed_Bx1xLxS, own_BxHxLxS, -1e30)
+  probs = jax.nn.softmax(jnp.concatenate([pre_BxHxLxP, own_BxHxLxS], axis=-1), axis=-1).astype(dt)
+  o_GxRxLxHxD = jnp.einsum("grhlp,gphd->grlhd", probs[..., :p].reshape(g, b // g, h, l, p), pv_GxPxHxD.astype(dt))
+  return o_GxRxLxHxD.reshape(b, l, h, d) + jnp.einsum("bhls,bshd->blhd", probs[..., p:], v_BxSxHxD)
 
 
 class _Block(nnx.Module):
@@ -191,11 +211,11 @@ class _Block(nnx.Module):
     self.pre_ln = cfg.do_layer_norm_before
     self.dropout = cfg.dropout
 
-  def __call__(self, x_BxLxE, allowed, layer_cache, index, key):
+  def __call__(self, x_BxLxE, allowed, layer_cache, index, key, prefix=None):
     dt = x_BxLxE.dtype
     keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
     h = self.self_attn_layer_norm(x_BxLxE) if self.pre_ln else x_BxLxE
-    h, new_cache = self.self_attn(h, allowed, layer_cache, index, keys[0])
+    h, new_cache = self.self_attn(h, allowed, layer_cache, index, keys[0], prefix)
     x_BxLxE = x_BxLxE + _dropout(h, self.dropout, keys[1])
     if not self.pre_ln:  # opt-350m: post-LN
       x_BxLxE = self.self_attn_layer_norm(x_BxLxE)
@@ -247,9 +267,12 @@ class OPT(nnx.Module):
       x = x @ self.project_in[...].astype(dt)
     x_BxLxE = x + self.embed_positions[...][positions_BxL + POS_OFFSET].astype(dt)
     new_layers = []
+    shared = None if cache is None else cache.get("prefix")
     for i, layer in enumerate(self.layers):
       key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-      x_BxLxE, lc = layer(x_BxLxE, allowed_Bx1xLxS, None if cache is None else cache["layers"][i], index, key)
+      prefix = None if shared is None else (shared["layers"][i]["k"], shared["layers"][i]["v"], shared["mask"])
+      x_BxLxE, lc = layer(x_BxLxE, allowed_Bx1xLxS, None if cache is None else cache["layers"][i], index, key,
+                          prefix)
       new_layers.append(lc)
     if self.final_layer_norm is not None:
       x_BxLxE = self.final_layer_norm(x_BxLxE)
@@ -261,6 +284,8 @@ class OPT(nnx.Module):
       return logits_BxLxV
     new_cache = {"layers": new_layers, "mask": key_valid_BxS, "index": index + l,
                  "pos": start_B + mask_BxL.sum(axis=1).astype(jnp.int32)}
+    if shared is not None:
+      new_cache["prefix"] = shared
     return logits_BxLxV, new_cache
 
 
@@ -311,6 +336,16 @@ def init_cache(cfg: OPTConfig, batch: int, max_len: int) -> dict:
   return {"layers": [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.num_layers)],
           "mask": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32),
           "pos": jnp.zeros((batch,), jnp.int32)}
+
+
+def share_prefix(cfg: OPTConfig, cache: dict, copies: int, max_len: int) -> dict:
+  """A cache for `copies` continuations of each prompt in a prefilled `cache` (beam search: rows b * copies + j):
+  the prompts' K/V stay once per prompt under "prefix", read in place by all their copies, and every copy gets
+  max_len fresh slots of its own. Reordering rows must leave "prefix" alone."""
+  fresh = init_cache(cfg, cache["mask"].shape[0] * copies, max_len)
+  fresh["pos"] = jnp.repeat(cache["pos"], copies)
+  fresh["prefix"] = {"layers": cache["layers"], "mask": cache["mask"]}
+  return fresh
 
 
 def apply(cfg: OPTConfig, params, ids_BxL, mask_BxL, *, deterministic=True, dropout_key=None,

@@ -1,0 +1,378 @@
+"""KV-cache decoding on device with Hugging Face `generate`'s semantics: greedy, sampling (temperature, top-k,
+top-p) and beam search (length penalty, early_stopping True / False / "never"), repetition penalty, min/max new
+tokens, EOS stopping, left-padded ragged prompts.
+
+One batch: one prefill of the prompts into a preallocated cache, then a `lax.while_loop` of one-token steps that
+exits once every row is done. A corpus: `decode_corpus` runs fixed batches through `lax.map` inside one compiled
+program, each batch split over the mesh's batch axes.
+
+The model enters as an `LM` (apply + cache constructor + a few ids), so a fake model of known distribution can
+stand in for OPT in tests. Caches are pytrees of batch-leading arrays plus scalars shared by every row; beam
+search expands a prompt cache to its beams and reorders rows through the LM's hooks, whose defaults copy the
+prompt's cache to every beam (`beam_cache`) and gather every batch-leading leaf (`reorder`). OPT's hooks
+(`opt_lm`) keep the prompt's K/V once per prompt, read in place by its beams (opt.share_prefix), so only the
+generated part of the cache is per beam and gathered each step.
+
+HF details kept on purpose (tests/fixtures/decode_hf.json checks them token for token):
+- the repetition penalty sees the prompt's real tokens (not its left pads, as transformers 5.x) and the tokens
+  generated so far; greedy/sampling penalise logits, beam search penalises log-softmax scores;
+- min_new_tokens sets EOS to -inf; sampling then applies temperature, top-k (ties with the k-th kept), top-p
+  (the smallest-probability tokens whose mass is <= 1 - top_p are dropped, the top token always kept);
+- beam search keeps 2K candidates per step, finished hypotheses enter only from the top K, and its -1e9
+  bookkeeping, length penalty (new tokens ** length_penalty) and early-stop heuristic are HF's.
+
+Keys: row i of a corpus draws with fold_in(key, i), and step t of that row with fold_in(row key, t), so a
+sample does not depend on the batch size, the batch a row lands in, or the mesh.
+"""
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from collapse_jax.config import ConfigError
+
+METHODS = ("greedy", "sample", "beam")
+NEG = -1.0e9  # HF's "never pick this" score in beam bookkeeping (added, not assigned, as HF does)
+ES_FALSE, ES_TRUE, ES_NEVER = 0, 1, 2  # early_stopping as a traced integer
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  method: str = "greedy"
+  max_new_tokens: int = 64
+  min_new_tokens: int = 0
+  num_beams: int = 1
+  temperature: float = 1.0
+  top_k: int = 0                 # 0: off
+  top_p: float = 1.0             # 1: off
+  repetition_penalty: float = 1.0
+  length_penalty: float = 1.0
+  early_stopping: bool | str = False
+
+  def validate(self, prompt_len: int | None = None, cache_len: int | None = None) -> None:
+    def bad(field, want):
+      raise ConfigError(f"DecodeConfig.{field}={getattr(self, field)!r}: {want}")
+
+    def is_int(v):
+      return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    def is_num(v):
+      return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if self.method not in METHODS:
+      bad("method", f"must be one of {', '.join(METHODS)}")
+    if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+      bad("max_new_tokens", "must be a positive integer")
+    if not is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
+      bad("min_new_tokens", f"must be an integer in [0, max_new_tokens={self.max_new_tokens}]")
+    if not is_int(self.num_beams) or self.num_beams < 1:
+      bad("num_beams", "must be an integer >= 1")
+    if not is_num(self.temperature) or self.temperature <= 0:
+      bad("temperature", "must be > 0")
+    if not is_int(self.top_k) or self.top_k < 0:
+      bad("top_k", "must be an integer >= 0 (0: off)")
+    if not is_num(self.top_p) or not 0 < self.top_p <= 1:
+      bad("top_p", "must be in (0, 1]")
+    if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
+      bad("repetition_penalty", "must be > 0 (1: off)")
+    if not is_num(self.length_penalty):
+      bad("length_penalty", "must be a finite number")
+    if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):
+      bad("early_stopping", "must be True, False or 'never'")
+    if prompt_len is not None and cache_len is not None and prompt_len + self.max_new_tokens > cache_len:
+      raise ConfigError(f"prompt length {prompt_len} + DecodeConfig.max_new_tokens={self.max_new_tokens} exceeds "
+                        f"the model's cache length {cache_len}")
+
+
+# The paper's LM experiment: every 64-token block continued by 64 new tokens, 5 beams, repetition penalty 3.
+PAPER = DecodeConfig(method="beam", max_new_tokens=64, min_new_tokens=64, num_beams=5, repetition_penalty=3.0)
+
+
+def _repeat_rows(cache, k: int):
+  return jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, k, axis=0), cache)
+
+
+def _gather_rows(cache, rows_R):
+  return jax.tree.map(lambda x: x if x.ndim == 0 else x[rows_R], cache)
+
+
+@dataclasses.dataclass(frozen=True)
+class LM:
+  """What decoding needs of a causal LM. apply(params, ids_BxL, mask_BxL, cache) -> (float32 logits_BxLxV,
+  cache) writes the L new tokens into the cache; init_cache(batch, length) preallocates one. beam_cache(prompt
+  cache, num_beams, new_tokens) -> the cache the beams step with (rows b * K + k); reorder(cache, rows_R) picks
+  rows after each beam step; with shares_prompt the prompt cache has the prompt's slots only. Instances are
+  jit-static: build them once (e.g. `opt_lm(cfg)` is cached)."""
+  apply: Callable
+  init_cache: Callable
+  vocab_size: int
+  max_len: int
+  eos_token_id: int | None
+  pad_token_id: int
+  beam_cache: Callable = lambda cache, k, new: _repeat_rows(cache, k)
+  reorder: Callable = _gather_rows
+  shares_prompt: bool = False  # beam_cache keeps the prompt's cache once per prompt: prefill only P slots
+
+
+@functools.lru_cache(maxsize=None)
+def opt_lm(cfg) -> LM:
+  """collapse_jax.models.opt as an LM (cached per OPTConfig, so jitted programs are reused)."""
+  from collapse_jax.models import opt
+
+  def reorder(cache, rows_R):  # the shared prompt part is per prompt, not per beam: never gathered
+    return dict(_gather_rows({k: v for k, v in cache.items() if k != "prefix"}, rows_R), prefix=cache["prefix"])
+
+  return LM(apply=lambda params, ids, mask, cache: opt.apply(cfg, params, ids, mask, cache=cache),
+            init_cache=functools.partial(opt.init_cache, cfg), vocab_size=cfg.vocab_size,
+            max_len=cfg.max_position_embeddings, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+            beam_cache=functools.partial(opt.share_prefix, cfg), reorder=reorder, shares_prompt=True)
+
+
+# --- logits processing (HF's LogitsProcessors, in HF's order) ---------------------------------------------------
+
+def _penalise(kn, scores_RxV, seen_RxV):
+  if seen_RxV is None:
+    return scores_RxV
+  p = kn["repetition_penalty"]
+  return jnp.where(seen_RxV, jnp.where(scores_RxV < 0, scores_RxV * p, scores_RxV / p), scores_RxV)
+
+
+def _ban_eos(kn, scores_RxV, step):
+  eos_1xV = jnp.arange(scores_RxV.shape[-1]) == kn["eos"]  # eos -1 (none) matches nothing
+  return jnp.where(eos_1xV & (step < kn["min_new_tokens"]), -jnp.inf, scores_RxV)
+
+
+def warp(cfg: DecodeConfig, kn, scores_RxV):
+  """Temperature, top-k, top-p (sampling only), as HF's warpers."""
+  scores_RxV = scores_RxV / kn["temperature"]
+  if 0 < cfg.top_k < scores_RxV.shape[-1]:
+    kth_Rx1 = jax.lax.top_k(scores_RxV, cfg.top_k)[0][..., -1:]
+    scores_RxV = jnp.where(scores_RxV < kth_Rx1, -jnp.inf, scores_RxV)
+  if cfg.top_p < 1.0:
+    asc_RxV = jnp.sort(scores_RxV, axis=-1)
+    cum_RxV = jnp.cumsum(jax.nn.softmax(asc_RxV, axis=-1), axis=-1)
+    # cum is non-decreasing, so the dropped tokens are a prefix of the ascending order; the top one never is.
+    dropped_Rx1 = jnp.minimum((cum_RxV <= 1.0 - kn["top_p"]).sum(-1, keepdims=True), asc_RxV.shape[-1] - 1)
+    floor_Rx1 = jnp.take_along_axis(asc_RxV, dropped_Rx1, axis=-1)
+    scores_RxV = jnp.where(scores_RxV < floor_Rx1, -jnp.inf, scores_RxV)
+  return scores_RxV
+
+
+def _seen(ids_BxL, mask_BxL, vocab: int):
+  """Tokens each row has seen (its real prompt tokens), for the repetition penalty."""
+  b = ids_BxL.shape[0]
+  where_BxL = jnp.where(mask_BxL > 0, ids_BxL, vocab)  # pads go to an extra column that is dropped
+  return jnp.zeros((b, vocab + 1), bool).at[jnp.arange(b)[:, None], where_BxL].set(True)[:, :vocab]
+
+
+def _mark(seen_RxV, tok_R):
+  return None if seen_RxV is None else seen_RxV.at[jnp.arange(tok_R.shape[0]), tok_R].set(True)
+
+
+# --- one batch ---------------------------------------------------------------------------------------------------
+
+def _prefill(lm: LM, cfg: DecodeConfig, params, ids_BxP, mask_BxP, slots: int):
+  b, p = ids_BxP.shape
+  cache = lm.init_cache(b, slots)
+  logits_BxPxV, cache = lm.apply(params, ids_BxP, mask_BxP, cache)
+  seen_BxV = _seen(ids_BxP, mask_BxP, lm.vocab_size) if cfg.repetition_penalty != 1.0 else None
+  return logits_BxPxV[:, -1].astype(jnp.float32), cache, seen_BxV  # left padding: the last slot is real
+
+
+def _sample_batch(lm: LM, cfg: DecodeConfig, kn, params, ids_BxP, mask_BxP, keys_B):
+  """Greedy or sampling. Finished rows (after EOS) emit pad_token_id, as HF."""
+  b, n = ids_BxP.shape[0], cfg.max_new_tokens
+  logits_BxV, cache, seen_BxV = _prefill(lm, cfg, params, ids_BxP, mask_BxP, ids_BxP.shape[1] + n)
+
+  def choose(t, logits_BxV, seen_BxV, done_B):
+    scores_BxV = _ban_eos(kn, _penalise(kn, logits_BxV, seen_BxV), t)
+    if cfg.method == "greedy":
+      tok_B = jnp.argmax(scores_BxV, axis=-1)
+    else:
+      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys_B)
+      tok_B = jax.vmap(jax.random.categorical)(step_keys, warp(cfg, kn, scores_BxV))
+    tok_B = jnp.where(done_B, lm.pad_token_id, tok_B).astype(jnp.int32)
+    return tok_B, _mark(seen_BxV, tok_B), done_B | (tok_B == kn["eos"])
+
+  out_BxN = jnp.full((b, n), lm.pad_token_id, jnp.int32)
+  tok_B, seen_BxV, done_B = choose(0, logits_BxV, seen_BxV, jnp.zeros((b,), bool))
+  state = (jnp.ones((), jnp.int32), tok_B, cache, seen_BxV, done_B, out_BxN.at[:, 0].set(tok_B))
+
+  def body(state):
+    t, tok_B, cache, seen_BxV, done_B, out_BxN = state
+    logits_Bx1xV, cache = lm.apply(params, tok_B[:, None], jnp.ones((b, 1), jnp.int32), cache)
+    tok_B, seen_BxV, done_B = choose(t, logits_Bx1xV[:, 0].astype(jnp.float32), seen_BxV, done_B)
+    return t + 1, tok_B, cache, seen_BxV, done_B, jax.lax.dynamic_update_slice(out_BxN, tok_B[:, None], (0, t))
+
+  state = jax.lax.while_loop(lambda s: (s[0] < n) & ~jnp.all(s[4]), body, state)
+  return {"tokens": state[-1], "scores": jnp.zeros((b,), jnp.float32)}
+
+
+def _take(x_BxK, idx_BxJ):
+  """x[b, idx[b, j]] for arrays of any trailing shape."""
+  return jax.vmap(lambda x, i: x[i])(x_BxK, idx_BxJ)
+
+
+def _beam_batch(lm: LM, cfg: DecodeConfig, kn, params, ids_BxP, mask_BxP):
+  """HF's beam search (do_sample=False), one step per loop iteration; returns the best finished hypothesis."""
+  b, k, n, v = ids_BxP.shape[0], cfg.num_beams, cfg.max_new_tokens, lm.vocab_size
+  lp, es = kn["length_penalty"], kn["early_stopping"]
+  p = ids_BxP.shape[1]
+  logits_BxV, cache, seen_BxV = _prefill(lm, cfg, params, ids_BxP, mask_BxP, p if lm.shares_prompt else p + n)
+  cache = lm.beam_cache(cache, k, n)
+  seen_RxV = None if seen_BxV is None else jnp.repeat(seen_BxV, k, axis=0)
+  logits_RxV = jnp.repeat(logits_BxV, k, axis=0)
+  top_k_mask_2K = jnp.arange(2 * k) < k  # only the best K candidates may become finished hypotheses
+
+  def step(t, logits_RxV, seen_RxV, s):
+    logp_RxV = _ban_eos(kn, _penalise(kn, jax.nn.log_softmax(logits_RxV, axis=-1), seen_RxV), t)
+    acc_BxKV = (logp_RxV.reshape(b, k, v) + s["run_score"][:, :, None]).reshape(b, k * v)
+    cand_score_Bx2K, cand_idx_Bx2K = jax.lax.top_k(acc_BxKV, 2 * k)
+    parent_Bx2K, tok_Bx2K = cand_idx_Bx2K // v, (cand_idx_Bx2K % v).astype(jnp.int32)
+    cand_seq_Bx2KxN = jax.lax.dynamic_update_slice(_take(s["run_seq"], parent_Bx2K), tok_Bx2K[:, :, None],
+                                                   (0, 0, t))
+    hits_Bx2K = (tok_Bx2K == kn["eos"]) | (t + 1 >= n)
+    # Running beams: the best K candidates that did not just stop.
+    run_cand_Bx2K = cand_score_Bx2K + hits_Bx2K.astype(jnp.float32) * NEG
+    keep_BxK = jax.lax.top_k(run_cand_Bx2K, k)[1]
+    # Finished hypotheses: merge the stopping top-K candidates (length-penalised) into the K kept so far.
+    did_Bx2K = hits_Bx2K & top_k_mask_2K
+    fin_cand_Bx2K = cand_score_Bx2K / ((t + 1).astype(jnp.float32) ** lp)
+    full_Bx1 = jnp.all(s["fin"], axis=-1, keepdims=True) & (es == ES_TRUE)
+    fin_cand_Bx2K += full_Bx1.astype(jnp.float32) * NEG
+    fin_cand_Bx2K += (~s["unsat"]).astype(jnp.float32)[:, None] * NEG
+    fin_cand_Bx2K += (~did_Bx2K).astype(jnp.float32) * NEG
+    merged_Bx3K = jnp.concatenate([s["fin_score"], fin_cand_Bx2K], axis=1)
+    best_BxK = jax.lax.top_k(merged_Bx3K, k)[1]
+    new = {
+        "run_seq": _take(cand_seq_Bx2KxN, keep_BxK), "run_score": _take(run_cand_Bx2K, keep_BxK),
+        "fin_seq": _take(jnp.concatenate([s["fin_seq"], cand_seq_Bx2KxN], axis=1), best_BxK),
+        "fin_score": _take(merged_Bx3K, best_BxK),
+        "fin": _take(jnp.concatenate([s["fin"], did_Bx2K], axis=1), best_BxK),
+    }
+    # HF's early-stop heuristic: can the best running beam still beat the worst finished one?
+    best_len = jnp.where((es == ES_NEVER) & (lp > 0), float(n), (t + 1).astype(jnp.float32))
+    best_run_Bx1 = new["run_score"][:, :1] / best_len**lp
+    worst_BxK = jnp.where(new["fin"], jnp.min(new["fin_score"], axis=1, keepdims=True), NEG)
+    new["unsat"] = s["unsat"] & jnp.any(best_run_Bx1 > worst_BxK, axis=-1)
+    go = jnp.any(new["unsat"]) & ~jnp.all(hits_Bx2K) & ~(jnp.all(new["fin"]) & (es == ES_TRUE))
+    rows_R = (jnp.arange(b)[:, None] * k + _take(parent_Bx2K, keep_BxK)).reshape(-1)
+    seen_RxV = None if seen_RxV is None else _mark(seen_RxV[rows_R], _take(tok_Bx2K, keep_BxK).reshape(-1))
+    return new, rows_R, seen_RxV, go
+
+  s = {"run_seq": jnp.full((b, k, n), lm.pad_token_id, jnp.int32),
+       "run_score": jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, NEG).astype(jnp.float32), (b, 1)),
+       "fin_seq": jnp.full((b, k, n), lm.pad_token_id, jnp.int32),
+       "fin_score": jnp.full((b, k), NEG, jnp.float32), "fin": jnp.zeros((b, k), bool),
+       "unsat": jnp.ones((b,), bool)}
+  s, rows_R, seen_RxV, go = step(jnp.zeros((), jnp.int32), logits_RxV, seen_RxV, s)
+  cache = lm.reorder(cache, rows_R)
+
+  def body(state):
+    t, s, cache, seen_RxV, _ = state
+    tok_R = s["run_seq"].reshape(b * k, n)[:, t - 1]
+    logits_Rx1xV, cache = lm.apply(params, tok_R[:, None], jnp.ones((b * k, 1), jnp.int32), cache)
+    s, rows_R, seen_RxV, go = step(t, logits_Rx1xV[:, 0].astype(jnp.float32), seen_RxV, s)
+    return t + 1, s, lm.reorder(cache, rows_R), seen_RxV, go
+
+  state = (jnp.ones((), jnp.int32), s, cache, seen_RxV, go)
+  state = jax.lax.while_loop(lambda st: (st[0] < n) & st[-1], body, state)
+  s = state[1]
+  return {"tokens": s["fin_seq"][:, 0], "scores": s["fin_score"][:, 0]}
+
+
+def knobs(lm: LM, cfg: DecodeConfig, eos_token_id: int | None | str = "model") -> dict:
+  """The values a compiled program takes as arguments (changing them does not recompile)."""
+  eos = lm.eos_token_id if eos_token_id == "model" else eos_token_id
+  return {"temperature": np.float32(cfg.temperature), "top_p": np.float32(cfg.top_p),
+          "repetition_penalty": np.float32(cfg.repetition_penalty), "length_penalty": np.float32(cfg.length_penalty),
+          "min_new_tokens": np.int32(cfg.min_new_tokens), "eos": np.int32(-1 if eos is None else eos),
+          "early_stopping": np.int32({False: ES_FALSE, True: ES_TRUE, "never": ES_NEVER}[cfg.early_stopping])}
+
+
+def static(cfg: DecodeConfig) -> DecodeConfig:
+  """cfg with its knobs at canonical values: what a compiled program depends on (method, lengths, beams, top-k,
+  and whether top-p and the repetition penalty are on at all)."""
+  return dataclasses.replace(cfg, temperature=1.0, top_p=0.5 if cfg.top_p < 1.0 else 1.0, min_new_tokens=0,
+                             repetition_penalty=2.0 if cfg.repetition_penalty != 1.0 else 1.0,
+                             length_penalty=1.0, early_stopping=False)
+
+
+def generate_batch(lm: LM, cfg: DecodeConfig, params, ids_BxP, mask_BxP, keys_B=None, kn=None):
+  """One batch, traceable (call inside jit): {"tokens": [B, max_new_tokens] int32, "scores": [B] (beam search:
+  HF's sequences_scores; else 0)}. keys_B: one key per row (sampling only); kn: `knobs(...)`, by default from
+  cfg and the LM's EOS. Prompts are left-padded."""
+  kn = knobs(lm, cfg) if kn is None else kn
+  cfg = static(cfg)
+  if cfg.method == "beam":
+    return _beam_batch(lm, cfg, kn, params, ids_BxP, mask_BxP)
+  return _sample_batch(lm, cfg, kn, params, ids_BxP, mask_BxP, keys_B)
+
+
+# --- a corpus ----------------------------------------------------------------------------------------------------
+
+def check(lm: LM, cfg: DecodeConfig, ids_NxP, mask_NxP, batch_size: int, mesh=None, key=None) -> None:
+  """Every ConfigError decode_corpus can raise, from shapes alone: nothing is traced or compiled."""
+  cfg.validate()
+  shape = getattr(ids_NxP, "shape", None)
+  if shape is None or len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
+    raise ConfigError(f"prompt ids must be a non-empty [rows, length] array, got shape {shape}")
+  if getattr(mask_NxP, "shape", None) != shape:
+    raise ConfigError(f"prompt mask shape {getattr(mask_NxP, 'shape', None)} must equal the ids' shape {shape}")
+  cfg.validate(prompt_len=shape[1], cache_len=lm.max_len)
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+  if mesh is not None:
+    from collapse_jax import sharding
+    if batch_size % sharding.batch_shards(mesh):
+      raise ConfigError(f"batch_size={batch_size} is not a multiple of the mesh's {sharding.batch_shards(mesh)} "
+                        "batch shards")
+  if cfg.method == "sample" and key is None:
+    raise ConfigError("DecodeConfig.method='sample' needs a key")
+
+
+@functools.lru_cache(maxsize=None)
+def _program(lm: LM, cfg: DecodeConfig, mesh):
+  constrain = lambda x: x  # noqa: E731
+  if mesh is not None:
+    from collapse_jax import sharding
+    constrain = functools.partial(jax.lax.with_sharding_constraint, shardings=sharding.batch_sharding(mesh))
+
+  def run(params, ids_MxBxP, mask_MxBxP, key, kn):
+    bs = ids_MxBxP.shape[1]
+
+    def one(args):
+      i, ids_BxP, mask_BxP = args
+      keys_B = jax.vmap(lambda r: jax.random.fold_in(key, r))(i * bs + jnp.arange(bs))
+      out = generate_batch(lm, cfg, params, constrain(ids_BxP), constrain(mask_BxP), keys_B, kn)
+      return jax.tree.map(constrain, out)
+
+    return jax.lax.map(one, (jnp.arange(ids_MxBxP.shape[0]), ids_MxBxP, mask_MxBxP))
+
+  return jax.jit(run)
+
+
+def decode_corpus(lm: LM, params, ids_NxP, mask_NxP, cfg: DecodeConfig, key=None, *, batch_size: int,
+                  mesh=None, eos_token_id: int | None | str = "model") -> dict:
+  """Every row of a left-padded corpus continued by cfg.max_new_tokens tokens in one compiled program: rows are
+  cut into batches of batch_size (the last one filled with empty rows), lax.map runs the batches, each split over
+  the mesh's batch axes; eos_token_id overrides the LM's (None: no EOS), as generate's argument. Returns
+  {"tokens": [N, max_new_tokens], "scores": [N]} on device."""
+  check(lm, cfg, ids_NxP, mask_NxP, batch_size, mesh, key)
+  n, p = ids_NxP.shape
+  m = -(-n // batch_size)
+  fill = m * batch_size - n
+  ids = jnp.pad(jnp.asarray(ids_NxP, jnp.int32), ((0, fill), (0, 0)), constant_values=lm.pad_token_id)
+  mask = jnp.pad(jnp.asarray(mask_NxP, jnp.int32), ((0, fill), (0, 0)))
+  ids, mask = ids.reshape(m, batch_size, p), mask.reshape(m, batch_size, p)
+  if mesh is not None:
+    from collapse_jax import sharding
+    where = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.batch_axes(mesh)))
+    ids, mask = jax.device_put(ids, where), jax.device_put(mask, where)
+  key = jax.random.key(0) if key is None else key
+  out = _program(lm, static(cfg), mesh)(params, ids, mask, key, knobs(lm, cfg, eos_token_id))
+  return jax.tree.map(lambda x: x.reshape(m * batch_size, *x.shape[2:])[:n], out)
