@@ -35,3 +35,5 @@ step vae_bench python3 benchmarks/vae_bench.py --torch-device auto --steps 32 --
 step gmm_bench python3 benchmarks/gmm_bench.py --chains=4096 --generations=500 --sklearn_generations=20
 # The LM trainer at the OPT-125m shape (seq 64 x batch 256, seq 1024 x batch 16, bf16): tokens/s and MFU.
 step lm_bench python3 benchmarks/lm_bench.py --shape opt125m --steps 8 --rounds 3
+# Decoding at the OPT-125m shape (64-token prompts, 64 new tokens): 5-beam search and sampling, new tokens/s.
+step decode_bench python3 benchmarks/decode_bench.py --shape opt125m --rows 1024 --batch 256 --hf --hf_batches 64,256
