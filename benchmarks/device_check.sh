@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# The accelerator checks in one call: versions, the VAE benchmark against PyTorch on the same GPU, the GMM
-# benchmark with many vmapped chains, and the GPU (native convolution) path checked against Flax's layers.
-# Made for the workplace's device tool (a bare GPU image with jax, flax, optax, orbax and torch but no
-# ml-collections, and no network). Here, once:
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl ml-collections==1.1.0
-# then run, carrying .whl, with a timeout that leaves room for a rerun (about 4 minutes of work):
-#   bash benchmarks/device_check.sh
-# On any other CUDA machine with the project installed it runs as it is. Output: a short log per step, also
-# written under $OUT (or ./device_check/) for the WORKSPACE results table.
+# The accelerator checks in one call: versions, the GPU (native convolution) path checked against Flax's layers,
+# the VAE benchmark against PyTorch on the same GPU, the GMM benchmark with many vmapped chains, and the LM
+# training and decoding benchmarks at the OPT-125m shape against HF transformers.
+#   bash benchmarks/device_check.sh              # every step (each capped at 240 s; ~10 minutes on an H100/H200)
+#   bash benchmarks/device_check.sh lm_bench decode_bench   # only the named steps
+# For a bare GPU image with jax, flax, optax, orbax and torch but no ml-collections and no network: download the
+# wheel once elsewhere (python3 -m pip download --no-deps --only-binary=:all: -d .whl ml-collections==1.1.0) and
+# copy .whl/ along; wheels found in .whl/ are installed first. Output: a short log per step, also written under
+# $OUT (or ./device_check/) for the WORKSPACE results table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+only=("$@")
 out=${OUT:-device_check}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -20,6 +21,7 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
 step() {  # name, command...: run one step with its own time limit; a failure does not stop the others
   local name=$1; shift
+  if [ ${#only[@]} -gt 0 ] && [[ ! " ${only[*]} " == *" $name "* ]]; then return; fi
   echo "== $name"
   timeout 240 "$@" 2>&1 | tee "$out/$name.txt" | grep -v "^WARNING\|^I0000\|^W0000" | tail -n 12
   echo "== $name: exit ${PIPESTATUS[0]}"

@@ -1,4 +1,4 @@
-"""8 simulated CPU devices for the whole session, so sharded and single-device runs can be compared in-process.
+"""8 simulated CPU devices for the whole test run, so sharded and single-device runs can be compared in-process.
 Must run before JAX is imported anywhere."""
 import os
 
