@@ -48,3 +48,19 @@ def sigkill_then_resume(tmp_path, args, min_checkpoints: int = 1, timeout: float
   assert again.returncode == 0, again.stdout + again.stderr
   assert "resuming" in again.stdout
   return read_jsonl(str(tmp_path / "ref" / "metrics.jsonl")), read_jsonl(str(wd / "metrics.jsonl")), done
+
+
+def refused_before_compilation(tmp_path, monkeypatch, cfg, match):
+  """loop.run refuses `cfg` with a ConfigError matching `match` before anything is jitted or checkpointed."""
+  import jax
+  import pytest
+  from collapse_jax import loop
+  from collapse_jax.config import ConfigError
+
+  def no_compile(*a, **k):
+    raise AssertionError("compiled before validating")
+
+  monkeypatch.setattr(jax, "jit", no_compile)
+  with pytest.raises(ConfigError, match=match):
+    loop.run(cfg, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")

@@ -8,9 +8,8 @@ import pytest
 from scipy import linalg
 
 from collapse_jax import gaussian, loop, registry
-from collapse_jax.config import ConfigError
 from collapse_jax.metrics import read_jsonl
-from tests.helpers import load_config
+from tests.helpers import load_config, refused_before_compilation
 
 
 def _family(**gauss):
@@ -212,22 +211,12 @@ _BAD = [
 @pytest.mark.parametrize("overrides,match", [b[1:] for b in _BAD], ids=[b[0] for b in _BAD])
 def test_bad_config_refused_before_compilation(tmp_path, monkeypatch, overrides, match):
   cfg = load_config("gaussian", "100", generations=2, chains=2, checkpoint_every=2, plots=False, **overrides)
-  _refused_before_compilation(tmp_path, monkeypatch, cfg, match)
+  refused_before_compilation(tmp_path, monkeypatch, cfg, match)
 
 
 def test_missing_section_refused_before_compilation(tmp_path, monkeypatch):
   cfg = load_config("gmm", "quick", family="gaussian", plots=False)
-  _refused_before_compilation(tmp_path, monkeypatch, cfg, r"config\.gaussian is missing")
-
-
-def _refused_before_compilation(tmp_path, monkeypatch, cfg, match):
-  def no_compile(*a, **k):
-    raise AssertionError("compiled before validating")
-
-  monkeypatch.setattr(jax, "jit", no_compile)
-  with pytest.raises(ConfigError, match=match):
-    loop.run(cfg, str(tmp_path / "run"))
-  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+  refused_before_compilation(tmp_path, monkeypatch, cfg, r"config\.gaussian is missing")
 
 
 def test_smallest_valid_settings_are_accepted():

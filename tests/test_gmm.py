@@ -14,8 +14,7 @@ from sklearn.mixture import GaussianMixture
 from sklearn.mixture._gaussian_mixture import _estimate_gaussian_parameters
 
 from collapse_jax import em, loop, registry
-from collapse_jax.config import ConfigError
-from tests.helpers import load_config
+from tests.helpers import load_config, refused_before_compilation
 
 
 def _quick(**kw):
@@ -243,19 +242,9 @@ _BAD += [("components", True, r"config\.gmm\.components must be a positive integ
          ("true_mean", float("nan"), r"config\.gmm\.true_mean must be finite")]
 
 
-def _refused_before_compilation(tmp_path, monkeypatch, cfg, match):
-  def no_compile(*a, **k):
-    raise AssertionError("compiled before validating")
-
-  monkeypatch.setattr(jax, "jit", no_compile)
-  with pytest.raises(ConfigError, match=match):
-    loop.run(cfg, str(tmp_path / "run"))
-  assert not os.path.exists(tmp_path / "run" / "checkpoints")
-
-
 @pytest.mark.parametrize("field,value,match", _BAD, ids=[f"{f}={v}" for f, v, _ in _BAD])
 def test_bad_field_refused_before_compilation(tmp_path, monkeypatch, field, value, match):
-  _refused_before_compilation(tmp_path, monkeypatch, _quick(**{f"gmm__{field}": value}), match)
+  refused_before_compilation(tmp_path, monkeypatch, _quick(**{f"gmm__{field}": value}), match)
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -264,7 +253,7 @@ def test_bad_field_refused_before_compilation(tmp_path, monkeypatch, field, valu
     (dict(family="gaussian"), r"config\.gaussian is missing"),
 ], ids=["samples", "n_real", "missing_section"])
 def test_bad_combination_refused_before_compilation(tmp_path, monkeypatch, overrides, match):
-  _refused_before_compilation(tmp_path, monkeypatch, _quick(**overrides), match)
+  refused_before_compilation(tmp_path, monkeypatch, _quick(**overrides), match)
 
 
 def test_boundary_settings_are_accepted():

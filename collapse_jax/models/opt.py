@@ -244,7 +244,7 @@ class OPT(nnx.Module):
     self.final_layer_norm = _Norm(e) if cfg.do_layer_norm_before else None
 
   def __call__(self, ids_BxL, mask_BxL, positions_BxL=None, cache=None, dropout_key=None):
-    cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
+    dt = DTYPES[self.cfg.dtype]
     b, l = ids_BxL.shape
     mask_BxL = mask_BxL.astype(jnp.int32)
     index = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
