@@ -10,6 +10,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from collapse_jax import config as config_lib
 from collapse_jax.config import ConfigError
 
 ESTIMATORS = ("mle", "unbiased")
@@ -68,6 +69,10 @@ class GaussianFamily:
     self.unbiased = c.estimator == "unbiased"
     self.datum_shape = (self.dim,)
     self.n_real = cfg.n_real or cfg.samples.n
+    self.n_chains = cfg.chains
+    counts = config_lib.sample_counts(cfg)
+    # The theory curve holds for the paper's recursion only: each generation fits the previous one's samples.
+    self.fit_sizes = [self.n_real] + counts[1:] if cfg.regime.name == "replace" else None
 
   def shared(self):
     return {}
@@ -98,4 +103,24 @@ class GaussianFamily:
     }
 
   def plot(self, workdir, metrics, arrays, snapshots):
-    pass  # the loop's metric-band figure is this experiment's figure
+    """var_ratio against generation with the theory curve E[sigma_hat^2_g] / sigma^2 (the paper's figure)."""
+    if self.fit_sizes is None or "var_ratio" not in metrics:
+      return
+    from collapse_jax import plots
+    label = "theory: 1 (unbiased)" if self.unbiased else "theory: prod (1 - 1/M_i)"
+    plots.metric_bands(workdir, self.name, {"var_ratio": metrics["var_ratio"]}, ("var_ratio",), self.n_chains,
+                       overlays={"var_ratio": (label, expected_var_ratio(self.fit_sizes, self.unbiased))},
+                       filename="gaussian_var_ratio.png")
+
+
+def expected_var_ratio(fit_sizes, unbiased: bool) -> list[float]:
+  """E[tr(Sigma_hat_g)] / tr(Sigma) after generations 0..g, generation i fitting fit_sizes[i] points.
+
+  Each MLE refit on M points scales the expected variance by (M - 1) / M (a scaled chi-square with M - 1
+  degrees of freedom, independent of the earlier fits given their variance), so the expectation is the product;
+  the unbiased estimator keeps it at 1 (while the variance itself still collapses almost surely)."""
+  out, r = [], 1.0
+  for m in fit_sizes:
+    r *= 1.0 if unbiased else (m - 1) / m
+    out.append(r)
+  return out

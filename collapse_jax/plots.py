@@ -9,8 +9,10 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 
 
-def metric_bands(workdir: str, name: str, by_stat: dict, order, n_chains: int) -> str:
-  """One panel per scalar metric: median line, 25-75% and 5-95% bands over chains (the paper's style)."""
+def metric_bands(workdir: str, name: str, by_stat: dict, order, n_chains: int, overlays: dict | None = None,
+                 filename: str | None = None) -> str:
+  """One panel per scalar metric: median line, 25-75% and 5-95% bands over chains (the paper's style).
+  `overlays` {metric: (label, values per generation)} draws a reference curve (e.g. theory) on that panel."""
   names = [m for m in order if m in by_stat] + [m for m in by_stat if m not in order]
   cols = min(3, len(names))
   rows = math.ceil(len(names) / cols)
@@ -26,6 +28,10 @@ def metric_bands(workdir: str, name: str, by_stat: dict, order, n_chains: int) -
             label="median" if n_chains > 1 else "value")
     if n_chains > 1:
       ax.plot(g, st["mean"], color="C1", lw=1, ls="--", label="mean")
+    if overlays and m in overlays:
+      label, ref = overlays[m]
+      ax.plot(g, np.asarray(ref)[:len(g)], color="k", lw=1.2, ls=":", label=label)
+      ax.legend(fontsize=8)
     ax.set_title(m)
     ax.set_xlabel("generation")
     ax.grid(alpha=0.3)
@@ -34,7 +40,7 @@ def metric_bands(workdir: str, name: str, by_stat: dict, order, n_chains: int) -
   axes.flat[0].legend(fontsize=8)
   fig.suptitle(f"{name}: {n_chains} chain{'s' if n_chains > 1 else ''}")
   fig.tight_layout()
-  path = os.path.join(workdir, "plots", f"{name}_metrics.png")
+  path = os.path.join(workdir, "plots", filename or f"{name}_metrics.png")
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path

@@ -4,7 +4,8 @@ Command (CPU is plenty; chains are vmapped and split over all devices):
   python -m collapse_jax.main --config=configs/gaussian.py:100 --workdir=runs/gauss100
 Variants via the argument: the sample size M per generation, one of 100, 500, 1000, 10000 (default 100).
 Expected result: var_ratio mean over chains tracks (1 - 1/M)^(g+1) (0.366 at g = 99 for M = 100) and W2 to
-the original grows; with --config.regime.name=accumulate the variance stays near 1.
+the original grows (plots/gaussian_var_ratio.png overlays the theory curve); with
+--config.regime.name=accumulate the variance stays near 1.
 """
 from collapse_jax.config import base_config
 

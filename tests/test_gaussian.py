@@ -223,3 +223,18 @@ def test_smallest_valid_settings_are_accepted():
   for overrides in (dict(gaussian__dim=1, gaussian__estimator="unbiased", samples__n=2, n_real=2),
                     dict(gaussian__true_std=1e-3, gaussian__true_mean=-5.0, samples__n=1)):
     registry.family_class("gaussian").validate(load_config("gaussian", "100", **overrides))
+
+
+def test_expected_var_ratio_and_theory_figure(tmp_path):
+  # Closed forms: (1 - 1/M)^(g+1) for a fixed M; a product over the generations' own sizes otherwise; 1 unbiased.
+  np.testing.assert_allclose(gaussian.expected_var_ratio([100] * 5, False), [(0.99) ** (g + 1) for g in range(5)])
+  np.testing.assert_allclose(gaussian.expected_var_ratio([4, 2, 5], False), [3 / 4, 3 / 8, 3 / 10])
+  assert gaussian.expected_var_ratio([4, 2, 5], True) == [1.0, 1.0, 1.0]
+  wd = tmp_path / "run"
+  loop.run(load_config("gaussian", "100", chains=16, generations=4, checkpoint_every=4, plots=True), str(wd))
+  assert (wd / "plots" / "gaussian_var_ratio.png").stat().st_size > 0
+  # Accumulating regimes have no such closed form: no theory figure.
+  wd2 = tmp_path / "acc"
+  loop.run(load_config("gaussian", "100", chains=16, generations=4, checkpoint_every=4, plots=True,
+                       regime__name="accumulate"), str(wd2))
+  assert not (wd2 / "plots" / "gaussian_var_ratio.png").exists()
