@@ -45,13 +45,38 @@ class Family(Protocol):
   def fit(self, x, w, key, prev_model, g, shared) -> PyTree:
     """One generation's learning on buffer (x, w). `prev_model` is generation g-1's model (zeros at g=0)."""
 
-  def sample(self, model, n: int, key, shared) -> jax.Array:
-    """n data from `model` (n static)."""
+  def sample(self, model, n: int, key, shared, train=None) -> jax.Array | tuple[jax.Array, dict]:
+    """n data from `model` (n static). `train` is this generation's training buffer (x, w): the LM continues
+    its blocks as prompts; families that sample unconditionally ignore it. May return (data, metrics): metrics
+    of the samples just made (the LM: n-gram rates of its generated corpus), merged into `evaluate`'s."""
 
-  def evaluate(self, model, model0, aux, shared) -> dict[str, jax.Array]:
-    """Metrics of `model` for one chain; `model0` is generation 0's model. Scalars are aggregated over chains
+  def evaluate(self, model, model0, aux, shared, train=None) -> dict[str, jax.Array]:
+    """Metrics of `model` for one chain; `model0` is generation 0's model; `train` (x, w) as in `sample` (the LM
+    scores its training blocks under model0). Scalars are aggregated over chains
     (mean, std, quantiles); arrays (e.g. a histogram) are kept per generation for chain 0."""
 
   def plot(self, workdir: str, metrics: dict, arrays: dict, snapshots: dict) -> None:
     """Family-specific figures into workdir/plots/: metrics {name: {stat: [G]}}, arrays {name: [G, ...]} (the
     non-scalar metrics, chain 0), snapshots {generation: chain 0's first snapshot_size samples}."""
+
+
+class Placement(Protocol):
+  """Optional methods of a single-chain family (vmap_chains False) that places its own arrays. The loop calls
+  each one only where the family defines it, so families without them keep the defaults (noted per method).
+  The LM uses all three: its initial, generation-0 and previous models are split over the 'fsdp' axis of its
+  ('data', 'fsdp') mesh instead of held whole on every device."""
+
+  @staticmethod
+  def make_mesh(cfg) -> jax.sharding.Mesh:
+    """The run's mesh from the config, before the family is built (it is the family's constructor argument).
+    Default: sharding.make_mesh(cfg.num_devices), the 1-D 'data' mesh. The mesh must have a 'data' axis (the
+    loop splits single-chain data buffers by rows over it); batch-sharded code should use
+    sharding.batch_axes(mesh) rather than assume one axis."""
+
+  def model_shardings(self, model_shapes: PyTree) -> PyTree:
+    """NamedShardings (same structure as `init_model`'s output, given as ShapeDtypeStructs) for the models the
+    loop carries, prev and model0; checkpoints restore onto them. Default: replicated."""
+
+  def shared_shardings(self, shared: PyTree) -> PyTree:
+    """NamedShardings for `shared()`'s host arrays, as they are put on the mesh and passed to the compiled
+    chunk. Default: replicated."""

@@ -4,7 +4,12 @@ Generation g: build the training set from the regime's buffers -> fit -> evaluat
 the buffers for g+1. A chunk of `checkpoint_every` generations is one compiled `lax.scan`; chains (independent
 replicas) are vmapped inside it and split over the device mesh, or, for single-chain families, the family shards
 its batches. After each chunk the carry and the history go to an Orbax checkpoint and metrics.jsonl is rewritten,
-so a killed run resumes from the last chunk and ends bit-identical to an uninterrupted one.
+so a killed run resumes from the last chunk and ends bit-identical to an uninterrupted one. A chunk whose
+metrics hold a NaN or infinity (any family's loss or metric) stops the run with a one-line NonFiniteError naming
+the generation and the metric, before that chunk is checkpointed or written to metrics.jsonl.
+
+Meshes and shardings: the 1-D 'data' mesh unless the family builds its own (`make_mesh`); a single-chain family
+may place its models and shared arrays (`model_shardings`, `shared_shardings`; the LM splits them over 'fsdp').
 
 Keys: chain c's key is fold_in(root, c); generation g's is fold_in(fold_in(chain, 0), g), so any generation of
 any chain can be recomputed on its own; its parts (mixing, fitting, sampling) fold in 0, 1, 2.
@@ -35,7 +40,9 @@ class Experiment:
     self.cfg = cfg
     if mesh is None and cfg.num_devices > len(jax.devices()):
       raise ConfigError(f"config.num_devices={cfg.num_devices} but only {len(jax.devices())} devices are visible")
-    self.mesh = mesh or sharding.make_mesh(cfg.num_devices or None)
+    # A family may build its own mesh (the LM: ('data', 'fsdp')); the default is the 1-D 'data' mesh.
+    make_mesh = getattr(family_cls, "make_mesh", None)
+    self.mesh = mesh or (make_mesh(cfg) if make_mesh else sharding.make_mesh(cfg.num_devices or None))
     self.family = family_cls(cfg, self.mesh)
     fam = self.family
     if not fam.vmap_chains and cfg.chains != 1:
@@ -75,8 +82,11 @@ class Experiment:
     x, w = regimes.training_set(spec, carry["data"], g, jax.random.fold_in(key, 0), counts[g])
     model = fam.fit(x, w, jax.random.fold_in(key, 1), carry["prev"], g, shared)
     model0 = jax.tree.map(lambda new, old: jnp.where(g == 0, new, old), model, carry["model0"])
-    metrics = fam.evaluate(model, model0, carry["aux"], shared)
-    samples = fam.sample(model, spec.m_max, jax.random.fold_in(key, 2), shared)
+    metrics = fam.evaluate(model, model0, carry["aux"], shared, train=(x, w))
+    samples = fam.sample(model, spec.m_max, jax.random.fold_in(key, 2), shared, train=(x, w))
+    if isinstance(samples, tuple):  # (samples, metrics of the samples): see Family.sample
+      samples, sample_metrics = samples
+      metrics = {**metrics, **sample_metrics}
     data = regimes.update(spec, carry["data"], samples, counts[g + 1])
     carry = dict(carry, data=data, prev=model, model0=model0)
     return carry, metrics, samples[:self.cfg.snapshot_size]
@@ -137,10 +147,20 @@ class Experiment:
     lead, rep = sharding.leading(self.mesh), sharding.replicated(self.mesh)
     if self.family.vmap_chains:
       return jax.tree.map(lambda _: lead, shapes)
-    size = self.mesh.devices.size
-    # Single chain: split the large data buffers by rows where they divide evenly; models stay replicated.
+    size = dict(self.mesh.shape)[sharding.AXIS]
+    # Single chain: split the large data buffers by rows over 'data' where they divide evenly; models are
+    # placed as the family says (Family.model_shardings; default replicated), the same for prev and model0.
     data = jax.tree.map(lambda s: lead if s.ndim >= 2 and s.shape[0] % size == 0 else rep, shapes["data"])
-    return dict(jax.tree.map(lambda _: rep, shapes), data=data)
+    placed = dict(jax.tree.map(lambda _: rep, shapes), data=data)
+    model_sh = getattr(self.family, "model_shardings", None)
+    if model_sh is not None:
+      placed["prev"], placed["model0"] = model_sh(shapes["prev"]), model_sh(shapes["model0"])
+    return placed
+
+  def shared_shardings(self, shared):
+    """Where `shared` lives: as the family says (Family.shared_shardings), else replicated."""
+    fn = getattr(self.family, "shared_shardings", None)
+    return fn(shared) if fn is not None else jax.tree.map(lambda _: sharding.replicated(self.mesh), shared)
 
   def chunk_fn(self, shared_shardings):
     if self._chunk is None:
@@ -176,13 +196,17 @@ def _fmt_time(s: float) -> str:
   return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def run(cfg, workdir: str, mesh=None, stop_after: int | None = None) -> dict:
+def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment: Experiment | None = None) -> dict:
   """Run (or resume) the experiment in `workdir`; returns the host-side history.
 
   `stop_after` ends the run early after the chunk that reaches that generation (tests use it to interrupt).
+  `experiment`: an Experiment of this same config whose compiled chunk is reused (several workdirs of one
+  config in one process, e.g. a test's uninterrupted and interrupted runs, pay one compilation).
   """
   config_lib.check_workdir(workdir)
-  exp = Experiment(cfg, mesh)
+  if experiment is not None and experiment.cfg.to_json_best_effort() != cfg.to_json_best_effort():
+    raise ValueError("run(experiment=...) must be an Experiment of the same config")
+  exp = experiment or Experiment(cfg, mesh)
   fam, G = exp.family, cfg.generations
   cfg_json = json.loads(cfg.to_json_best_effort())
   ckpts = checkpoint.Checkpoints(workdir, cfg.keep_checkpoints)
@@ -191,7 +215,7 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None) -> dict:
     metrics_lib.write_atomic(os.path.join(workdir, "config.json"), json.dumps(cfg_json, indent=2, sort_keys=True))
 
   shared_host = fam.shared()
-  shared_sh = jax.tree.map(lambda _: sharding.replicated(exp.mesh), shared_host)
+  shared_sh = exp.shared_shardings(shared_host)
   shared = jax.device_put(shared_host, shared_sh)
   carry_abstract = exp.carry_shapes(shared)
   chunk = exp.chunk_fn(shared_sh)
@@ -223,6 +247,13 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None) -> dict:
     e = min(s + L, G)
     carry, (scalars, arrays, snap) = chunk(carry, np.arange(s, e, dtype=np.int32), shared)
     scalars, arrays, snap = metrics_lib.to_host((scalars, arrays, snap))
+    bad = _first_non_finite(scalars, arrays, s)
+    if bad is not None:  # before any of the chunk is kept: the last one saved holds only good generations
+      ckpts.close()
+      g, name = bad
+      span = f"generation {s}" if e - s == 1 else f"generations {s}-{e - 1}"
+      raise NonFiniteError(f"generation {g}: metric {name!r} is not finite; stopped without checkpointing {span}, "
+                           f"so a rerun resumes at generation {s} from the last checkpoint")
     for k, v in scalars.items():
       history["metrics"][k][s:e] = v
     for k, v in arrays.items():
@@ -250,6 +281,26 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None) -> dict:
   if cfg.plots and jax.process_index() == 0:
     make_plots(workdir, exp, history)
   return history
+
+
+class NonFiniteError(ConfigError):
+  """A loss or metric became NaN or infinite. A ConfigError so that the CLI reports it as one line and exits 2
+  (main.py); the run's checkpoints end before the bad chunk."""
+
+
+def _first_non_finite(scalars: dict, arrays: dict, start: int):
+  """(generation, metric name) of the first non-finite float value in a chunk's host-side metrics, or None.
+  Every stat of a scalar metric counts (a NaN in one chain shows in the mean); integer arrays cannot be."""
+  found = None
+  for name, v in {**scalars, **arrays}.items():
+    if not np.issubdtype(v.dtype, np.floating) or not v.size:
+      continue
+    bad = ~np.isfinite(v.reshape(v.shape[0], -1)).all(axis=1)
+    if bad.any():
+      g = start + int(np.argmax(bad))
+      if found is None or g < found[0]:
+        found = (g, name)
+  return found
 
 
 def _storable(history: dict) -> dict:

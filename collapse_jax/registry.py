@@ -7,6 +7,7 @@ FAMILIES = {
     "gaussian": "collapse_jax.gaussian:GaussianFamily",
     "gmm": "collapse_jax.gmm:GMMFamily",
     "vae": "collapse_jax.vae:VAEFamily",
+    "lm": "collapse_jax.lm:LMFamily",
 }
 
 

@@ -211,10 +211,10 @@ class _Spy:
     b = jnp.where(t < 0, -t - 1, jnp.where(t > 0, self.n_real + t - 1, self.bins - 1)).astype(jnp.int32)
     return {"g": jnp.asarray(g, jnp.int32), "hist": jnp.zeros((self.bins,)).at[b].add(w), "n": w.sum()}
 
-  def sample(self, model, n, key, shared):
+  def sample(self, model, n, key, shared, train=None):
     return (1.0 + U_GEN * model["g"] + jnp.arange(n)).astype(jnp.float32)[:, None]
 
-  def evaluate(self, model, model0, aux, shared):
+  def evaluate(self, model, model0, aux, shared, train=None):
     return {"n_train": model["n"], "hist": model["hist"]}
 
   def plot(self, *a):

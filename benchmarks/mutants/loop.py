@@ -19,8 +19,8 @@ MET = "collapse_jax/metrics.py"
 MUTANTS = [
     # --- loop.py: keys ---
     Mutant(name="loop_fit_sample_keys_swapped", file=LOOP,
-           old="samples = fam.sample(model, spec.m_max, jax.random.fold_in(key, 2), shared)",
-           new="samples = fam.sample(model, spec.m_max, jax.random.fold_in(key, 1), shared)",
+           old="samples = fam.sample(model, spec.m_max, jax.random.fold_in(key, 2), shared, train=(x, w))",
+           new="samples = fam.sample(model, spec.m_max, jax.random.fold_in(key, 1), shared, train=(x, w))",
            tests=(_HAND,), why="sampling uses the fitting key"),
     Mutant(name="loop_generation_key_reuses_gen0", file=LOOP,
            old='key = jax.random.fold_in(jax.random.fold_in(carry["key"], 0), g)',

@@ -1,0 +1,71 @@
+"""Mutants of the LM family (collapse_jax/lm.py) and of the loop hooks it uses (collapse_jax/loop.py): prompts,
+what is handed on, best-on-validation, the start model, masking, every metric's model and data, the sharding
+hooks and the non-finite stop."""
+from benchmarks.mutants import Mutant
+
+_LM, _LOOP = "collapse_jax/lm.py", "collapse_jax/loop.py"
+_T = "tests/test_lm.py::"
+_CONT = _T + "test_each_generation_continues_its_own_training_blocks"
+_NUM = _T + "test_metrics_recomputed_in_numpy"
+_FIT = _T + "test_fit_starts_from_the_initial_model_keeps_the_best_epoch_and_ignores_rows_of_weight_0"
+_NGRAM = _T + "test_ngram_rates_match_python_sets"
+_NAN = _T + "test_nan_metric_stops_before_checkpointing_and_a_rerun_resumes"
+_EIGHT = _T + "test_eight_devices_agree_with_one_and_hold_models_fsdp_sharded"
+_WRITE = _T + "test_loop_writes_every_metric_figure_and_text_and_compiles_once"
+_BAD = _T + "test_bad_input_refused_before_compiling"
+
+MUTANTS = [
+    Mutant(name="lm_prompts_always_real", file=_LM,
+           old="in order\n      return x", new="in order\n      return shared[\"train\"]",
+           tests=(_CONT,), why="every generation continues the real blocks, not its own training set"),
+    Mutant(name="lm_hands_on_prompts", file=_LM,
+           old="return new_NxL, metrics", new="return prompts_NxL, metrics",
+           tests=(_CONT,), why="the prompts, not the new tokens, become the next generation's blocks"),
+    Mutant(name="lm_rep_penalty_ignored", file=_LM,
+           old="repetition_penalty=d.repetition_penalty,", new="repetition_penalty=1.0,",
+           tests=(_CONT,), why="config.lm.decode.repetition_penalty does not reach the decoder"),
+    Mutant(name="lm_keeps_last_epoch", file=_LM,
+           old='better = ppl < best["valid_ppl"]', new="better = ppl == ppl",
+           tests=(_FIT,), why="the last epoch is kept, not the one best on validation"),
+    Mutant(name="lm_start_from_previous", file=_LM,
+           old='start = init if self.c.start == "initial" else', new='start = init if self.c.start != "initial" else',
+           tests=(_FIT,), why="lm.start='initial' fine-tunes the previous generation's model"),
+    Mutant(name="lm_weights_ignored", file=_LM,
+           old="      mask &= w_N[:, None] > 0\n", new="      mask &= True\n",
+           tests=(_FIT,), why="rows of weight 0 (not yet valid) are trained on"),
+    Mutant(name="lm_data_ppl0_current_model", file=_LM,
+           old='self._block_nll(model0["params"]', new='self._block_nll(model["params"]',
+           tests=(_NUM,), why="training blocks are scored by the current model, not generation 0's"),
+    Mutant(name="lm_test_ppl_on_valid", file=_LM,
+           old='"test_ppl": self._ppl(model["params"], test)', new='"test_ppl": self._ppl(model["params"], '
+           'self._blocks(shared["valid"]))',
+           tests=(_NUM,), why="test perplexity is measured on the validation blocks"),
+    Mutant(name="lm_quantile_index", file=_LM,
+           old="pos = jnp.asarray(qs, jnp.float32) * (n - 1)", new="pos = jnp.asarray(qs, jnp.float32) * n",
+           tests=(_NUM,), why="quantiles index one past numpy's linear interpolation"),
+    Mutant(name="lm_hist_not_density", file=_LM,
+           old="(counts / (n * hi / HIST_BINS))", new="(counts / n)",
+           tests=(_NUM,), why="the log-perplexity histogram is not a density per unit log-perplexity"),
+    Mutant(name="lm_kl_generation0", file=_LM,
+           old='opt_model.apply(self.model_cfg, model["params"], ids, mask), axis=-1)',
+           new='opt_model.apply(self.model_cfg, model0["params"], ids, mask), axis=-1)',
+           tests=(_NUM,), why="KL(source || model) is measured on generation 0's model"),
+    Mutant(name="lm_loglik_skips_first_new_token", file=_LM,
+           old="jnp.arange(2 * L) >= L", new="jnp.arange(2 * L) > L",
+           tests=(_NUM,), why="the first new token (given the prompt's last) is not scored"),
+    Mutant(name="lm_rep_across_blocks", file=_LM,
+           old="(total - distinct([block_X] + cols)) / total", new="(total - distinct(cols)) / total",
+           tests=(_NGRAM,), why="rep-n counts repeats across blocks, not within a block"),
+    Mutant(name="lm_samples_n_unchecked", file=_LM,
+           old="  if samples_n != n_blocks:", new="  if False:",
+           tests=(_BAD,), why="samples.n different from the block count is not refused"),
+    Mutant(name="loop_sample_metrics_dropped", file=_LOOP,
+           old="metrics = {**metrics, **sample_metrics}", new="metrics = metrics",
+           tests=(_WRITE,), why="metrics returned by sample (the generated corpus's) are lost"),
+    Mutant(name="loop_model_shardings_ignored", file=_LOOP,
+           old="    if model_sh is not None:\n", new="    if False:\n",
+           tests=(_EIGHT,), why="the family's FSDP placement of the carried models is ignored"),
+    Mutant(name="loop_non_finite_not_checked", file=_LOOP,
+           old="    if bad is not None:  # before", new="    if False:  # before",
+           tests=(_NAN,), why="a NaN metric is checkpointed and the run goes on"),
+]

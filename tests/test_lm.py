@@ -1,0 +1,316 @@
+"""The LM family through the loop: the paper's recursion on the tiny synthetic Markov language (configs/lm.py:ci).
+
+Compiling one generation (train epochs + beam decoding + metrics) is the cost here, so the module compiles as
+few as it can: one Experiment serves the uninterrupted, interrupted and NaN-resumed replace runs (loop.run's
+`experiment=`), and real_fraction, the NaN-injected run and the 8-device run compile one program each. Every
+metric of generation 0 and 1 is recomputed independently from the checkpointed models and the kept samples.
+"""
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from collapse_jax import decode, loop, metrics as metrics_lib
+from collapse_jax.config import ConfigError
+from collapse_jax.lm import HIST_BINS, LMFamily, ngram_rates
+from collapse_jax.models import opt as opt_model
+from tests.helpers import load_config
+
+G = 3
+N_BLOCKS = 28  # configs/lm.py:ci
+
+
+def _cfg(*variants, **kw):
+  # dropout 0: fewer random-bit generators to compile (lm_train's tests cover dropout); every sample kept.
+  base = dict(generations=G, lm__dropout=0.0, snapshot_generations=tuple(range(G)), snapshot_size=N_BLOCKS)
+  return load_config("lm", ",".join(("ci",) + variants), **{**base, **kw})
+
+
+def _jsonl(wd):
+  return metrics_lib.read_jsonl(os.path.join(wd, "metrics.jsonl"))
+
+
+def _restore(wd, step):
+  mgr = ocp.CheckpointManager(os.path.abspath(os.path.join(wd, "checkpoints")))
+  try:
+    return mgr.restore(step, args=ocp.args.StandardRestore())["carry"]
+  finally:
+    mgr.close()
+
+
+# --- config and bad input -----------------------------------------------------------------------------------------
+
+
+def test_configs_validate_and_combine():
+  for arg in ("markov", "ci", "scratch_wikitext2", "real_fraction", "accumulate", "scratch_wikitext2,real_fraction"):
+    LMFamily.validate(load_config("lm", arg))
+  # The paper's setting needs the two local folders, named on the command line.
+  LMFamily.validate(load_config("lm", "opt125m_wikitext2", lm__hf_path="OPT", lm__text__path="WIKI"))
+  c = load_config("lm", "scratch_wikitext2,real_fraction")
+  assert (c.regime.name, c.regime.real_fraction, c.lm.epochs, c.lm.data) == ("real_fraction", 0.1, 10, "text")
+  p = load_config("lm", "opt125m_wikitext2")
+  assert (p.lm.epochs, p.lm.batch_size, p.lm.lr, p.lm.block_len) == (5, 128, 2e-5, 64)
+  assert (p.lm.decode.num_beams, p.lm.decode.repetition_penalty, p.samples.n) == (5, 3.0, p.lm.text.train_blocks)
+  with pytest.raises(ValueError, match="configs/lm.py:ARG"):
+    load_config("lm", "bogus")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(samples__schedule="linear", samples__growth=2.0), r"^config\.samples\.schedule='linear': the LM"),
+    (dict(lm__decode__method="nucleus"), r"^config\.lm\.decode\.method='nucleus' is not one of greedy"),
+    (dict(lm__decode__num_beams=0), r"^config\.lm\.decode: DecodeConfig\.num_beams=0"),
+    (dict(samples__n=27), r"^config\.samples\.n=27 but the LM continues each of its 28 training blocks .*config\.samples\.n=28$"),
+    (dict(lm__block_len=12), r"^config\.lm\.block_len=12: prompt length 12 \+ .* cache length 16$"),
+    (dict(lm__init="hf", lm__hf_path="/nonexistent/opt"), r"^/nonexistent/opt: no such checkpoint directory"),
+    (dict(lm__init="hf"), r"^config\.lm\.hf_path must be the local Hugging Face OPT folder"),
+    (dict(lm__data="text", lm__text__train_files="/nope/train.txt", lm__text__test_files="/nope/test.txt"),
+     r"^cannot read text file /nope/train\.txt"),
+    (dict(lm__data="text"), r"^config\.lm\.text\.train_files must be comma-separated text files"),
+    (dict(num_devices=8, lm__mesh_fsdp=3), r"^config\.lm\.mesh_fsdp=3 does not divide the 8 devices"),
+    (dict(num_devices=8, lm__batch_size=12), r"^config\.lm\.batch_size=12 must be a multiple of the 8 batch"),
+    (dict(lm__start="middle"), r"^config\.lm\.start must be one of initial, previous, got 'middle'"),
+])
+def test_bad_input_refused_before_compiling(tmp_path, monkeypatch, kw, match):
+  monkeypatch.setattr(loop.Experiment, "chunk_fn", lambda *a: pytest.fail("compiled before refusing"))
+  wd = tmp_path / "run"
+  with pytest.raises(ConfigError, match=match) as err:
+    loop.run(_cfg(**kw), str(wd))
+  assert "\n" not in str(err.value)
+  assert not (wd / "config.json").exists()
+
+
+def test_missing_lm_section_is_refused():
+  with pytest.raises(ConfigError, match=r"config\.lm is missing"):
+    LMFamily.validate(ml_collections.ConfigDict(load_config("gaussian").to_dict()))
+
+
+# --- corpus statistics --------------------------------------------------------------------------------------------
+
+
+def test_ngram_rates_match_python_sets():
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 4, (7, 11)).astype(np.int32)  # 4 symbols: many repeats within and across blocks
+  tokens[3] = tokens[5]  # a duplicated block: repeats across blocks only
+  for n in (1, 2, 4):
+    grams = [tuple(b[i:i + n]) for b in tokens for i in range(len(b) - n + 1)]
+    within = sum(len({tuple(b[i:i + n]) for i in range(len(b) - n + 1)}) for b in tokens)
+    distinct, rep = ngram_rates(tokens, n)
+    assert float(distinct) == pytest.approx(len(set(grams)) / len(grams), abs=1e-7), n
+    assert float(rep) == pytest.approx(1 - within / len(grams), abs=1e-7), n
+
+
+# --- through the loop ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+  """The uninterrupted replace run (plots on) and its Experiment, whose compiled chunk later runs reuse."""
+  cfg = _cfg()
+  exp = loop.Experiment(cfg)
+  wd = str(tmp_path_factory.mktemp("lm") / "ref")
+  hist = loop.run(cfg, wd, experiment=exp)
+  return dict(cfg=cfg, exp=exp, wd=wd, hist=hist)
+
+
+def test_loop_writes_every_metric_figure_and_text_and_compiles_once(ref):
+  rows, fam = _jsonl(ref["wd"]), ref["exp"].family
+  assert [r["generation"] for r in rows] == list(range(G))
+  for name in fam.metric_names:
+    assert all(np.isfinite(r[f"{name}/mean"]) for r in rows), name
+  arrays = ref["hist"]["arrays"]
+  assert arrays["data_logppl0_hist"].shape == (G, HIST_BINS)
+  assert arrays["text_continuations"].shape == (G, 4, 8)
+  for name in ("plots/lm_metrics.png", "plots/lm_data_ppl0.png") + tuple(f"samples/gen_{g:04d}.txt" for g in range(G)):
+    assert os.path.getsize(os.path.join(ref["wd"], name)) > 0, name
+  text = open(os.path.join(ref["wd"], "samples", "gen_0002.txt")).read()
+  assert text.count("=== prompt") == 4
+  # The continuation written is generation 2's, as token ids (the Markov language has no text).
+  assert " ".join(map(str, arrays["text_continuations"][2, 3])) in text
+  assert ref["exp"]._chunk._cache_size() == 1  # three generations, one compilation
+
+
+@pytest.fixture(scope="module")
+def recomputed(ref):
+  """Generations 0 and 1 redone outside the loop from the checkpointed models: decoding by decode.py on its own,
+  and every metric in numpy from the model's logits."""
+  fam, exp = ref["exp"].family, ref["exp"]
+  shared = jax.tree.map(np.asarray, fam.shared())
+  c0, c1 = _restore(ref["wd"], 1), _restore(ref["wd"], 2)
+  models = {0: c0["model0"]["params"], 1: c1["prev"]["params"]}
+  snaps = ref["hist"]["snapshots"]
+  prompts = {0: shared["train"], 1: snaps[0]}  # the paper's way: a generation continues its own training blocks
+  # The paper's decoder, from the config's fields: exactly block_len new tokens, beams, repetition penalty.
+  d = ref["cfg"].lm.decode
+  dcfg = decode.DecodeConfig(method="beam", max_new_tokens=8, min_new_tokens=8, num_beams=d.num_beams,
+                             repetition_penalty=d.repetition_penalty)
+  out = {}
+  for g in (0, 1):
+    rows = np.concatenate([prompts[g], shared["prompts"]])
+    out[g] = np.asarray(decode.decode_corpus(decode.opt_lm(fam.model_cfg), models[g], rows, np.ones_like(rows),
+                                             dcfg, batch_size=8, mesh=exp.mesh)["tokens"])
+  return dict(fam=fam, shared=shared, models=models, prompts=prompts, decoded=out, snaps=snaps)
+
+
+def _logp(fam, params, ids):
+  logits = opt_model.apply(fam.model_cfg, params, ids, np.ones_like(ids))
+  return np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1))
+
+
+def test_each_generation_continues_its_own_training_blocks(ref, recomputed):
+  r = recomputed
+  for g in (0, 1):
+    # The new tokens only (not the prompt) are the next generation's blocks; the fixed prompts' ride along.
+    np.testing.assert_array_equal(r["snaps"][g], r["decoded"][g][:N_BLOCKS], err_msg=f"generation {g}")
+    np.testing.assert_array_equal(ref["hist"]["arrays"]["text_continuations"][g], r["decoded"][g][N_BLOCKS:])
+  assert not np.array_equal(r["snaps"][0], r["snaps"][1])
+
+
+def _per_block_logppl(fam, params, blocks):
+  logp = _logp(fam, params, blocks)
+  nll = -np.take_along_axis(logp[:, :-1], blocks[:, 1:, None], axis=-1)[..., 0]
+  return nll.mean(axis=1)
+
+
+def test_metrics_recomputed_in_numpy(ref, recomputed):
+  r, m = recomputed, ref["hist"]["metrics"]
+  fam, shared, src = r["fam"], r["shared"], r["shared"]["source"]
+  P, pi = np.asarray(src.P_VxV, np.float64), np.asarray(src.pi_V, np.float64)
+  for g in (0, 1):
+    params = r["models"][g]
+    # Real test perplexity: token-weighted over all test blocks.
+    test = shared["test"]
+    logp = _logp(fam, params, test)
+    nll = -np.take_along_axis(logp[:, :-1], test[:, 1:, None], axis=-1)[..., 0]
+    np.testing.assert_allclose(m["test_ppl"][g, 0], np.exp(nll.mean()), rtol=2e-5)
+    # KL(source || model) at every real test context: P's row of the context token vs the model's language part.
+    q = logp[..., 4:]
+    p = P[test - 4]
+    kl = np.sum(np.where(p > 0, p * (np.log(np.where(p > 0, p, 1)) - q), 0), axis=-1)
+    np.testing.assert_allclose(m["test_kl"][g, 0], kl.mean(), rtol=2e-5)
+    # The kept model's validation perplexity is that model's.
+    valid = shared["valid"]
+    nll_v = -np.take_along_axis(_logp(fam, params, valid)[:, :-1], valid[:, 1:, None], axis=-1)[..., 0]
+    np.testing.assert_allclose(m["valid_ppl"][g, 0], np.exp(nll_v.mean()), rtol=2e-5)
+    assert m["best_epoch"][g, 0] in (1, 2)
+    # This generation's training blocks (real at 0, generation 0's samples at 1) under the generation-0 model.
+    lp = _per_block_logppl(fam, r["models"][0], r["prompts"][g])
+    ppl = np.exp(lp)
+    np.testing.assert_allclose(m["data_ppl0_mean"][g, 0], ppl.mean(), rtol=2e-5)
+    for q_ in (5, 50, 95):
+      np.testing.assert_allclose(m[f"data_ppl0_q{q_:02d}"][g, 0], np.quantile(ppl, q_ / 100), rtol=2e-5)
+    hi = fam.log_ppl_range()
+    counts, _ = np.histogram(lp, HIST_BINS, (0, hi))
+    np.testing.assert_allclose(ref["hist"]["arrays"]["data_logppl0_hist"][g] * len(lp) * hi / HIST_BINS, counts,
+                               atol=1e-3)
+    # The generated corpus: n-gram rates by sets, true log-likelihood from P with the prompt's last token first.
+    new, prompts = r["snaps"][g], r["prompts"][g]
+    grams = [tuple(b[i:i + 2]) for b in new for i in range(len(b) - 1)]
+    assert m["gen_distinct_2"][g, 0] == pytest.approx(len(set(grams)) / len(grams), abs=1e-6)
+    both = np.concatenate([prompts[:, -1:], new], axis=1) - 4  # language ids; specials (ids 0-3) fall below 0
+    ok = (both[:, :-1] >= 0) & (both[:, 1:] >= 0)
+    tp = np.where(ok, P[np.maximum(both[:, :-1], 0), np.maximum(both[:, 1:], 0)], 0.0)
+    np.testing.assert_allclose(m["gen_impossible"][g, 0], np.mean(tp == 0), atol=1e-6)
+    np.testing.assert_allclose(m["gen_true_loglik"][g, 0], np.log(tp[tp > 0]).mean(), rtol=1e-5)
+    # Tail tokens: the half of the language with the smallest stationary mass; the share of its mass present.
+    tail = np.argsort(pi)[:len(pi) // 2]
+    present = np.isin(tail, new - 4)
+    np.testing.assert_allclose(m["gen_tail_token_frac"][g, 0], pi[tail][present].sum() / pi[tail].sum(), rtol=1e-5)
+
+
+def test_fit_starts_from_the_initial_model_keeps_the_best_epoch_and_ignores_rows_of_weight_0(ref):
+  fam = ref["exp"].family
+  shared = jax.device_put(fam.shared())
+  fit = jax.jit(fam.fit)
+  x, key = shared["train"], jax.random.PRNGKey(3)
+  ones = jax.numpy.ones((N_BLOCKS,), jax.numpy.float32)
+  m0 = fit(x, ones, key, fam.init_model(key, shared), jax.numpy.int32(0), shared)
+  # lm.start='initial': generation 1 starts from the initial model whatever the previous one is.
+  other = jax.tree.map(lambda a: a + 0.5 if a.dtype == np.float32 else a, m0)
+  a = fit(x, ones, key, m0, jax.numpy.int32(1), shared)
+  b = fit(x, ones, key, other, jax.numpy.int32(1), shared)
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(u, v)
+  # Rows of weight 0 hold junk that must not train anything.
+  w = (np.arange(N_BLOCKS) < 20).astype(np.float32)
+  junk = np.asarray(x).copy()
+  junk[20:] = 7
+  c = fit(jax.numpy.asarray(junk), w, key, m0, jax.numpy.int32(1), shared)
+  d = fit(x, w, key, m0, jax.numpy.int32(1), shared)
+  for u, v in zip(jax.tree.leaves(c), jax.tree.leaves(d)):
+    np.testing.assert_array_equal(u, v)
+  # Training on one repeated token makes the real validation perplexity worse every epoch: the first is kept.
+  bad = fit(jax.numpy.full_like(x, 9), ones, key, m0, jax.numpy.int32(1), shared)
+  assert int(bad["best_epoch"]) == 1, bad["best_epoch"]
+  valid = np.asarray(shared["valid"])
+  nll = -np.take_along_axis(_logp(fam, bad["params"], valid)[:, :-1], valid[:, 1:, None], axis=-1)[..., 0]
+  np.testing.assert_allclose(bad["valid_ppl"], np.exp(nll.mean()), rtol=2e-5)
+
+
+def test_stop_after_then_resume_equals_uninterrupted(ref, tmp_path):
+  wd = str(tmp_path / "cut")
+  loop.run(ref["cfg"], wd, stop_after=1, experiment=ref["exp"])
+  assert len(_jsonl(wd)) == 1
+  resumed = loop.run(ref["cfg"], wd, experiment=ref["exp"])
+  for k in ref["hist"]["metrics"]:
+    np.testing.assert_array_equal(ref["hist"]["metrics"][k], resumed["metrics"][k], err_msg=k)
+  np.testing.assert_array_equal(ref["hist"]["snapshots"], resumed["snapshots"])
+  assert _jsonl(wd) == _jsonl(ref["wd"])
+
+
+def test_nan_metric_stops_before_checkpointing_and_a_rerun_resumes(ref, tmp_path, monkeypatch, capsys):
+  orig = loop.Experiment._generation
+
+  def nan_at_2(self, carry, g, shared):
+    carry, metrics, snap = orig(self, carry, g, shared)
+    return carry, dict(metrics, test_ppl=jax.numpy.where(g == 2, jax.numpy.nan, metrics["test_ppl"])), snap
+
+  monkeypatch.setattr(loop.Experiment, "_generation", nan_at_2)
+  wd = str(tmp_path / "nan")
+  with pytest.raises(loop.NonFiniteError) as err:
+    loop.run(ref["cfg"], wd)
+  msg = str(err.value)
+  assert msg.startswith("generation 2: metric 'test_ppl' is not finite") and "resumes at generation 2" in msg
+  assert "\n" not in msg
+  assert sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()) == [1, 2]
+  assert [r["generation"] for r in _jsonl(wd)] == [0, 1]
+  monkeypatch.undo()
+  capsys.readouterr()
+  resumed = loop.run(ref["cfg"], wd, experiment=ref["exp"])
+  assert "resuming" in capsys.readouterr().out
+  for k in ref["hist"]["metrics"]:
+    np.testing.assert_array_equal(ref["hist"]["metrics"][k], resumed["metrics"][k], err_msg=k)
+
+
+def test_real_fraction_shares_generation_0_and_then_differs(ref, tmp_path):
+  # The paper's real_fraction runs 10 epochs; 2 here, so generation 0 is the replace run's exactly.
+  cfg = _cfg("real_fraction", lm__epochs=2, plots=False)
+  hist = loop.run(cfg, str(tmp_path / "rf"))
+  rows = _jsonl(str(tmp_path / "rf"))
+  assert [r["generation"] for r in rows] == list(range(G))
+  m, m_ref = hist["metrics"], ref["hist"]["metrics"]
+  for k in m:
+    np.testing.assert_array_equal(m[k][0], m_ref[k][0], err_msg=k)
+  assert m["test_ppl"][1, 0] != m_ref["test_ppl"][1, 0]
+  # Generation 1 trains on 3 real blocks (round(0.1 * 28)) and 25 of generation 0's: the real ones are continued
+  # too, so its training data under generation 0 hold both kinds.
+  assert np.isfinite(m["data_ppl0_mean"]).all()
+
+
+def test_eight_devices_agree_with_one_and_hold_models_fsdp_sharded(ref, tmp_path):
+  assert len(jax.devices()) == 8, "conftest sets 8 simulated CPU devices"
+  cfg = _cfg(num_devices=8, lm__mesh_fsdp=2, generations=2, plots=False)
+  wd = str(tmp_path / "eight")
+  hist = loop.run(cfg, wd)
+  # Gradients and perplexities are summed over 8 shards in another order: float32 rounding, ~1e-6 relative per
+  # step, grows through 2 x 4 Adam steps; decoding then picks the same beams (checked exactly below).
+  for k in hist["metrics"]:
+    np.testing.assert_allclose(hist["metrics"][k][:2, 0], ref["hist"]["metrics"][k][:2, 0], rtol=1e-4, atol=1e-5,
+                               err_msg=k)
+  np.testing.assert_array_equal(hist["snapshots"], ref["hist"]["snapshots"][:2])
+  exp8 = loop.Experiment(cfg)
+  abstract = exp8.carry_shapes(exp8.family.shared())
+  specs = {str(a.sharding.spec) for a in jax.tree.leaves(abstract["model0"]["params"])}
+  assert any("fsdp" in s for s in specs), specs
