@@ -4,6 +4,7 @@ configs/<experiment>.py builds on `base_config()` and adds a sub-config named af
 checked here (and by the family's `validate`) before any array is made or anything is compiled, so bad input
 costs nothing and names the field it is about.
 """
+import math
 import os
 
 import ml_collections
@@ -58,6 +59,20 @@ def sample_counts(cfg) -> list[int]:
   if s.schedule == "linear":
     return [int(round(s.n + s.growth * g)) for g in range(cfg.generations)]
   return [int(round(s.n * s.growth**g)) for g in range(cfg.generations)]
+
+
+def check_truth(section: str, c) -> None:
+  """The true Gaussian a family's real data come from: a finite mean and a finite, positive std."""
+  if not (math.isfinite(c.true_std) and c.true_std > 0):
+    raise ConfigError(f"config.{section}.true_std must be finite and > 0, got {c.true_std!r}")
+  if not math.isfinite(c.true_mean):
+    raise ConfigError(f"config.{section}.true_mean must be finite, got {c.true_mean!r}")
+
+
+def data_per_generation(cfg) -> tuple[tuple[str, int], ...]:
+  """(field, count) of the data one generation fits: n_real at generation 0, samples.n after it, so that an error
+  names the one that is too small."""
+  return (("samples.n", cfg.samples.n), ("n_real", cfg.n_real or cfg.samples.n))
 
 
 def validate(cfg) -> None:

@@ -5,7 +5,6 @@ and the estimate collapses to a point while the mean random-walks away (the Wass
 Metrics per chain: |mu - mu_hat| (Euclidean), |sigma - sigma_hat| with sigma_hat = sqrt(tr(Sigma_hat)/d) (exactly
 the 1-D quantity), ||Sigma_hat - Sigma||_F, var_ratio = tr(Sigma_hat)/tr(Sigma), and W2 to the original.
 """
-import math
 
 import jax
 import jax.numpy as jnp
@@ -54,12 +53,8 @@ class GaussianFamily:
       raise ConfigError(f"config.gaussian.dim must be a positive integer, got {c.dim!r}")
     if c.estimator not in ESTIMATORS:
       raise ConfigError(f"config.gaussian.estimator={c.estimator!r} is not one of {', '.join(ESTIMATORS)}")
-    if not (math.isfinite(c.true_std) and c.true_std > 0):
-      raise ConfigError(f"config.gaussian.true_std must be finite and > 0, got {c.true_std!r}")
-    if not math.isfinite(c.true_mean):
-      raise ConfigError(f"config.gaussian.true_mean must be finite, got {c.true_mean!r}")
-    # Name the field that is too small: generation 0 fits n_real real data, later ones samples.n.
-    for path, n in (("samples.n", cfg.samples.n), ("n_real", cfg.n_real or cfg.samples.n)):
+    config_lib.check_truth("gaussian", c)
+    for path, n in config_lib.data_per_generation(cfg):
       if c.estimator == "unbiased" and n < 2:
         raise ConfigError(f"config.{path} must be >= 2 for the unbiased estimator, got {n}")
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax import em
+from collapse_jax import config as config_lib
 from collapse_jax.config import ConfigError
 
 
@@ -38,12 +39,8 @@ class GMMFamily:
     for f in ("tol", "reg_covar"):
       if not (isinstance(c[f], (int, float)) and math.isfinite(c[f]) and c[f] >= 0):
         raise ConfigError(f"config.gmm.{f} must be a finite non-negative number, got {c[f]!r}")
-    if not (math.isfinite(c.true_std) and c.true_std > 0):
-      raise ConfigError(f"config.gmm.true_std must be finite and > 0, got {c.true_std!r}")
-    if not math.isfinite(c.true_mean):
-      raise ConfigError(f"config.gmm.true_mean must be finite, got {c.true_mean!r}")
-    # Generation 0 fits n_real real data, later generations samples.n synthetic ones: name the one too small.
-    for path, n in (("samples.n", cfg.samples.n), ("n_real", cfg.n_real or cfg.samples.n)):
+    config_lib.check_truth("gmm", c)
+    for path, n in config_lib.data_per_generation(cfg):
       if c.components > n:
         raise ConfigError(f"config.gmm.components={c.components} exceeds config.{path}={n}, the data per generation")
 

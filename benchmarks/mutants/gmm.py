@@ -85,8 +85,8 @@ MUTANTS = [
            tests=("tests/test_gmm.py::test_boundary_settings_are_accepted",),
            why="tol=0 (run max_iter iterations) and reg_covar=0 are refused"),
     Mutant(name="gmm_validate_components_vs_n_real", file="collapse_jax/gmm.py",
-           old='for path, n in (("samples.n", cfg.samples.n), ("n_real", cfg.n_real or cfg.samples.n)):',
-           new='for path, n in (("samples.n", cfg.samples.n),):',
+           old='for path, n in config_lib.data_per_generation(cfg):',
+           new='for path, n in config_lib.data_per_generation(cfg)[:1]:',
            tests=("tests/test_gmm.py::test_bad_combination_refused_before_compilation[n_real]",),
            why="more components than real data at generation 0 is not refused"),
     # --- EM and k-means math (em.py)
