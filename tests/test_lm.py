@@ -17,7 +17,7 @@ from collapse_jax import decode, loop, metrics as metrics_lib
 from collapse_jax.config import ConfigError
 from collapse_jax.lm import HIST_BINS, LMFamily, ngram_rates
 from collapse_jax.models import opt as opt_model
-from tests.helpers import load_config
+from tests.helpers import load_config, refused_before_compilation
 
 G = 3
 N_BLOCKS = 28  # configs/lm.py:ci
@@ -314,3 +314,14 @@ def test_eight_devices_agree_with_one_and_hold_models_fsdp_sharded(ref, tmp_path
   abstract = exp8.carry_shapes(exp8.family.shared())
   specs = {str(a.sharding.spec) for a in jax.tree.leaves(abstract["model0"]["params"])}
   assert any("fsdp" in s for s in specs), specs
+
+
+def test_tokenizer_larger_than_the_model_vocab_is_refused_before_compiling(tmp_path, monkeypatch):
+  for split in ("train", "test"):
+    (tmp_path / f"{split}.txt").write_text("a small text corpus for the bytes tokenizer\n" * 40)
+  cfg = load_config("lm", "ci", lm__data="text", samples__n=4)
+  cfg.lm.text.update(kind="files", tokenizer="bytes", train_files=str(tmp_path / "train.txt"),
+                     test_files=str(tmp_path / "test.txt"), cache_dir=str(tmp_path / "cache"))
+  cfg.lm.model_overrides.vocab_size = 100  # the bytes tokenizer has 258 ids
+  refused_before_compilation(tmp_path, monkeypatch, cfg,
+                             r"config\.lm\.text\.tokenizer gives 258 ids but the model has vocab_size 100")
