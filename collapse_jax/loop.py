@@ -191,6 +191,13 @@ def _check_resumable(workdir: str, cfg_json: dict, has_checkpoints: bool) -> Non
     raise ConfigError(f"workdir {workdir} holds a run with another config: {', '.join(diff)}; use a new --workdir")
 
 
+def _pace(rate: float, remaining: int) -> str:
+  """Progress after the first chunk: generations per second, or seconds per generation for slow families (VAE,
+  LM: minutes per generation), and the ETA."""
+  pace = f"{1 / rate:.3g} s/gen" if rate < 1 else f"{rate:.3g} gen/s"
+  return f"{pace}  ETA {_fmt_time(remaining / rate)}"
+
+
 def _fmt_time(s: float) -> str:
   s = int(s)
   return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -272,7 +279,7 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
     else:
       done_since += e - s
       rate = done_since / (now - t_first)
-      rate_txt = f"{rate:.3g} gen/s  ETA {_fmt_time((G - e) / rate)}"
+      rate_txt = _pace(rate, G - e)
     print(f"[{fam.name}] generation {e}/{G} ({100 * e / G:.0f}%)  {rate_txt}", flush=True)
     if stop_after is not None and e >= stop_after:
       ckpts.close()

@@ -242,3 +242,9 @@ def test_results_do_not_depend_on_checkpoint_every_or_where_a_run_stops(tmp_path
   assert len(_jsonl(wd)) == 5
   loop.run(_gauss(checkpoint_every=4, **kw), wd)
   assert _jsonl(wd) == _jsonl(str(tmp_path / "ref"))
+
+
+def test_progress_pace_reads_seconds_per_generation_when_slow():
+  assert loop._pace(250.0, 500) == "250 gen/s  ETA 0:00:02"
+  assert loop._pace(1 / 42.5, 3) == "42.5 s/gen  ETA 0:02:07"
+  assert loop._pace(1.0, 3600) == "1 gen/s  ETA 1:00:00"
