@@ -40,7 +40,9 @@ is 4.7: generation 0 is a weak model); the training data's perplexity under gene
 102.9, 77.4, 111.1; the generated corpus keeps 12%, 20%, 4%, 4%, 3% of the tail tokens' mass. With repetition
 penalty 3.0 the generated text never repeats a token within a block, so it loses the language's self-loops
 (29-60% of its bigrams are impossible under the source): unlike the paper's wikitext result, generated data
-score *higher* perplexity under generation 0 here.
+score *higher* perplexity under generation 0 here. :real_fraction (10 epochs, 1 min 49 s): real test perplexity
+18.2, 34.0, 49.8, 56.5, 58.3; the training data's median perplexity under generation 0 falls 15.5 -> 2.2 with a
+long tail (the paper's Fig. 1 picture), rep-2 of the generated blocks rises 25% -> 90%.
 """
 import ml_collections
 
