@@ -172,8 +172,8 @@ def test_accumulate_subsample_inclusion_is_uniform_over_valid_entries():
   assert (w.sum(1) == S).all()
   valid = [1000.0 + i for i in range(5)] + [100.0 + j for j in range(15)] + [200.0 + j for j in range(20)]
   picked = x[w > 0].reshape(K, S)
-  assert np.isin(picked, valid).all(), "an invalid pool row was drawn"
-  assert all(len(set(r)) == S for r in picked), "a row was drawn twice in one training set"
+  assert np.isin(picked, valid).all(), "an invalid pool row was picked"
+  assert all(len(set(r)) == S for r in picked), "a row was picked twice in one training set"
   c = np.array([(picked == v).sum() for v in valid])
   p = S / P
   t = ((c - K * p) ** 2).sum() / (K * p * (1 - p) * P / (P - 1))
