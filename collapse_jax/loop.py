@@ -51,7 +51,7 @@ class Experiment:
     self.counts[0] = fam.n_real
     self.spec = regimes.make_spec(cfg, fam.n_real, self.counts)
     if cfg.regime.name == "real_fraction":
-      k = max(round(cfg.regime.real_fraction * m) for m in self.counts[1:] or [0])
+      k = max(self.spec.real_counts[1:], default=0)  # the counts training_set uses, rounded on the host
       if k > fam.n_real:
         raise ConfigError(f"config.regime.real_fraction={cfg.regime.real_fraction} asks for {k} real data per "
                           f"generation but only {fam.n_real} exist (config.n_real)")
