@@ -1,4 +1,6 @@
-"""The paper's single-Gaussian recursion (Shumailov et al. 2024, Fig. 'Gaussian' / theory section).
+"""The paper's single-Gaussian recursion: M samples refitted by MLE per generation, 1000 chains vmapped.
+
+Shumailov et al. 2024, Fig. 'Gaussian' / theory section.
 
 Command (CPU is plenty; chains are vmapped and split over all devices):
   python -m collapse_jax.main --config=configs/gaussian.py:100 --workdir=runs/gauss100
@@ -8,6 +10,8 @@ the original grows (plots/gaussian_var_ratio.png overlays the theory curve); wit
 --config.regime.name=accumulate the variance stays near 1.
 """
 from collapse_jax.config import base_config
+
+VARIANTS = ("100", "500", "1000", "10000")
 
 
 def get_config(arg: str | None = None):

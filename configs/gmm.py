@@ -1,14 +1,19 @@
-"""The paper's GMM recursion: a 2-component full-covariance GMM fitted by EM to 1000 samples of a 2-D standard
-normal blob, refitted on 1000 of its own samples each generation, for 2050 generations.
+"""The paper's GMM recursion: a 2-D, 2-component GMM refitted by EM on its own samples for 2050 generations.
 
-Command (the README's main job; CPU, about a minute on 2 cores):
-  python -m collapse_jax.main --config=configs/gmm.py --workdir=runs/gmm
-Variants: configs/gmm.py:chains=256 (many vmapped chains, split over all devices), configs/gmm.py:quick (50
-generations, for smoke tests), and any field by --config.FIELD=VALUE, e.g. --config.regime.name=accumulate.
+A full-covariance GMM fitted by EM to 1000 samples of a 2-D standard normal blob, refitted on 1000 of its own
+samples each generation.
+
+Command (the README's main job; CPU, 30-40 s on 2 cores):
+  collapse-jax --config=gmm --workdir=runs/gmm     (or python -m collapse_jax.main --config=configs/gmm.py ...)
+Variants: gmm:chains=256 (many vmapped chains, split over all devices), gmm:quick (50 generations, a few seconds
+after compilation, for smoke tests), comma separated; any field by --config.FIELD=VALUE, e.g.
+--config.regime.name=accumulate.
 Expected result: the L2 distance to generation 0's GMM grows and the components' spread shrinks over
 generations (the paper's Fig. 'GMM'); scatter snapshots at generations 0, 50, 100, 150, 200, 350, 2000.
 """
 from collapse_jax.config import base_config
+
+VARIANTS = ("quick", "chains=N")
 
 
 def get_config(arg: str | None = None):

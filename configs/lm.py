@@ -1,6 +1,8 @@
-"""The paper's LM recursion: OPT trained on fixed-length blocks of tokens; every generation continues each block of
-its own training set by block_len new tokens (5-way beam search, repetition penalty 3.0) and those new tokens are
-the next generation's training blocks. replace: 5 epochs, no real data kept; real_fraction: 10 epochs, 10% of each
+"""The paper's LM recursion: OPT trained on the text the previous generation wrote (offline Markov text by default).
+
+OPT trained on fixed-length blocks of tokens; every generation continues each block of its own training set by
+block_len new tokens (5-way beam search, repetition penalty 3.0) and those new tokens are the next generation's
+training blocks. replace: 5 epochs, no real data kept; real_fraction: 10 epochs, 10% of each
 training set drawn afresh from the real blocks.
 
 Offline default (no download): a synthetic first-order Markov language with Zipfian unigrams (data/markov.py),
@@ -47,6 +49,8 @@ long tail (the paper's Fig. 1 picture), rep-2 of the generated blocks rises 25% 
 import ml_collections
 
 from collapse_jax.config import base_config
+
+VARIANTS = ("markov", "ci", "opt125m_wikitext2", "scratch_wikitext2", "real_fraction", "accumulate")
 
 _WIKI = "../shared/data/wikitext-2"
 

@@ -1,6 +1,8 @@
-"""The paper's VAE recursion: a fresh 647k-parameter convolutional VAE per generation, generation 0 trained on
-the real images, generation g >= 1 on images decoded from N(0, I) by generation g-1 (fresh per batch, as in the
-paper), 30 epochs of batch 256 with Adam each.
+"""The paper's VAE recursion: a conv VAE per generation trained on the previous one's samples (MNIST or digits).
+
+A fresh 647k-parameter convolutional VAE per generation, generation 0 trained on the real images, generation
+g >= 1 on images decoded from N(0, I) by generation g-1 (fresh per batch, as in the paper), 30 epochs of batch
+256 with Adam each.
 
 Command (offline default: scikit-learn's 8x8 digits resized to 28x28 as a stand-in for MNIST, 1500 training
 images; 2 CPU cores: about 50 s per generation, 4 minutes for the 5 generations):
@@ -29,6 +31,8 @@ t10k (real MNIST, 8,000 training images, 4 minutes per generation): latent std 0
 and test ELBO -111, -117, -126, -134, -144; with real_fraction, std 0.632 and ELBO -125 at generation 4.
 """
 from collapse_jax.config import base_config
+
+VARIANTS = ("digits", "mnist", "mnist_idx", "t10k", "dataset", "real_fraction", "accumulate", "quick")
 
 _MNIST_TRAIN = 60000
 _DIGITS_TRAIN = 1500  # collapse_jax.data.mnist.DIGITS_TRAIN, kept literal so loading a config imports no data code

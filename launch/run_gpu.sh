@@ -1,8 +1,24 @@
 #!/usr/bin/env bash
 # Local GPU: one process sees all local GPUs; chains (or batches) are split over them.
-#   bash launch/run_gpu.sh configs/gmm.py:chains=4096 runs/gmm_gpu [--config.FIELD=VALUE ...]
-# Needs a CUDA build of JAX: pip install -e . "jax[cuda12]"
+#   bash launch/run_gpu.sh gmm:chains=4096 runs/gmm_gpu [--config.FIELD=VALUE ...]
+#   DRY_RUN=1 bash launch/run_gpu.sh gmm:quick runs/gmm   # or --dry-run first: prints the command, runs nothing
+# CONFIG is an experiment NAME[:ARG] (collapse-jax --help lists them) or a config file PATH[:ARG]. Needs the
+# project installed with a CUDA build of JAX (pip install -e . "jax[cuda12]") for PYTHON (default python3).
 set -euo pipefail
-config=${1:?config file, e.g. configs/gmm.py}; workdir=${2:?workdir}; shift 2
-cd "$(dirname "$0")/.."
-exec python -m collapse_jax.main --config="$config" --workdir="$workdir" "$@"
+if [[ ${1:-} == --dry-run ]]; then DRY_RUN=1; shift; fi
+if (($# < 2)); then
+  echo "usage: [DRY_RUN=1] bash $0 CONFIG WORKDIR [--config.FIELD=VALUE ...], e.g. gmm:quick runs/gmm" >&2; exit 2
+fi
+config=$1; workdir=$2; shift 2
+
+quote() {  # the words as one line that a POSIX shell reads back as the same words (single quotes where needed)
+  local words=() w
+  for w in "$@"; do
+    if [[ $w =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then words+=("$w"); else words+=("'${w//\'/\'\\\'\'}'"); fi
+  done
+  echo "${words[*]}"
+}
+run() {  # DRY_RUN=1: print the command, quoted so that it can be pasted, instead of running it
+  if [[ ${DRY_RUN:-0} != 0 ]]; then quote "$@"; else "$@"; fi
+}
+run "${PYTHON:-python3}" -m collapse_jax.main --config="$config" --workdir="$workdir" "$@"

@@ -1,16 +1,35 @@
 #!/usr/bin/env bash
 # Cloud TPU VM: installs the project on every worker and runs the same command on all of them.
-#   TPU_NAME=my-tpu ZONE=us-central2-b bash launch/run_tpu.sh configs/gmm.py:chains=8192 gs://bucket/runs/gmm
+#   TPU_NAME=my-tpu ZONE=us-central2-b bash launch/run_tpu.sh gmm:chains=8192 gs://bucket/runs/gmm [--config.F=V ...]
+#   DRY_RUN=1 (or --dry-run first): prints the gcloud command, with the script it sends the workers, runs nothing.
+# CONFIG is an experiment NAME[:ARG] (collapse-jax --help lists them) or a config file PATH[:ARG] in the clone.
 # On a multi-host slice every worker runs the program with --jax_distributed (jax.distributed.initialize()
 # finds the coordinator from the TPU metadata); Orbax writes the checkpoints, process 0 the metrics and plots.
 # The workdir must be reachable from every worker (a gs:// path or a shared filesystem).
+# REPO_URL: what the workers clone (default: this checkout's origin).
 set -euo pipefail
-config=${1:?config file}; workdir=${2:?workdir}; shift 2
+if [[ ${1:-} == --dry-run ]]; then DRY_RUN=1; shift; fi
+if (($# < 2)); then
+  echo "usage: TPU_NAME=... ZONE=... [DRY_RUN=1] bash $0 CONFIG WORKDIR [--config.FIELD=VALUE ...]," \
+       "e.g. gmm:quick gs://bucket/runs/gmm" >&2; exit 2
+fi
+config=$1; workdir=$2; shift 2
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
-repo=${REPO_URL:-$(git remote get-url origin)}
-gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
-  set -e
-  [ -d collapse_jax ] || git clone $repo collapse_jax
-  cd collapse_jax && git pull -q
-  python3 -m pip install -q -e . 'jax[tpu]'
-  python3 -m collapse_jax.main --jax_distributed --config=$config --workdir=$workdir $*"
+repo=${REPO_URL:-$(git -C "$(dirname "$0")" remote get-url origin)}
+
+quote() {  # the words as one line that a POSIX shell reads back as the same words (single quotes where needed)
+  local words=() w
+  for w in "$@"; do
+    if [[ $w =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then words+=("$w"); else words+=("'${w//\'/\'\\\'\'}'"); fi
+  done
+  echo "${words[*]}"
+}
+run() {  # DRY_RUN=1: print the command, quoted so that it can be pasted, instead of running it
+  if [[ ${DRY_RUN:-0} != 0 ]]; then quote "$@"; else "$@"; fi
+}
+# The workers' shell parses the remote script again: each word is quoted, so that a workdir or an override with
+# spaces or shell characters arrives there as one argument.
+remote="{ [ -d collapse_jax ] || git clone $(quote "$repo") collapse_jax; } && cd collapse_jax && git pull -q \
+&& python3 -m pip install -q -e . 'jax[tpu]' \
+&& $(quote python3 -m collapse_jax.main --jax_distributed --config="$config" --workdir="$workdir" "$@")"
+run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="$remote"
