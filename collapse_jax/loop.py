@@ -3,8 +3,9 @@
 Generation g: build the training set from the regime's buffers -> fit -> evaluate -> sample -> add the samples to
 the buffers for g+1. A chunk of `checkpoint_every` generations is one compiled `lax.scan`; chains (independent
 replicas) are vmapped inside it and split over the device mesh, or, for single-chain families, the family shards
-its batches. After each chunk the carry and the history go to an Orbax checkpoint and metrics.jsonl is rewritten,
-so a killed run resumes from the last chunk and ends bit-identical to an uninterrupted one. A chunk whose
+its batches. After each chunk the carry and the history go to an Orbax checkpoint, saved in the background while the
+next chunk runs, and the chunk's lines are appended to metrics.jsonl; a killed run resumes from the last checkpoint
+on disk (metrics.jsonl cut or completed to match it) and ends bit-identical to an uninterrupted one. A chunk whose
 metrics hold a NaN or infinity (any family's loss or metric) stops the run with a one-line NonFiniteError naming
 the generation and the metric, before that chunk is checkpointed or written to metrics.jsonl.
 
@@ -66,6 +67,8 @@ class Experiment:
     self.snap_gens = sorted({g for g in cfg.snapshot_generations if g < cfg.generations})
     self._counts_dev = np.asarray(self.counts + [self.spec.m_max], np.int32)
     self._chunk = None
+    self._packer = None
+    self._init = None
 
   # --- one chain, one generation -------------------------------------------------------------------------
   def _chain_init(self, chain_key, shared):
@@ -137,11 +140,26 @@ class Experiment:
     keys, fn = self._init_fn()
     shapes = jax.eval_shape(fn, keys, shared)
     self.carry_shardings = self._carry_shardings(shapes)
+    if self._packer is None and self.family.vmap_chains and checkpoint.ChainPacker.applies(
+        shapes, self.carry_shardings):
+      self._packer = checkpoint.ChainPacker(shapes, self.carry_shardings)
     return checkpoint.abstract(shapes, self.carry_shardings)
 
   def init_carry(self, shared):
     keys, fn = self._init_fn()
-    return jax.jit(fn, out_shardings=self.carry_shardings)(keys, shared)
+    if self._init is None:  # kept, so that runs sharing this Experiment compile it once
+      self._init = jax.jit(fn, out_shardings=self.carry_shardings)
+    return self._init(keys, shared)
+
+  # The carry as checkpoints hold it: one array per dtype where the carry allows (checkpoint.ChainPacker).
+  def stored_carry_abstract(self, carry_abstract):
+    return self._packer.abstract if self._packer else carry_abstract
+
+  def store_carry(self, carry):
+    return self._packer.pack(carry) if self._packer else carry
+
+  def load_carry(self, stored):
+    return self._packer.unpack(stored) if self._packer else stored
 
   def _carry_shardings(self, shapes):
     lead, rep = sharding.leading(self.mesh), sharding.replicated(self.mesh)
@@ -234,12 +252,16 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
       "next_gen": np.zeros((), np.int64),
   }
   # Restore before compiling anything, so an unreadable workdir costs no compile time.
-  step, restored = ckpts.restore_latest({"carry": carry_abstract, "history": _storable(history)})
+  step, restored = ckpts.restore_latest({"carry": exp.stored_carry_abstract(carry_abstract),
+                                         "history": checkpoint.pack_host(history)})
   if restored is not None:
-    carry = restored["carry"]
-    history.update(restored["history"])
+    carry = exp.load_carry(restored["carry"])
+    history = checkpoint.unpack_host(restored["history"], history)
     print(f"resuming {workdir} at generation {step}/{G}", flush=True)
   start = int(history["next_gen"])
+  jsonl = _MetricsFile(workdir, exp) if jax.process_index() == 0 else None
+  if jsonl:  # the file may hold lines past the checkpoint, miss some, or end in a torn line: the checkpoint rules
+    jsonl.sync(history, start)
   if start >= G:
     print(f"{workdir} already holds a finished run of {G} generations; nothing to do", flush=True)
     ckpts.close()
@@ -250,41 +272,43 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
   L = cfg.checkpoint_every
   t0, done_since = time.time(), 0
   t_first = None
-  for s in range(start, G, L):
-    e = min(s + L, G)
-    carry, (scalars, arrays, snap) = chunk(carry, np.arange(s, e, dtype=np.int32), shared)
-    scalars, arrays, snap = metrics_lib.to_host((scalars, arrays, snap))
-    bad = _first_non_finite(scalars, arrays, s)
-    if bad is not None:  # before any of the chunk is kept: the last one saved holds only good generations
-      ckpts.close()
-      g, name = bad
-      span = f"generation {s}" if e - s == 1 else f"generations {s}-{e - 1}"
-      raise NonFiniteError(f"generation {g}: metric {name!r} is not finite; stopped without checkpointing {span}, "
-                           f"so a rerun resumes at generation {s} from the last checkpoint")
-    for k, v in scalars.items():
-      history["metrics"][k][s:e] = v
-    for k, v in arrays.items():
-      history["arrays"][k][s:e] = v
-    for i, g in enumerate(exp.snap_gens):
-      if s <= g < e:
-        history["snapshots"][i] = snap[g - s]
-    history["next_gen"] = np.asarray(e, np.int64)
-    ckpts.save(e, {"carry": carry, "history": _storable(history)})
-    if jax.process_index() == 0:
-      _write_metrics(workdir, exp, history, e)
-    now = time.time()
-    if t_first is None:  # the first chunk includes compilation; the rate is measured after it
-      t_first, done_since = now, 0
-      rate_txt = f"first chunk (with compile) {now - t0:.1f}s"
-    else:
-      done_since += e - s
-      rate = done_since / (now - t_first)
-      rate_txt = _pace(rate, G - e)
-    print(f"[{fam.name}] generation {e}/{G} ({100 * e / G:.0f}%)  {rate_txt}", flush=True)
-    if stop_after is not None and e >= stop_after:
-      ckpts.close()
-      return history
-  ckpts.close()
+  try:  # every exit, the errors included, awaits the save in flight (Checkpoints.close)
+    for s in range(start, G, L):
+      e = min(s + L, G)
+      carry, (scalars, arrays, snap) = chunk(carry, np.arange(s, e, dtype=np.int32), shared)
+      scalars, arrays, snap = metrics_lib.to_host((scalars, arrays, snap))
+      bad = _first_non_finite(scalars, arrays, s)
+      if bad is not None:  # before any of the chunk is kept: the last one saved holds only good generations
+        g, name = bad
+        span = f"generation {s}" if e - s == 1 else f"generations {s}-{e - 1}"
+        raise NonFiniteError(f"generation {g}: metric {name!r} is not finite; stopped without checkpointing "
+                             f"{span}, so a rerun resumes at generation {s} from the last checkpoint")
+      for k, v in scalars.items():
+        history["metrics"][k][s:e] = v
+      for k, v in arrays.items():
+        history["arrays"][k][s:e] = v
+      for i, g in enumerate(exp.snap_gens):
+        if s <= g < e:
+          history["snapshots"][i] = snap[g - s]
+      history["next_gen"] = np.asarray(e, np.int64)
+      # Returns once the state is off the device and copied (checkpoint.py), so the next chunk can donate the
+      # carry and this loop can fill the history while the files are written.
+      ckpts.save(e, {"carry": exp.store_carry(carry), "history": checkpoint.pack_host(history)})
+      if jsonl:  # may land before the checkpoint: a resume from an older one truncates the file (jsonl.sync)
+        jsonl.append(history, s, e)
+      now = time.time()
+      if t_first is None:  # the first chunk includes compilation; the rate is measured after it
+        t_first, done_since = now, 0
+        rate_txt = f"first chunk (with compile) {now - t0:.1f}s"
+      else:
+        done_since += e - s
+        rate = done_since / (now - t_first)
+        rate_txt = _pace(rate, G - e)
+      print(f"[{fam.name}] generation {e}/{G} ({100 * e / G:.0f}%)  {rate_txt}", flush=True)
+      if stop_after is not None and e >= stop_after:
+        return history
+  finally:
+    ckpts.close()
   if cfg.plots and jax.process_index() == 0:
     make_plots(workdir, exp, history)
   return history
@@ -310,21 +334,20 @@ def _first_non_finite(scalars: dict, arrays: dict, start: int):
   return found
 
 
-def _storable(history: dict) -> dict:
-  """The history without empty arrays (Orbax refuses zero-size arrays; e.g. runs that keep no snapshots)."""
-  out = {}
-  for k, v in history.items():
-    if isinstance(v, dict):
-      out[k] = {n: a for n, a in v.items() if a.size}
-    elif v.size:
-      out[k] = v
-  return out
+class _MetricsFile:
+  """metrics.jsonl of one run: appended per chunk, resynchronised with the checkpoint at start (metrics.py)."""
 
+  def __init__(self, workdir, exp):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.stats = exp.stats
+    self.sizes = regimes.train_sizes(exp.spec, exp.counts)  # valid training rows, not M_g: accumulating regimes
 
-def _write_metrics(workdir, exp, history, upto):
-  sizes = regimes.train_sizes(exp.spec, exp.counts)  # valid training rows, not M_g: accumulating regimes grow
-  lines = metrics_lib.jsonl_lines(history["metrics"], exp.stats, upto, sizes)
-  metrics_lib.write_atomic(os.path.join(workdir, "metrics.jsonl"), "\n".join(lines) + "\n")
+  def sync(self, history, upto):
+    metrics_lib.sync_jsonl(self.path, metrics_lib.jsonl_lines(history["metrics"], self.stats, 0, upto, self.sizes))
+
+  def append(self, history, start, stop):
+    metrics_lib.append_lines(self.path,
+                             metrics_lib.jsonl_lines(history["metrics"], self.stats, start, stop, self.sizes))
 
 
 def make_plots(workdir, exp, history):

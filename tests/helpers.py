@@ -42,11 +42,14 @@ def sigkill_then_resume(tmp_path, args, min_checkpoints: int = 1, timeout: float
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-  # A kill between a checkpoint's save and the metrics file's rewrite leaves no (or an older) metrics.jsonl.
-  done = len(read_jsonl(str(wd / "metrics.jsonl"))) if (wd / "metrics.jsonl").exists() else 0
+  # metrics.jsonl may be behind the checkpoints, ahead of them (appended while a save was in flight) or end in
+  # a line torn by the kill: count its complete lines; the resumed run must have repaired all of that.
+  done = (wd / "metrics.jsonl").read_text().count("\n") if (wd / "metrics.jsonl").exists() else 0
   again = cli(*args, f"--workdir={wd}")
   assert again.returncode == 0, again.stdout + again.stderr
   assert "resuming" in again.stdout
+  # Byte for byte, not only row for row: no torn, duplicated or missing line survives the resume.
+  assert (wd / "metrics.jsonl").read_bytes() == (tmp_path / "ref" / "metrics.jsonl").read_bytes()
   return read_jsonl(str(tmp_path / "ref" / "metrics.jsonl")), read_jsonl(str(wd / "metrics.jsonl")), done
 
 

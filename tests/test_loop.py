@@ -2,6 +2,7 @@
 bad input is refused before compilation with the field named, corrupt checkpoints fall back."""
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -166,6 +167,31 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
   ref, resumed, done = sigkill_then_resume(tmp_path, args, min_checkpoints=2, timeout=120)
   assert 0 < done < 300
   assert resumed == ref
+
+
+@pytest.mark.parametrize("case", ["append_landed_save_did_not", "save_landed_append_did_not", "torn_last_line"])
+def test_metrics_jsonl_follows_the_checkpoint_after_a_kill_byte_for_byte(tmp_path, case):
+  # The chunk's lines are appended while its checkpoint is still being saved, so a kill can leave the file ahead
+  # of the newest checkpoint on disk (and a kill mid-append a torn last line) or behind it.
+  exp = loop.Experiment(_gauss())
+  loop.run(_gauss(), str(tmp_path / "full"), experiment=exp)
+  with open(tmp_path / "full" / "metrics.jsonl", "rb") as fh:
+    ref = fh.read()
+  lines = ref.splitlines(keepends=True)
+  wd = tmp_path / "cut"
+  loop.run(_gauss(), str(wd), stop_after=8, experiment=exp)
+  ck = wd / "checkpoints"
+  if case == "append_landed_save_did_not":  # killed mid-save of step 8, then mid-append of generation 8's line
+    shutil.rmtree(ck / "8")
+    os.makedirs(ck / "8.orbax-checkpoint-tmp-1")
+    text = b"".join(lines[:8]) + lines[8][:25]
+  elif case == "save_landed_append_did_not":
+    text = b"".join(lines[:4])
+  else:
+    text = b"".join(lines[:8]) + lines[8][:-9]
+  (wd / "metrics.jsonl").write_bytes(text)
+  loop.run(_gauss(), str(wd), experiment=exp)
+  assert (wd / "metrics.jsonl").read_bytes() == ref
 
 
 # --- the key schedule, the stats and the snapshots against a by-hand recursion ---------------------------------

@@ -15,6 +15,11 @@ _COUNTS = "tests/test_config.py::test_sample_counts_by_hand"
 
 LOOP, REG, CFG = "collapse_jax/loop.py", "collapse_jax/regimes.py", "collapse_jax/config.py"
 MET = "collapse_jax/metrics.py"
+CKPT = "collapse_jax/checkpoint.py"
+_RESYNC = "tests/test_loop.py::test_metrics_jsonl_follows_the_checkpoint_after_a_kill_byte_for_byte"
+_ASYNC = "tests/test_checkpoint.py::test_saves_are_asynchronous_the_next_chunk_starts_before_the_save_is_done"
+_HOST_PACK = "tests/test_checkpoint.py::test_host_pack_round_trips_bit_for_bit"
+_CHAIN_PACK = "tests/test_checkpoint.py::test_chain_packer_round_trips_through_async_checkpoints_onto_another_mesh"
 
 MUTANTS = [
     # --- loop.py: keys ---
@@ -69,6 +74,37 @@ MUTANTS = [
            old="cfg.num_devices > len(jax.devices())", new="cfg.num_devices >= len(jax.devices())",
            tests=(f"{_CFG}::test_num_devices_beyond_the_visible_ones_is_a_config_error",),
            why="all visible devices refused"),
+    # --- asynchronous checkpoints, metrics.jsonl appends (the loop-overhead issue) ---
+    Mutant(name="loop_jsonl_not_resynced_on_start", file=LOOP,
+           old="    jsonl.sync(history, start)\n", new="    pass\n",
+           tests=(_RESYNC,), why="a resumed run appends to a file that is ahead of, behind or torn past its checkpoint"),
+    Mutant(name="loop_jsonl_sync_keeps_a_longer_file", file=MET,
+           old="if fh.read() == text:", new="if fh.read().startswith(text):",
+           tests=(f"{_RESYNC}[append_landed_save_did_not]", f"{_RESYNC}[torn_last_line]"),
+           why="lines past the checkpoint (or a torn line) survive the resume"),
+    Mutant(name="loop_jsonl_append_from_generation_0", file=LOOP,
+           old="jsonl.append(history, s, e)", new="jsonl.append(history, 0, e)",
+           tests=("tests/test_loop.py::test_metrics_jsonl_and_config_written",),
+           why="each chunk appends the whole history again"),
+    Mutant(name="ckpt_save_waits_for_itself", file=CKPT,
+           old="    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)\n",
+           new=("    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)\n"
+                "    self._manager.wait_until_finished()\n"),
+           tests=(_ASYNC,), why="saves are synchronous again: the next chunk waits for the files"),
+    Mutant(name="ckpt_async_disabled", file=CKPT,
+           old="enable_async_checkpointing=async_save", new="enable_async_checkpointing=False",
+           tests=(_ASYNC,), why="Orbax saves synchronously"),
+    Mutant(name="loop_exit_does_not_await_the_save", file=LOOP,
+           old="  finally:\n    ckpts.close()\n", new="  finally:\n    pass\n",
+           tests=(_ASYNC,), why="a run (stopped, failed or finished) returns with its last save still in flight"),
+    Mutant(name="ckpt_unpack_host_views_orbax_buffer", file=CKPT,
+           old="out[i] = p.reshape(leaves[i].shape).copy()", new="out[i] = p.reshape(leaves[i].shape)",
+           tests=(_HOST_PACK,), why="the restored history is a view of one restored buffer"),
+    Mutant(name="ckpt_chain_pack_order_reversed", file=CKPT,
+           old="jnp.concatenate([ls[i].reshape(n, -1) for i in idx], axis=1)",
+           new="jnp.concatenate([ls[i].reshape(n, -1) for i in idx[::-1]], axis=1)",
+           tests=(_CHAIN_PACK, "tests/test_loop.py::test_interrupted_in_process_equals_uninterrupted"),
+           why="a packed carry unpacks into the wrong leaves"),
     # --- metrics.py as the loop uses it ---
     Mutant(name="loop_quantile_order_swapped", file=MET,
            old="jnp.quantile(m, jnp.asarray(quantiles, m.dtype))",
