@@ -4,7 +4,7 @@ tokens, EOS stopping, left-padded ragged prompts.
 
 One batch: one prefill of the prompts into a preallocated cache, then a `lax.while_loop` of one-token steps that
 exits once every row is done. A corpus: `decode_corpus` runs fixed batches through `lax.map` inside one compiled
-program, each batch split over the mesh's batch axes.
+program, each batch split over the mesh's batch axes, each reporting to collapse_jax.progress.
 
 The model enters as an `LM` (apply + cache constructor + a few ids), so a fake model of known distribution can
 stand in for OPT in tests. Caches are pytrees of batch-leading arrays plus scalars shared by every row; beam
@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from collapse_jax import progress
 from collapse_jax.config import ConfigError
 
 METHODS = ("greedy", "sample", "beam")
@@ -349,6 +350,10 @@ def _program(lm: LM, cfg: DecodeConfig, mesh):
       i, ids_BxP, mask_BxP = args
       keys_B = jax.vmap(lambda r: jax.random.fold_in(key, r))(i * bs + jnp.arange(bs))
       out = generate_batch(lm, cfg, params, constrain(ids_BxP), constrain(mask_BxP), keys_B, kn)
+      real_B = jnp.any(mask_BxP > 0, axis=1)  # the last batch's filler rows are empty
+      new_tokens = jnp.sum((out["tokens"] != lm.pad_token_id) & real_B[:, None])
+      progress.report("decode", i, ids_MxBxP.shape[0], tag=key, unit="batch",
+                      amounts={"prompts": jnp.sum(real_B), "new tok": new_tokens})
       return jax.tree.map(constrain, out)
 
     return jax.lax.map(one, (jnp.arange(ids_MxBxP.shape[0]), ids_MxBxP, mask_MxBxP))

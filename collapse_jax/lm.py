@@ -12,8 +12,9 @@ samples.n must equal the number of training blocks; in accumulating regimes the 
 samples.n and the prompts are samples.n of its valid blocks drawn uniformly without replacement. 'real': the
 real training blocks every generation.
 
-Deviation in accumulating regimes: lm_train's epoch runs over the buffer's capacity; rows not yet valid carry
-mask 0 (no tokens, no gradient) but still take batch slots, and Adam steps on batches they fill entirely.
+Accumulating regimes hand `fit` a buffer of static capacity whose first rows are valid: lm_train's epoch
+batches only the valid rows, skips the steps past them, and the cosine runs over the valid rows' step count,
+so a generation trains exactly as on its valid rows alone.
 
 Metrics per generation: real test perplexity (`test_ppl`), the kept epoch's validation perplexity, its epoch and
 the last epoch's training loss; the perplexity of every training block of this generation under the generation-0
@@ -289,11 +290,9 @@ class LMFamily:
     z = jnp.zeros((), jnp.float32)
     return {"params": shared["init"], "train_loss": z, "valid_ppl": z, "best_epoch": jnp.zeros((), jnp.int32)}
 
-  def _blocks(self, ids_NxL, w_N=None):
-    mask = ids_NxL != self.model_cfg.pad_token_id  # tokens after an early EOS are pads: never trained on
-    if w_N is not None:
-      mask &= w_N[:, None] > 0
-    return {"ids": ids_NxL, "mask": mask.astype(jnp.int32)}
+  def _blocks(self, ids_NxL):
+    # Tokens after an early EOS are pads: never trained on. Rows of weight 0 are left out by their users.
+    return {"ids": ids_NxL, "mask": (ids_NxL != self.model_cfg.pad_token_id).astype(jnp.int32)}
 
   def _ppl(self, params, blocks):
     return lm_train.perplexity(params, blocks, model_cfg=self.model_cfg, eval_batch=self.c.eval_batch,
@@ -303,19 +302,21 @@ class LMFamily:
     init = shared["init"]
     start = init if self.c.start == "initial" else jax.tree.map(
         lambda a, b: jnp.where(g == 0, a, b), init, prev_model["params"])
-    steps = self.tcfg.epochs * lm_train.steps_per_epoch(x.shape[0], self.tcfg.batch_size)
-    tx = lm_train.make_optimizer(self.tcfg, steps)
+    B, E, valid_N = self.tcfg.batch_size, self.tcfg.epochs, w > 0
+    # The cosine runs over the valid rows' steps: a ragged buffer trains as its valid rows alone.
+    tx = lm_train.make_optimizer(self.tcfg, E * lm_train.steps_per_epoch(x.shape[0], B),
+                                 E * ((jnp.sum(valid_N, dtype=jnp.int32) + B - 1) // B))
     p_sh, rep = self._param_sh(start), sharding.replicated(self.mesh)
     o_sh = sharding.opt_state_shardings(jax.eval_shape(tx.init, start), start, p_sh, self.mesh)
     state_sh = lm_train.TrainState(rep, p_sh, o_sh, rep)
     state = lm_train.TrainState(jnp.zeros((), jnp.int32), start, tx.init(start), key)
-    train, valid = self._blocks(x, w), self._blocks(shared["valid"])
+    train, valid = self._blocks(x), self._blocks(shared["valid"])
 
     def epoch(carry, e):
       state, best, _ = carry
       state, m = lm_train.train_epoch(state, train, e, model_cfg=self.model_cfg, tx=tx,
-                                      batch_size=self.tcfg.batch_size,
-                                      batch_sharding=sharding.batch_sharding(self.mesh), state_shardings=state_sh)
+                                      batch_size=B, batch_sharding=sharding.batch_sharding(self.mesh),
+                                      state_shardings=state_sh, valid_N=valid_N, epochs=E)
       ppl = self._ppl(state.params, valid)
       better = ppl < best["valid_ppl"]  # NaN is never better: a diverged run keeps an earlier model
       new = {"params": state.params, "valid_ppl": ppl, "best_epoch": e + 1}
@@ -354,7 +355,7 @@ class LMFamily:
            "train_loss": model["train_loss"], "best_epoch": model["best_epoch"].astype(jnp.float32)}
     # This generation's training blocks (generation g-1's output, real at g = 0) scored by generation 0.
     x, w = train
-    nll_N, count_N = self._block_nll(model0["params"], self._blocks(x, w))
+    nll_N, count_N = self._block_nll(model0["params"], self._blocks(x))
     logppl_N = nll_N / jnp.maximum(count_N, 1.0)
     valid_N = w > 0
     n = jnp.maximum(jnp.sum(valid_N), 1)

@@ -8,6 +8,15 @@ mesh's batch axes. An epoch is one `lax.scan` over ceil(N / batch) steps in an o
 fold_in(shuffle key, epoch); the last batch's rows past N are masked (a DataLoader with drop_last=False: every
 block is seen once per epoch, the last step averages over fewer tokens).
 
+Ragged buffers (the accumulate regimes: a static capacity N, only some rows valid): the order puts the valid
+rows first, shuffled among themselves, and the steps past ceil(n_valid / batch) are skipped whole (lax.cond),
+so the parameters, Adam's moments and step count are those of training on the valid rows alone (given an
+optimizer whose schedule ends at the valid rows' steps: make_optimizer's valid_steps). The order is
+jax.random.permutation's algorithm (sorts by random 32-bit keys) with invalid rows sorted last: valid rows
+that form a prefix are visited as permutation(key, n_valid) would visit them (exactly while N and n_valid
+need the same number of sort rounds: both under 1,626 rows, or both under 2.6M), and a full buffer's order is
+permutation(key, N) itself.
+
 Loss: next-token cross-entropy (predict ids[1:] from ids[:-1], as HF's OPTForCausalLM with labels=input_ids),
 averaged over the batch's real tokens (a token counts where it and its predecessor are unmasked).
 
@@ -28,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from collapse_jax import sharding
+from collapse_jax import progress, sharding
 from collapse_jax.config import ConfigError
 from collapse_jax.models import opt as opt_model
 
@@ -129,14 +138,28 @@ def validate(tcfg: TrainConfig, model_cfg, train_blocks: dict, valid_blocks: dic
 
 
 # --- optimizer ----------------------------------------------------------------------------------------------------
-def schedule(tcfg: TrainConfig, total_steps: int):
-  return optax.warmup_cosine_decay_schedule(0.0, tcfg.lr, tcfg.warmup_steps, total_steps, tcfg.end_lr)
+def schedule(tcfg: TrainConfig, total_steps: int, valid_steps=None):
+  """Linear warmup from 0, cosine to end_lr at total_steps; with valid_steps (a traced count, a ragged buffer's
+  steps) the cosine ends there instead, and a full buffer (valid_steps == total_steps) gets the static schedule's
+  exact values (XLA rounds a division by a constant differently from one by an array)."""
+  static = optax.warmup_cosine_decay_schedule(0.0, tcfg.lr, tcfg.warmup_steps, total_steps, tcfg.end_lr)
+  if valid_steps is None:
+    return static
+  w, alpha = tcfg.warmup_steps, tcfg.end_lr / tcfg.lr
+
+  def traced(count):  # optax's arithmetic, step for step, with the total as an array
+    warm = (0.0 - tcfg.lr) * (1 - jnp.clip(count, 0, w) / w) + tcfg.lr if w else 0.0
+    c = jnp.minimum(count - w, valid_steps - w)
+    decayed = (1 - alpha) * (0.5 * (1 + jnp.cos(jnp.pi * c / (valid_steps - w)))) ** 1.0 + alpha
+    return jnp.where(count < w, warm, tcfg.lr * decayed)
+
+  return lambda count: jnp.where(valid_steps == total_steps, static(count), traced(count))
 
 
-def make_optimizer(tcfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(tcfg: TrainConfig, total_steps: int, valid_steps=None) -> optax.GradientTransformation:
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  adamw = optax.adamw(schedule(tcfg, total_steps), tcfg.b1, tcfg.b2, tcfg.eps, weight_decay=tcfg.weight_decay,
-                      mask=decay_mask)
+  adamw = optax.adamw(schedule(tcfg, total_steps, valid_steps), tcfg.b1, tcfg.b2, tcfg.eps,
+                      weight_decay=tcfg.weight_decay, mask=decay_mask)
   return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), adamw) if tcfg.grad_clip > 0 else adamw
 
 
@@ -181,26 +204,53 @@ def _constrain(tree, shardings):
   return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
 
+def shuffled(key, valid_N):
+  """Row indices, valid rows first in random order, then the invalid ones: jax.random.permutation's rounds of
+  sorts by random 32-bit keys (the same bits, the same rounds), with the invalid flag as the leading sort key."""
+  n = valid_N.shape[0]
+  rounds = math.ceil(3 * math.log(max(1, n)) / math.log(np.iinfo(np.uint32).max))
+  last_N, idx_N = (~valid_N).astype(jnp.uint32), jnp.arange(n, dtype=jnp.int32)
+  for _ in range(rounds):
+    key, sub = jax.random.split(key)
+    last_N, _, idx_N = jax.lax.sort((last_N, jax.random.bits(sub, (n,), jnp.uint32), idx_N), num_keys=2)
+  return idx_N
+
+
 def train_epoch(state: TrainState, blocks: dict, epoch, *, model_cfg, tx, batch_size: int, batch_sharding=None,
-                state_shardings=None):
+                state_shardings=None, valid_N=None, epochs: int | None = None):
   """One shuffled pass over `blocks` as a lax.scan of train_step; pure, so it can sit inside a bigger program.
 
+  valid_N: which rows are valid (a ragged buffer; None: all): the others are never batched and the steps they
+  would fill are skipped. epochs: the run's epoch count, for the progress lines only.
   Returns (state, {'loss': token-mean training loss of the epoch, 'tokens': predicted tokens}).
   """
   ids_NxL, mask_NxL = blocks["ids"], blocks["mask"]
   n, B = ids_NxL.shape[0], batch_size
   S = steps_per_epoch(n, B)
-  order = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(state.key, SHUFFLE), epoch), n)
+  ragged = valid_N is not None
+  valid_N = jnp.ones((n,), bool) if valid_N is None else valid_N > 0
+  n_valid = jnp.sum(valid_N, dtype=jnp.int32) if ragged else n
+  steps = (n_valid + B - 1) // B if ragged else S
+  order = shuffled(jax.random.fold_in(jax.random.fold_in(state.key, SHUFFLE), epoch), valid_N)
   order = jnp.pad(order, (0, S * B - n))
-  keep = (jnp.arange(S * B) < n).astype(mask_NxL.dtype)
+  keep = (jnp.arange(S * B) < n_valid).astype(mask_NxL.dtype)
 
-  def body(state, s):
+  def train(state, s):
     idx_B = jax.lax.dynamic_slice_in_dim(order, s * B, B)
     keep_B = jax.lax.dynamic_slice_in_dim(keep, s * B, B)
     batch = _constrain({"ids": ids_NxL[idx_B], "mask": mask_NxL[idx_B] * keep_B[:, None]}, batch_sharding)
     state, m = train_step(state, batch, model_cfg=model_cfg, tx=tx)
+    progress.report("lm train", s, steps, epoch=epoch, epochs=epochs, tag=state.key, shows={"loss": m["loss"]},
+                    amounts={"tok": m["tokens"]})
     # Keeps FSDP placement of the carry through the scan instead of leaving it to propagation.
     return _constrain(state, state_shardings), (m["nll"], m["tokens"])
+
+  def body(state, s):
+    if not ragged:
+      return train(state, s)
+    # Past the valid rows a batch would be all padding: no step, so Adam's count and moments stay put.
+    skip = lambda state, s: (state, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)))  # noqa: E731
+    return jax.lax.cond(s < steps, train, skip, state, s)
 
   state, (nll_S, tokens_S) = jax.lax.scan(body, state, jnp.arange(S))
   return state, {"loss": jnp.sum(nll_S) / jnp.maximum(jnp.sum(tokens_S), 1.0), "tokens": jnp.sum(tokens_S)}
@@ -269,7 +319,7 @@ def epoch_program(tcfg: TrainConfig, model_cfg, tx, state_sh, mesh):
   """train_epoch jitted for the mesh: (state, blocks, epoch) -> (state, metrics), the state donated."""
   rep = sharding.replicated(mesh)
   fn = functools.partial(train_epoch, model_cfg=model_cfg, tx=tx, batch_size=tcfg.batch_size,
-                         batch_sharding=sharding.batch_sharding(mesh), state_shardings=state_sh)
+                         batch_sharding=sharding.batch_sharding(mesh), state_shardings=state_sh, epochs=tcfg.epochs)
   return jax.jit(fn, in_shardings=(state_sh, rep, rep), out_shardings=(state_sh, rep), donate_argnums=0)
 
 

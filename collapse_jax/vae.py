@@ -12,7 +12,8 @@ rows of (x, w): each epoch sorts random keys with invalid rows pushed last, so t
 order are a uniform permutation of the valid rows; an epoch is ceil(n_valid / batch) steps (PyTorch's
 DataLoader with drop_last=False), the last batch masked where it runs past n_valid. The buffer capacity N is
 static, n_valid is not, so the scan runs ceil(N / batch) steps per epoch and skips (lax.cond) those past the
-valid count. Batches are sharded over the mesh's 'data' axis; parameters are replicated.
+valid count. Batches are sharded over the mesh's 'data' axis; parameters are replicated. Each step taken
+reports to collapse_jax.progress (epoch, step, loss per image, images/s).
 
 Metrics (evaluate): `latent_mean`, `latent_std` of the generation-0 encoder's latent means of N images decoded
 by this generation (the paper's Fig.: std 0.674 -> 0.433 over generations 1-5), their histogram `latent_hist`
@@ -29,7 +30,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from collapse_jax import sharding
+from collapse_jax import progress, sharding
 from collapse_jax.config import ConfigError
 from collapse_jax.models import vae as vae_model
 
@@ -165,7 +166,8 @@ class VAEFamily:
       bce_B, kl_B = vae_model.per_example_loss(self._module(params), x_BxHxWxC, eps_BxL)
       return jnp.sum(w_B * (bce_B + self.beta * kl_B))
 
-    def epoch(carry, k_epoch):
+    def epoch(carry, xs):
+      k_epoch, e = xs
       k_perm, k_steps = jax.random.split(k_epoch)
       order_N = jnp.argsort(jnp.where(w > 0, jax.random.uniform(k_perm, (N,)), 2.0))
       order = jnp.pad(order_N, (0, steps_cap * B - N))
@@ -186,6 +188,9 @@ class VAEFamily:
         params, opt = carry
         loss, grads = jax.value_and_grad(loss_fn)(params, self._batch(x_B), w_B, eps_BxL)
         updates, opt = self.tx.update(grads, opt, params)
+        images = jnp.sum(w_B)
+        progress.report("vae train", s, steps, epoch=e, epochs=self.epochs, tag=k_train,
+                        shows={"loss/img": loss / jnp.maximum(images, 1.0)}, amounts={"img": images})
         return (optax.apply_updates(params, updates), opt), loss
 
       def step(carry, s):
@@ -195,7 +200,8 @@ class VAEFamily:
       carry, loss_S = jax.lax.scan(step, carry, jnp.arange(steps_cap))
       return carry, jnp.sum(loss_S)
 
-    (params, _), loss_E = jax.lax.scan(epoch, (params, opt), jax.random.split(k_train, self.epochs))
+    k_epochs = jax.random.split(k_train, self.epochs)
+    (params, _), loss_E = jax.lax.scan(epoch, (params, opt), (k_epochs, jnp.arange(self.epochs)))
     return {"params": params, "train_loss": loss_E[-1] / jnp.maximum(n_valid, 1)}
 
   def _map_rows(self, fn, *xs):

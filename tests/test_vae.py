@@ -6,6 +6,7 @@ module (fixtures) and reused; training runs are a few small batches of the paper
 import functools
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from collapse_jax import config as config_lib, loop, sharding
+from collapse_jax import config as config_lib, loop, progress, sharding
 from collapse_jax import metrics as metrics_lib
 from collapse_jax.config import ConfigError
 from collapse_jax.models import vae as vae_model
@@ -269,7 +270,14 @@ def test_fit_matches_hand_adam_on_a_ragged_buffer(fresh, g, n_valid):
   valid[np.random.default_rng(g).choice(len(x), n_valid, replace=False)] = True
   x = np.where(valid[:, None, None, None], x, 0.77).astype(np.float32)  # junk where w = 0
   key = jax.random.PRNGKey(5)
-  got = f["fit"](jnp.asarray(x), jnp.asarray(valid, jnp.float32), key, f["model0"], jnp.int32(g), f["shared"])
+  lines, sink = [], progress.SINK
+  progress.SINK = lines.append
+  try:
+    with progress.every(0):
+      got = f["fit"](jnp.asarray(x), jnp.asarray(valid, jnp.float32), key, f["model0"], jnp.int32(g), f["shared"])
+      jax.block_until_ready(got)
+  finally:
+    progress.SINK = sink
   want, want_loss = _hand_fit(f["cfg"].vae, f["fam"], x, valid, key, f["model0"]["params"], g)
   np.testing.assert_allclose(got["train_loss"], want_loss, rtol=1e-4)
   init = jax.tree.leaves(f["fam"].init_model(jax.random.split(key)[0], {})["params"])
@@ -279,6 +287,11 @@ def test_fit_matches_hand_adam_on_a_ragged_buffer(fresh, g, n_valid):
   for (path, a), b, a0 in zip(jax.tree_util.tree_leaves_with_path(got["params"]), want, init):
     err = np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b - np.asarray(a0))
     assert err < 1e-3, (jax.tree_util.keystr(path), err)
+  # One progress line per step taken (every line with interval 0), none for the skipped steps.
+  E, steps = f["cfg"].vae.epochs, math.ceil(n_valid / f["cfg"].vae.batch_size)
+  counters = [tuple(map(int, m.groups())) for m in
+              (re.match(r"\[vae train\] epoch (\d+)/(\d+) step (\d+)/(\d+) ", ln) for ln in lines) if m]
+  assert counters == [(e, E, s, steps) for e in range(1, E + 1) for s in range(1, steps + 1)], lines
 
 
 def test_evaluate_metrics_match_hand_computation(fresh):

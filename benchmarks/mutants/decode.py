@@ -106,4 +106,8 @@ MUTANTS = [
     Mutant(name="opt_prefix_dropped_from_new_cache", file=OPT,
            old='      new_cache["prefix"] = shared', new='      pass',
            tests=(_SHARE,), why="the shared prompt is lost after the first step"),
+    Mutant(name="decode_progress_batch_fixed", file=D,
+           old='progress.report("decode", i, ids_MxBxP.shape[0]', new='progress.report("decode", 0, ids_MxBxP.shape[0]',
+           tests=("tests/test_progress.py::test_every_step_and_batch_printed_once",),
+           why="every decode batch reports as the first"),
 ]

@@ -1,6 +1,7 @@
 """Mutants of the LM trainer (collapse_jax/lm_train.py) and the LM sharding (collapse_jax/sharding.py): the loss's
-shift and mask, the optimizer and its schedule, the epoch's shuffle and remainder, key streams, perplexity's
-padding, best-on-validation, validation of input, and the FSDP placement."""
+shift and mask, the optimizer and its schedule, the epoch's shuffle and remainder, ragged buffers, key streams,
+perplexity's padding, best-on-validation, validation of input, and the FSDP placement; and the progress lines
+from inside compiled programs (collapse_jax/progress.py, with the trainer that reports to it)."""
 from benchmarks.mutants import Mutant
 
 _TRAIN, _SHARD = "collapse_jax/lm_train.py", "collapse_jax/sharding.py"
@@ -13,6 +14,15 @@ _HAND_CLIP = _HAND + "[0.0-0.05]"
 _EPOCH = _T + "test_epoch_sees_every_block_once_in_a_fresh_order"
 _BEST = _T + "test_keeps_the_epoch_best_on_validation"
 _BAD = _T + "test_bad_input_refused_before_compiling"
+_RAGGED = _T + "test_ragged_buffer_trains_as_its_valid_rows_alone"
+_RAGGED_EPOCH = _T + "test_ragged_epoch_batches_valid_rows_in_permutation_order_and_skips_the_rest"
+_TRACED = _T + "test_schedule_over_a_traced_step_count"
+_PROG, _P = "collapse_jax/progress.py", "tests/test_progress.py::"
+_P_ONCE = _P + "test_every_step_and_batch_printed_once"
+_P_LONG = _P + "test_long_interval_prints_first_and_last_only"
+_P_DEV = _P + "test_per_device_calls_print_each_step_once"
+_P_KEY = _P + "test_new_key_is_a_new_run_and_only_process_0_prints"
+_P_OFF = _P + "test_outputs_bit_identical_with_progress_off"
 
 MUTANTS = [
     Mutant(name="lm_loss_no_shift", file=_TRAIN,
@@ -30,8 +40,7 @@ MUTANTS = [
            new="tx = make_optimizer(tcfg, steps_per_epoch(n_train, tcfg.batch_size))",
            tests=(_HAND_WD,), why="the cosine decays over one epoch, not the run"),
     Mutant(name="lm_decay_on_all_params", file=_TRAIN,
-           old="weight_decay=tcfg.weight_decay,\n                      mask=decay_mask)",
-           new="weight_decay=tcfg.weight_decay)",
+           old="weight_decay=tcfg.weight_decay, mask=decay_mask)", new="weight_decay=tcfg.weight_decay)",
            tests=(_HAND_WD,), why="biases and LayerNorm scales decay too"),
     Mutant(name="lm_clip_ignored", file=_TRAIN,
            old="if tcfg.grad_clip > 0 else adamw", new="if False else adamw",
@@ -40,8 +49,8 @@ MUTANTS = [
            old='mask_NxL[idx_B] * keep_B[:, None]', new='mask_NxL[idx_B]',
            tests=(_EPOCH,), why="the last batch's padding rows (copies of block order[0]) are trained on"),
     Mutant(name="lm_shuffle_same_every_epoch", file=_TRAIN,
-           old="jax.random.fold_in(jax.random.fold_in(state.key, SHUFFLE), epoch), n)",
-           new="jax.random.fold_in(state.key, SHUFFLE), n)",
+           old="jax.random.fold_in(jax.random.fold_in(state.key, SHUFFLE), epoch), valid_N)",
+           new="jax.random.fold_in(state.key, SHUFFLE), valid_N)",
            tests=(_EPOCH,), why="every epoch visits the blocks in the same order"),
     Mutant(name="lm_dropout_same_every_step", file=_TRAIN,
            old="jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT), state.step)",
@@ -60,6 +69,63 @@ MUTANTS = [
     Mutant(name="lm_batch_shards_unchecked", file=_TRAIN,
            old="    if getattr(tcfg, f) % shards:", new="    if False:",
            tests=(_BAD,), why="a batch the mesh cannot split fails inside compilation"),
+    # --- ragged buffers (accumulate regimes): valid rows only, skipped steps, the schedule over the valid steps
+    Mutant(name="lm_ragged_steps_not_skipped", file=_TRAIN,
+           old="return jax.lax.cond(s < steps, train, skip, state, s)", new="return train(state, s)",
+           tests=(_RAGGED_EPOCH, _RAGGED), why="Adam steps on batches past the valid rows (all masked)"),
+    Mutant(name="lm_ragged_order_ignores_validity", file=_TRAIN,
+           old="jax.random.fold_in(state.key, SHUFFLE), epoch), valid_N)",
+           new="jax.random.fold_in(state.key, SHUFFLE), epoch), jnp.ones_like(valid_N))",
+           tests=(_RAGGED_EPOCH, _RAGGED), why="invalid rows are shuffled in among the valid ones"),
+    Mutant(name="lm_ragged_mask_capacity", file=_TRAIN,
+           old="keep = (jnp.arange(S * B) < n_valid)", new="keep = (jnp.arange(S * B) < n)",
+           tests=(_RAGGED,), why="the last valid batch is filled up with invalid rows, which train"),
+    Mutant(name="lm_shuffle_not_permutation", file=_TRAIN,
+           old="  for _ in range(rounds):", new="  for _ in range(rounds + 1):",
+           tests=(_EPOCH,), why="a full buffer's order is no longer jax.random.permutation's (replace runs change)"),
+    Mutant(name="lm_schedule_ignores_valid_steps", file=_TRAIN,
+           old="return lambda count: jnp.where(valid_steps == total_steps, static(count), traced(count))",
+           new="return static", tests=(_RAGGED,), why="a ragged buffer's cosine runs over the capacity's steps"),
+    Mutant(name="lm_schedule_always_traced", file=_TRAIN,
+           old="return lambda count: jnp.where(valid_steps == total_steps, static(count), traced(count))",
+           new="return traced", tests=(_TRACED,),
+           why="full buffers get the traced cosine, which rounds differently (replace results change)"),
+    # --- progress lines
+    Mutant(name="progress_callback_dropped", file=_PROG,
+           old="  if not ENABLED:\n    return\n", new="  if True:\n    return\n",
+           tests=(_P_ONCE,), why="nothing is reported"),
+    Mutant(name="progress_no_dedupe", file=_PROG,
+           old="    if run.calls[key] > 1:", new="    if False:",
+           tests=(_P_DEV,), why="per-device callbacks print a step once per device"),
+    Mutant(name="progress_copies_ignored", file=_PROG,
+           old="copies = 1 if mesh.empty else", new="copies = 1 if True else",
+           tests=(_P_DEV,), why="a device's copy of the first step starts a new run"),
+    Mutant(name="progress_rerun_silent", file=_PROG,
+           old="and run.calls.get(key, 0) >= st.copies", new="and False",
+           tests=(_P_DEV,), why="a rerun with the same key prints nothing"),
+    Mutant(name="progress_counter_from_0", file=_PROG,
+           old='where = f"{st.unit} {step + 1}/{steps}"', new='where = f"{st.unit} {step}/{steps}"',
+           tests=(_P_ONCE,), why="steps counted from 0"),
+    Mutant(name="progress_no_rate_limit", file=_PROG,
+           old="now - run.t_line >= EVERY_S", new="now - run.t_line >= 0",
+           tests=(_P_LONG,), why="every report prints whatever the interval"),
+    Mutant(name="progress_last_not_forced", file=_PROG,
+           old="or done == total)", new=")",
+           tests=(_P_LONG,), why="a phase's last step is dropped by the rate limit"),
+    Mutant(name="progress_every_process", file=_PROG,
+           old="  if jax.process_index() != 0:\n    return", new="  if False:\n    return",
+           tests=(_P_KEY,), why="every process prints"),
+    Mutant(name="progress_negative_interval_accepted", file=_PROG,
+           old="  if not value >= 0:  # NaN too", new="  if False:",
+           tests=(_P + "test_bad_interval_env_is_refused",), why="a bad COLLAPSE_JAX_PROGRESS_EVERY is taken as is"),
+    Mutant(name="progress_epoch_not_passed", file=_TRAIN,
+           old='progress.report("lm train", s, steps, epoch=epoch,', new='progress.report("lm train", s, steps, epoch=0,',
+           tests=(_P_ONCE,), why="the trainer reports every epoch as the first"),
+    Mutant(name="progress_changes_numerics", file=_TRAIN,
+           old="state, m = train_step(state, batch, model_cfg=model_cfg, tx=tx)",
+           new="state, m = train_step(state, jax.tree.map(lambda a: a[::-1], batch) if progress.ENABLED else batch, "
+           "model_cfg=model_cfg, tx=tx)",
+           tests=(_P_OFF,), why="the progress path changes what is computed (here: the batch's row order)"),
     Mutant(name="shard_no_divisibility", file=_SHARD,
            old="      if dim % _axis_size(mesh, axis) == 0:", new="      if True:",
            tests=(_S + "test_logical_spec_rules",),

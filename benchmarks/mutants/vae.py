@@ -33,7 +33,7 @@ MUTANTS = [
            old="optax.adam(c.lr)", new="optax.adam(1e-3)",
            tests=(_HAND0,), why="config.vae.lr is not honoured (Adam's usual default instead)"),
     Mutant(name="vae_epochs_ignored", file=_FAMILY,
-           old="jax.random.split(k_train, self.epochs)", new="jax.random.split(k_train, 1)",
+           old="(k_epochs, jnp.arange(self.epochs))", new="(k_epochs[:1], jnp.arange(1))",
            tests=(_HAND0,), why="config.vae.epochs is not honoured (one epoch)"),
     # --- batches: order, ragged last batch, skipped steps, keys
     Mutant(name="vae_ragged_mask_off_by_one", file=_FAMILY,
@@ -117,4 +117,7 @@ MUTANTS = [
            new='for field in ("batch_size",):\n      if c[field] % n_dev:',
            tests=(_T + "test_batches_must_divide_over_devices",),
            why="an eval_batch that does not split over the devices reaches the compiler"),
+    Mutant(name="vae_progress_counts_capacity", file=_FAMILY,
+           old='progress.report("vae train", s, steps,', new='progress.report("vae train", s, steps_cap,',
+           tests=(_HAND1,), why="progress counts the buffer's capacity, not the steps taken"),
 ]
