@@ -23,13 +23,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from collapse_jax import paths
 from collapse_jax.config import ConfigError
 
 
 class Checkpoints:
 
   def __init__(self, workdir: str, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = paths.abspath(os.path.join(workdir, "checkpoints"))  # a gs:// URL goes to Orbax as is
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -42,6 +43,10 @@ class Checkpoints:
     """Start saving `state` as `step` (after the previous save has landed); returns before it is on disk."""
     self.wait()  # Orbax would wait too; waiting here first makes a failed earlier save raise before a new one
     self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+
+  def busy(self) -> bool:
+    """A save is still being written."""
+    return self._manager.is_saving_in_progress()
 
   def wait(self) -> None:
     """Block until the last save is on disk; raises if it failed."""
@@ -79,7 +84,7 @@ class Checkpoints:
     if not bad:
       return
     for step, path, _ in bad:
-      os.replace(path, os.path.join(self.directory, f"unreadable-{step}"))
+      paths.rename(path, os.path.join(self.directory, f"unreadable-{step}"))
     self._manager.reload()
 
   def close(self) -> None:

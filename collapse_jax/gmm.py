@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax import em
+from collapse_jax import em, paths
 from collapse_jax import config as config_lib
 from collapse_jax.config import ConfigError
 
@@ -106,5 +106,5 @@ class GMMFamily:
       ax.set_aspect("equal")
       ax.tick_params(labelsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "plots", "gmm_snapshots.png"), dpi=110)
+    paths.savefig(fig, os.path.join(workdir, "plots", "gmm_snapshots.png"), dpi=110)
     plt.close(fig)

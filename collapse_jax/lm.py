@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax import decode, lm_train, sharding
+from collapse_jax import decode, lm_train, paths, sharding
 from collapse_jax.config import ConfigError
 from collapse_jax.models import opt as opt_model
 
@@ -416,13 +416,12 @@ class LMFamily:
   def plot(self, workdir, metrics, arrays, snapshots):
     conts = arrays.get("text_continuations")
     if conts is not None and conts.size:
-      os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+      paths.makedirs(os.path.join(workdir, "samples"))
       prompts = self._load()["prompts"]
       for g, rows in enumerate(conts):
         parts = [f"=== prompt {i} ===\n{self._text(p)}\n--- generation {g} continues ---\n{self._text(r)}\n"
                  for i, (p, r) in enumerate(zip(prompts, rows))]
-        with open(os.path.join(workdir, "samples", f"gen_{g:04d}.txt"), "w") as fh:
-          fh.write("\n".join(parts))
+        paths.write_atomic(os.path.join(workdir, "samples", f"gen_{g:04d}.txt"), "\n".join(parts))
     hist = arrays.get("data_logppl0_hist")
     if hist is None or not len(hist):
       return
@@ -439,5 +438,5 @@ class LMFamily:
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "plots", "lm_data_ppl0.png"), dpi=110)
+    paths.savefig(fig, os.path.join(workdir, "plots", "lm_data_ppl0.png"), dpi=110)
     plt.close(fig)

@@ -4,10 +4,12 @@ Generation g: build the training set from the regime's buffers -> fit -> evaluat
 the buffers for g+1. A chunk of `checkpoint_every` generations is one compiled `lax.scan`; chains (independent
 replicas) are vmapped inside it and split over the device mesh, or, for single-chain families, the family shards
 its batches. After each chunk the carry and the history go to an Orbax checkpoint, saved in the background while the
-next chunk runs, and the chunk's lines are appended to metrics.jsonl; a killed run resumes from the last checkpoint
-on disk (metrics.jsonl cut or completed to match it) and ends bit-identical to an uninterrupted one. A chunk whose
-metrics hold a NaN or infinity (any family's loss or metric) stops the run with a one-line NonFiniteError naming
-the generation and the metric, before that chunk is checkpointed or written to metrics.jsonl.
+next chunk runs (a chunk that ends while that save is still being written, or less than checkpoint_min_seconds
+after it started, is not saved; the last chunk always is), and the chunk's lines are appended to metrics.jsonl; a
+killed run resumes from the last checkpoint on disk (metrics.jsonl cut or completed to match it) and ends
+bit-identical to an uninterrupted one. A chunk whose metrics hold a NaN or infinity (any family's loss or metric)
+stops the run with a one-line NonFiniteError naming the generation and the metric, before that chunk is
+checkpointed or written to metrics.jsonl.
 
 Meshes and shardings: the 1-D 'data' mesh unless the family builds its own (`make_mesh`); a single-chain family
 may place its models and shared arrays (`model_shardings`, `shared_shardings`; the LM splits them over 'fsdp').
@@ -24,11 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax import checkpoint, config as config_lib, metrics as metrics_lib, plots, regimes, registry
-from collapse_jax import sharding
+from collapse_jax import paths, sharding
 from collapse_jax.config import ConfigError
 
 # Fields that may change between a run and its resumption without changing any result.
-_RESUMABLE_CHANGES = {"plots", "num_devices", "keep_checkpoints", "checkpoint_every", "chain_batch"}
+_RESUMABLE_CHANGES = {"plots", "num_devices", "keep_checkpoints", "checkpoint_every", "checkpoint_min_seconds",
+                      "chain_batch"}
 
 
 class Experiment:
@@ -200,10 +203,9 @@ def _config_diff(old: dict, new: dict, prefix="") -> list[str]:
 
 def _check_resumable(workdir: str, cfg_json: dict, has_checkpoints: bool) -> None:
   path = os.path.join(workdir, "config.json")
-  if not (has_checkpoints and os.path.exists(path)):
+  if not (has_checkpoints and paths.exists(path)):
     return
-  with open(path) as fh:
-    old = json.load(fh)
+  old = json.loads(paths.read_text(path))
   diff = _config_diff(old, cfg_json)
   if diff:
     raise ConfigError(f"workdir {workdir} holds a run with another config: {', '.join(diff)}; use a new --workdir")
@@ -271,7 +273,7 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
 
   L = cfg.checkpoint_every
   t0, done_since = time.time(), 0
-  t_first = None
+  t_first, last_save = None, None
   try:  # every exit, the errors included, awaits the save in flight (Checkpoints.close)
     for s in range(start, G, L):
       e = min(s + L, G)
@@ -291,9 +293,12 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
         if s <= g < e:
           history["snapshots"][i] = snap[g - s]
       history["next_gen"] = np.asarray(e, np.int64)
-      # Returns once the state is off the device and copied (checkpoint.py), so the next chunk can donate the
-      # carry and this loop can fill the history while the files are written.
-      ckpts.save(e, {"carry": exp.store_carry(carry), "history": checkpoint.pack_host(history)})
+      stop = e >= G or (stop_after is not None and e >= stop_after)
+      if stop or _save_due(cfg.checkpoint_min_seconds, last_save, ckpts):
+        last_save = time.monotonic()
+        # Returns once the state is off the device and copied (checkpoint.py), so the next chunk can donate the
+        # carry and this loop can fill the history while the files are written.
+        ckpts.save(e, {"carry": exp.store_carry(carry), "history": checkpoint.pack_host(history)})
       if jsonl:  # may land before the checkpoint: a resume from an older one truncates the file (jsonl.sync)
         jsonl.append(history, s, e)
       now = time.time()
@@ -312,6 +317,12 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
   if cfg.plots and jax.process_index() == 0:
     make_plots(workdir, exp, history)
   return history
+
+
+def _save_due(min_seconds: float, last_save: float | None, ckpts) -> bool:
+  if min_seconds == 0 or last_save is None:
+    return True
+  return time.monotonic() - last_save >= min_seconds and not ckpts.busy()
 
 
 class NonFiniteError(ConfigError):
@@ -353,6 +364,6 @@ class _MetricsFile:
 def make_plots(workdir, exp, history):
   by_stat = {k: {s: v[:, i] for i, s in enumerate(exp.stats)} for k, v in history["metrics"].items()}
   snaps = {g: history["snapshots"][i] for i, g in enumerate(exp.snap_gens)}
-  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+  paths.makedirs(os.path.join(workdir, "plots"))
   plots.metric_bands(workdir, exp.family.name, by_stat, exp.family.metric_names, exp.cfg.chains)
   exp.family.plot(workdir, by_stat, history["arrays"], snaps)

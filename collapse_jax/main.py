@@ -14,7 +14,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment: NAME[:ARG] (e.g. gmm:quick; --help lists them) or a config file PATH[:ARG] "
     "(e.g. configs/gmm.py:quick); fields are overridden by --config.FIELD=VALUE.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config.json, metrics.jsonl, checkpoints/, plots/.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory, local or gs://bucket/path: config.json, "
+                               "metrics.jsonl, checkpoints/, plots/.")
 _DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False,
                                  "Call jax.distributed.initialize() first (Cloud TPU slices, SLURM, or the flags "
                                  "below); on CPU, collectives go through gloo.")

@@ -1,16 +1,17 @@
 """Per-generation metrics: aggregation over chains (on device) and metrics.jsonl (on the host).
 
-metrics.jsonl grows by appends of whole lines (one write, then fsync) rather than a rewrite per chunk, whose cost
+metrics.jsonl grows by appends of whole lines (one write) rather than a rewrite per chunk, whose cost
 grows with the run. A kill can still leave it out of step with the checkpoints (lines the newest checkpoint does
 not hold, lines it holds that were never appended, a torn last line), so a run starts by `sync_jsonl`: the file
 becomes exactly the lines of the generations its checkpoint holds, rebuilt from the checkpointed history.
 """
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from collapse_jax import paths
 
 
 def stat_names(quantiles) -> tuple[str, ...]:
@@ -48,39 +49,29 @@ def jsonl_lines(history: dict, stats: tuple[str, ...], start: int, stop: int, co
 
 
 def append_lines(path: str, text: str) -> None:
-  """Append complete lines in one write, durable on return. A kill mid-write can tear the last line; the next
+  """Append complete lines in one write (paths.append_text). A kill mid-write can tear the last line; the next
   run's sync_jsonl repairs it."""
-  with open(path, "a") as fh:
-    fh.write(text)
-    fh.flush()
-    os.fsync(fh.fileno())
+  paths.append_text(path, text)
 
 
 def sync_jsonl(path: str, text: str) -> None:
   """Make `path` hold exactly `text` (the lines a restored checkpoint holds), rewriting it atomically only when
   it differs, so a finished run's file is left untouched."""
   try:
-    with open(path) as fh:
-      if fh.read() == text:
-        return
+    if paths.read_text(path) == text:
+      return
   except (FileNotFoundError, UnicodeDecodeError):
     pass
   write_atomic(path, text)
 
 
 def write_atomic(path: str, text: str) -> None:
-  """Replace `path` in one rename so a crash never leaves a half-written file behind."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as fh:
-    fh.write(text)
-    fh.flush()
-    os.fsync(fh.fileno())
-  os.replace(tmp, path)
+  """Replace `path` whole so a crash never leaves a half-written file behind (local or gs://: paths.py)."""
+  paths.write_atomic(path, text)
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path) as fh:
-    return [json.loads(line) for line in fh if line.strip()]
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def to_host(tree):

@@ -8,6 +8,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 
+from collapse_jax import paths  # noqa: E402
+
 
 def metric_bands(workdir: str, name: str, by_stat: dict, order, n_chains: int, overlays: dict | None = None,
                  filename: str | None = None) -> str:
@@ -41,6 +43,6 @@ def metric_bands(workdir: str, name: str, by_stat: dict, order, n_chains: int, o
   fig.suptitle(f"{name}: {n_chains} chain{'s' if n_chains > 1 else ''}")
   fig.tight_layout()
   path = os.path.join(workdir, "plots", filename or f"{name}_metrics.png")
-  fig.savefig(path, dpi=110)
+  paths.savefig(fig, path, dpi=110)
   plt.close(fig)
   return path

@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from collapse_jax import progress, sharding
+from collapse_jax import paths, progress, sharding
 from collapse_jax.config import ConfigError
 from collapse_jax.models import vae as vae_model
 
@@ -254,7 +254,7 @@ class VAEFamily:
     import matplotlib.pyplot as plt
 
     out = os.path.join(workdir, "plots")
-    os.makedirs(out, exist_ok=True)
+    paths.makedirs(out)
     for g, x_KxHxWxC in sorted(snapshots.items()):
       k = x_KxHxWxC.shape[0]
       if not k:
@@ -266,7 +266,7 @@ class VAEFamily:
         r, c = divmod(i, cols)
         grid[1 + 29 * r:29 * (r + 1), 1 + 29 * c:29 * (c + 1)] = x_KxHxWxC[i, :, :, 0]
       grid = np.kron(np.clip(grid, 0, 1), np.ones((3, 3), np.float32))  # 3x: 28-pixel digits are too small to read
-      plt.imsave(os.path.join(out, f"vae_samples_gen{g:04d}.png"), grid, cmap="gray", vmin=0, vmax=1)
+      paths.imsave(os.path.join(out, f"vae_samples_gen{g:04d}.png"), grid, cmap="gray", vmin=0, vmax=1)
     hist = arrays.get("latent_hist")
     if hist is None or not len(hist):
       return
@@ -283,5 +283,5 @@ class VAEFamily:
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "vae_latent_density.png"), dpi=110)
+    paths.savefig(fig, os.path.join(out, "vae_latent_density.png"), dpi=110)
     plt.close(fig)

@@ -5,7 +5,8 @@
 # CONFIG is an experiment NAME[:ARG] (collapse-jax --help lists them) or a config file PATH[:ARG] in the clone.
 # On a multi-host slice every worker runs the program with --jax_distributed (jax.distributed.initialize()
 # finds the coordinator from the TPU metadata); Orbax writes the checkpoints, process 0 the metrics and plots.
-# The workdir must be reachable from every worker (a gs:// path or a shared filesystem).
+# The workdir must be reachable from every worker (a gs:// path or a shared filesystem); gs:// goes through gcsfs
+# (config, metrics, plots) and tensorstore (Orbax's arrays) with the VM's credentials. Other schemes are refused.
 # REPO_URL: what the workers clone (default: this checkout's origin).
 set -euo pipefail
 if [[ ${1:-} == --dry-run ]]; then DRY_RUN=1; shift; fi
@@ -30,6 +31,6 @@ run() {  # DRY_RUN=1: print the command, quoted so that it can be pasted, instea
 # The workers' shell parses the remote script again: each word is quoted, so that a workdir or an override with
 # spaces or shell characters arrives there as one argument.
 remote="{ [ -d collapse_jax ] || git clone $(quote "$repo") collapse_jax; } && cd collapse_jax && git pull -q \
-&& python3 -m pip install -q -e . 'jax[tpu]' \
+&& python3 -m pip install -q -e . gcsfs 'jax[tpu]' \
 && $(quote python3 -m collapse_jax.main --jax_distributed --config="$config" --workdir="$workdir" "$@")"
 run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="$remote"

@@ -102,7 +102,8 @@ def test_saves_are_asynchronous_the_next_chunk_starts_before_the_save_is_done(tm
   monkeypatch.setattr(ocp.CheckpointManager, "_finalize", held_finalize)
   monkeypatch.setattr(checkpoint.Checkpoints, "close", closing)
   monkeypatch.setattr(loop.Experiment, "chunk_fn", spied_chunk_fn)
-  cfg = load_config("gaussian", "100", generations=12, chains=3, checkpoint_every=4, plots=False)
+  cfg = load_config("gaussian", "100", generations=12, chains=3, checkpoint_every=4, plots=False,
+                    checkpoint_min_seconds=0)
   loop.run(cfg, str(tmp_path / "run"))
   assert log == [("chunk", 0), ("chunk", 4), ("saved", 4), ("chunk", 8), ("saved", 8), ("saved", 12)], log
   assert released == {4: True, 8: True, 12: True}

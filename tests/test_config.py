@@ -29,6 +29,8 @@ BAD = [
     ("checkpoint_every", 2.0, "must be a positive integer"),
     ("keep_checkpoints", 1, "must be >= 2"),
     ("keep_checkpoints", 0, "must be a positive integer"),
+    ("checkpoint_min_seconds", -1, "must be a finite number >= 0"),
+    ("checkpoint_min_seconds", float("inf"), "must be a finite number >= 0"),
     ("samples.n", 0, "must be a positive integer"),
     ("num_devices", -1, "must be a non-negative integer"),
     ("chain_batch", -1, "must be a non-negative integer"),

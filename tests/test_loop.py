@@ -8,14 +8,14 @@ import jax
 import numpy as np
 import pytest
 
-from collapse_jax import loop
+from collapse_jax import checkpoint, loop
 from collapse_jax.config import ConfigError
 from collapse_jax import metrics as metrics_lib
 from tests.helpers import cli, load_config, sigkill_then_resume
 
 
 def _gauss(**kw):
-  base = dict(generations=12, chains=13, checkpoint_every=4, plots=False)
+  base = dict(generations=12, chains=13, checkpoint_every=4, plots=False, checkpoint_min_seconds=0)
   base.update(kw)
   return load_config("gaussian", "100", **base)
 
@@ -167,6 +167,27 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
   ref, resumed, done = sigkill_then_resume(tmp_path, args, min_checkpoints=2, timeout=120)
   assert 0 < done < 300
   assert resumed == ref
+
+
+@pytest.mark.parametrize("why", ["busy", "recent"])
+def test_a_chunk_is_not_saved_while_a_save_is_busy_or_recent_but_a_stop_and_the_last_one_are(
+    tmp_path, monkeypatch, why):
+  # Orbax made to look busy at every chunk's end, or a minimum interval no chunk reaches: after the run's first
+  # chunk only the stop_after chunk and the last one are saved, and the run resumed from the stop_after
+  # checkpoint still ends identical to an uninterrupted one.
+  cfg = lambda: _gauss(checkpoint_every=2, checkpoint_min_seconds=1e-9 if why == "busy" else 3600.0)
+  exp = loop.Experiment(cfg())
+  full = loop.run(cfg(), str(tmp_path / "full"), experiment=exp)
+  monkeypatch.setattr(checkpoint.Checkpoints, "busy", lambda self: why == "busy")
+  wd = str(tmp_path / "cut")
+  loop.run(cfg(), wd, stop_after=8, experiment=exp)
+  ck = os.path.join(wd, "checkpoints")
+  assert sorted(int(s) for s in os.listdir(ck) if s.isdigit()) == [2, 8]
+  resumed = loop.run(cfg(), wd, experiment=exp)
+  assert sorted(int(s) for s in os.listdir(ck) if s.isdigit()) == [8, 10, 12]  # keep_checkpoints=3
+  for k in full["metrics"]:
+    np.testing.assert_array_equal(full["metrics"][k], resumed["metrics"][k], err_msg=k)
+  assert _jsonl(wd) == _jsonl(str(tmp_path / "full"))
 
 
 @pytest.mark.parametrize("case", ["append_landed_save_did_not", "save_landed_append_did_not", "torn_last_line"])

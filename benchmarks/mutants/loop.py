@@ -17,6 +17,8 @@ LOOP, REG, CFG = "collapse_jax/loop.py", "collapse_jax/regimes.py", "collapse_ja
 MET = "collapse_jax/metrics.py"
 CKPT = "collapse_jax/checkpoint.py"
 _RESYNC = "tests/test_loop.py::test_metrics_jsonl_follows_the_checkpoint_after_a_kill_byte_for_byte"
+_SKIP = ("tests/test_loop.py::"
+         "test_a_chunk_is_not_saved_while_a_save_is_busy_or_recent_but_a_stop_and_the_last_one_are")
 _ASYNC = "tests/test_checkpoint.py::test_saves_are_asynchronous_the_next_chunk_starts_before_the_save_is_done"
 _HOST_PACK = "tests/test_checkpoint.py::test_host_pack_round_trips_bit_for_bit"
 _CHAIN_PACK = "tests/test_checkpoint.py::test_chain_packer_round_trips_through_async_checkpoints_onto_another_mesh"
@@ -79,9 +81,20 @@ MUTANTS = [
            old="    jsonl.sync(history, start)\n", new="    pass\n",
            tests=(_RESYNC,), why="a resumed run appends to a file that is ahead of, behind or torn past its checkpoint"),
     Mutant(name="loop_jsonl_sync_keeps_a_longer_file", file=MET,
-           old="if fh.read() == text:", new="if fh.read().startswith(text):",
+           old="if paths.read_text(path) == text:", new="if paths.read_text(path).startswith(text):",
            tests=(f"{_RESYNC}[append_landed_save_did_not]", f"{_RESYNC}[torn_last_line]"),
            why="lines past the checkpoint (or a torn line) survive the resume"),
+    Mutant(name="loop_save_while_busy", file=LOOP,
+           old="return time.monotonic() - last_save >= min_seconds and not ckpts.busy()",
+           new="return time.monotonic() - last_save >= min_seconds",
+           tests=(f"{_SKIP}[busy]",), why="a chunk is saved while the previous save is still being written"),
+    Mutant(name="loop_save_ignores_min_seconds", file=LOOP,
+           old="return time.monotonic() - last_save >= min_seconds and not ckpts.busy()",
+           new="return not ckpts.busy()", tests=(f"{_SKIP}[recent]",),
+           why="checkpoint_min_seconds has no effect"),
+    Mutant(name="loop_stop_chunk_may_be_skipped", file=LOOP,
+           old="if stop or _save_due(", new="if _save_due(", tests=(f"{_SKIP}[busy]",),
+           why="the run's last chunk (or a stop) can end without a checkpoint"),
     Mutant(name="loop_jsonl_append_from_generation_0", file=LOOP,
            old="jsonl.append(history, s, e)", new="jsonl.append(history, 0, e)",
            tests=("tests/test_loop.py::test_metrics_jsonl_and_config_written",),

@@ -1,0 +1,62 @@
+"""gcp-storage-emulator with the object generations that tensorstore (Orbax's array writer) relies on.
+
+Real GCS sends `x-goog-generation` with every media download and honours the `ifGenerationMatch` /
+`ifGenerationNotMatch` preconditions; tensorstore's OCDBT driver reads its manifest conditionally and creates it
+with ifGenerationMatch=0. The emulator does neither, so a checkpoint save fails now and then with "Malformed
+StorageGeneration". This wrapper adds both (the emulator serves one request at a time, so check-then-write is
+atomic) and then runs the emulator's own CLI:
+  python tests/gcs_emulator.py start --host=127.0.0.1 --port=PORT --in-memory --default-bucket=NAME
+"""
+import sys
+from http import HTTPStatus
+
+from gcp_storage_emulator.exceptions import NotFound
+from gcp_storage_emulator.handlers import objects  # patched before the server module builds its routes
+
+_download, _insert = objects.download, objects.insert
+
+
+def _generation(request, storage) -> str:
+  try:
+    return str(storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])["generation"])
+  except NotFound:
+    return "0"
+
+
+def _arg(request, name):
+  v = request.query.get(name)
+  return v[0] if v else None
+
+
+def download(request, response, storage, *args, **kwargs):
+  gen = _generation(request, storage)
+  if gen != "0":
+    match, not_match = _arg(request, "ifGenerationMatch"), _arg(request, "ifGenerationNotMatch")
+    if match is not None and match != gen:
+      response.status = HTTPStatus.PRECONDITION_FAILED
+      return
+    response["x-goog-generation"] = gen
+    response["x-goog-metageneration"] = "1"
+    if not_match is not None and not_match == gen:
+      response.status = HTTPStatus.NOT_MODIFIED
+      return
+  return _download(request, response, storage, *args, **kwargs)
+
+
+def insert(request, response, storage, *args, **kwargs):
+  match, name = _arg(request, "ifGenerationMatch"), _arg(request, "name")
+  if match is not None and name is not None:
+    request.params["object_id"] = name
+    gen = _generation(request, storage)
+    del request.params["object_id"]
+    if match != gen:
+      response.status = HTTPStatus.PRECONDITION_FAILED
+      return
+  return _insert(request, response, storage, *args, **kwargs)
+
+
+objects.download, objects.insert = download, insert
+
+if __name__ == "__main__":
+  from gcp_storage_emulator.__main__ import main
+  sys.exit(main(sys.argv[1:]))
