@@ -163,6 +163,17 @@ def warp(cfg: DecodeConfig, kn, scores_RxV):
   return scores_RxV
 
 
+def _draw(cfg: DecodeConfig, kn, keys_B, scores_BxV):
+  """One sampled token per row. With top-k on, only the k best scores are warped and drawn from: the same law as
+  warping all V (every other token has probability 0; of tokens tied with the k-th, exactly k are kept), but the
+  top-p sort and the draw's random numbers cover k entries instead of the vocabulary (on CPU most of a step)."""
+  if 0 < cfg.top_k < scores_BxV.shape[-1]:
+    top_BxK, idx_BxK = jax.lax.top_k(scores_BxV, cfg.top_k)
+    j_B = jax.vmap(jax.random.categorical)(keys_B, warp(dataclasses.replace(cfg, top_k=0), kn, top_BxK))
+    return jnp.take_along_axis(idx_BxK, j_B[:, None], axis=-1)[:, 0]
+  return jax.vmap(jax.random.categorical)(keys_B, warp(cfg, kn, scores_BxV))
+
+
 def _seen(ids_BxL, mask_BxL, vocab: int):
   """Tokens each row has seen (its real prompt tokens), for the repetition penalty."""
   b = ids_BxL.shape[0]
@@ -194,8 +205,7 @@ def _sample_batch(lm: LM, cfg: DecodeConfig, kn, params, ids_BxP, mask_BxP, keys
     if cfg.method == "greedy":
       tok_B = jnp.argmax(scores_BxV, axis=-1)
     else:
-      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys_B)
-      tok_B = jax.vmap(jax.random.categorical)(step_keys, warp(cfg, kn, scores_BxV))
+      tok_B = _draw(cfg, kn, jax.vmap(lambda k: jax.random.fold_in(k, t))(keys_B), scores_BxV)
     tok_B = jnp.where(done_B, lm.pad_token_id, tok_B).astype(jnp.int32)
     return tok_B, _mark(seen_BxV, tok_B), done_B | (tok_B == kn["eos"])
 

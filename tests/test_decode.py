@@ -178,7 +178,8 @@ def test_beam_search_equals_exhaustive_search(eos, kw):
 
 # --- sampling ------------------------------------------------------------------------------------------------------
 
-LOGITS = np.log(np.array([0.22, 0.18, 0.14, 0.12, 0.1, 0.08, 0.06, 0.05, 0.03, 0.02]))
+# Not sorted: a sampler that returns a token's rank instead of its id (e.g. after top-k) draws the wrong law.
+LOGITS = np.log(np.array([0.08, 0.22, 0.03, 0.14, 0.02, 0.18, 0.06, 0.12, 0.05, 0.1]))
 
 
 def expected_law(logits, temperature=1.0, top_k=0, top_p=1.0, spare=0):

@@ -110,4 +110,11 @@ MUTANTS = [
            old='progress.report("decode", i, ids_MxBxP.shape[0]', new='progress.report("decode", 0, ids_MxBxP.shape[0]',
            tests=("tests/test_progress.py::test_every_step_and_batch_printed_once",),
            why="every decode batch reports as the first"),
+    Mutant(name="decode_topk_draw_returns_rank", file=D,
+           old="    return jnp.take_along_axis(idx_BxK, j_B[:, None], axis=-1)[:, 0]", new="    return j_B",
+           tests=(_CHI,), why="with top-k on, the sampler returns a token's rank among the k, not its id"),
+    Mutant(name="decode_topk_draw_skips_top_p", file=D,
+           old="warp(dataclasses.replace(cfg, top_k=0), kn, top_BxK)",
+           new="warp(dataclasses.replace(cfg, top_k=0, top_p=1.0), kn, top_BxK)",
+           tests=(_CHI,), why="top-p is ignored whenever top-k is on"),
 ]
