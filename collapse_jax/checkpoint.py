@@ -64,10 +64,13 @@ class Checkpoints:
     bad = []
     for step in reversed(self.steps()):
       try:
-        state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        state, why = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state)), None
       except Exception as e:  # Orbax/tensorstore raise many types for unreadable files; all mean "skip it".
         lines = [l for l in str(e).strip().splitlines() if l.strip()]
         why = (lines[0][:200] if lines else type(e).__name__)
+      if _anywhere(why is not None) and why is None:
+        why = "unreadable on another process"
+      if why is not None:
         path = os.path.join(self.directory, str(step))
         logging.warning("checkpoint %s is unreadable (%s)", path, why)
         print(f"warning: checkpoint {path} is unreadable ({why}); trying an earlier one", flush=True)
@@ -83,13 +86,25 @@ class Checkpoints:
   def _set_aside(self, bad) -> None:
     if not bad:
       return
-    for step, path, _ in bad:
-      paths.rename(path, os.path.join(self.directory, f"unreadable-{step}"))
+    if jax.process_index() == 0:  # one process moves the shared directories; the others wait for it
+      for step, path, _ in bad:
+        paths.rename(path, os.path.join(self.directory, f"unreadable-{step}"))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("collapse_jax checkpoints set aside")
     self._manager.reload()
 
   def close(self) -> None:
     """Await the save in flight (a run may only end, by success or error, with its last save on disk)."""
     self._manager.close()
+
+
+def _anywhere(flag: bool) -> bool:
+  """True on every process if `flag` is true on any: all processes must agree on which step they restore."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
 
 
 def abstract(shapes, shardings):

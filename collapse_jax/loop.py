@@ -124,6 +124,10 @@ class Experiment:
       if self.family.vmap_chains:
         carry, metrics, snap = self._all_chains(carry, g, shared)
         snap = snap[0]
+        # Stats over chains from every chain's value on every device (an all-gather, no arithmetic), not from
+        # per-device partial sums combined by an all-reduce whose order depends on the collectives' backend
+        # (in-process vs gloo across processes): the same bits for any mesh and any number of processes.
+        metrics = jax.lax.with_sharding_constraint(metrics, sharding.replicated(self.mesh))
       else:
         carry, metrics, snap = self._generation(carry, g, shared)
         metrics = jax.tree.map(lambda m: m[None], metrics)
@@ -322,7 +326,11 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
 def _save_due(min_seconds: float, last_save: float | None, ckpts) -> bool:
   if min_seconds == 0 or last_save is None:
     return True
-  return time.monotonic() - last_save >= min_seconds and not ckpts.busy()
+  due = time.monotonic() - last_save >= min_seconds and not ckpts.busy()
+  if jax.process_count() > 1:  # Orbax's save is collective: every process takes process 0's decision
+    from jax.experimental import multihost_utils
+    due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+  return due
 
 
 class NonFiniteError(ConfigError):

@@ -75,4 +75,11 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def to_host(tree):
-  return jax.tree.map(np.asarray, tree)
+  """numpy copies of a tree of device arrays. On multi-process runs an array split over other processes' devices
+  is gathered (a collective: every process calls this on the same tree); replicated ones are read locally."""
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+  return jax.tree.map(one, tree)

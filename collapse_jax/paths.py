@@ -181,9 +181,9 @@ def check_workdir(workdir: str) -> None:
   if not workdir:
     raise ConfigError("--workdir is required")
   check(workdir)
+  # A probe per process: every process of a multi-process run checks the same (shared) workdir at once.
+  probe = os.path.join(workdir, f".write_probe-{uuid.uuid4().hex[:12]}")
   if is_remote(workdir):
-    # A probe object per process: every worker of a multi-host run checks the same gs:// workdir at once.
-    probe = os.path.join(workdir, f".write_probe-{uuid.uuid4().hex[:12]}")
     try:
       write_atomic(probe, "ok")
       remove(probe)
@@ -196,7 +196,6 @@ def check_workdir(workdir: str) -> None:
     raise ConfigError(f"workdir {workdir} cannot be created: {e.strerror}") from None
   if not os.path.isdir(workdir):
     raise ConfigError(f"workdir {workdir} is not a directory")
-  probe = os.path.join(workdir, ".write_probe")
   try:
     with open(probe, "w") as fh:
       fh.write("ok")
