@@ -11,14 +11,6 @@ if (($# < 2)); then
 fi
 config=$1; workdir=$2; shift 2
 
-quote() {  # the words as one line that a POSIX shell reads back as the same words (single quotes where needed)
-  local words=() w
-  for w in "$@"; do
-    if [[ $w =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then words+=("$w"); else words+=("'${w//\'/\'\\\'\'}'"); fi
-  done
-  echo "${words[*]}"
-}
-run() {  # DRY_RUN=1: print the command, quoted so that it can be pasted, instead of running it
-  if [[ ${DRY_RUN:-0} != 0 ]]; then quote "$@"; else "$@"; fi
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
 run "${PYTHON:-python3}" -m collapse_jax.main --config="$config" --workdir="$workdir" "$@"

