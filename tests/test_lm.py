@@ -15,7 +15,8 @@ import pytest
 
 from collapse_jax import decode, loop, metrics as metrics_lib
 from collapse_jax.config import ConfigError
-from collapse_jax.lm import HIST_BINS, LMFamily, ngram_rates
+from collapse_jax.lm import HIST_BINS, LMFamily
+from collapse_jax.text_metrics import ngram_rates
 from collapse_jax.models import opt as opt_model
 from tests.helpers import load_config, refused_before_compilation
 

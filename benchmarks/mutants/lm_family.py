@@ -4,6 +4,7 @@ hooks and the non-finite stop."""
 from benchmarks.mutants import Mutant
 
 _LM, _LOOP = "collapse_jax/lm.py", "collapse_jax/loop.py"
+_TEXT = "collapse_jax/text_metrics.py"
 _T = "tests/test_lm.py::"
 _CONT = _T + "test_each_generation_continues_its_own_training_blocks"
 _NUM = _T + "test_metrics_recomputed_in_numpy"
@@ -41,7 +42,7 @@ MUTANTS = [
            old='"test_ppl": self._ppl(model["params"], test)', new='"test_ppl": self._ppl(model["params"], '
            'self._blocks(shared["valid"]))',
            tests=(_NUM,), why="test perplexity is measured on the validation blocks"),
-    Mutant(name="lm_quantile_index", file=_LM,
+    Mutant(name="lm_quantile_index", file=_TEXT,
            old="pos = jnp.asarray(qs, jnp.float32) * (n - 1)", new="pos = jnp.asarray(qs, jnp.float32) * n",
            tests=(_NUM,), why="quantiles index one past numpy's linear interpolation"),
     Mutant(name="lm_hist_not_density", file=_LM,
@@ -54,7 +55,7 @@ MUTANTS = [
     Mutant(name="lm_loglik_skips_first_new_token", file=_LM,
            old="jnp.arange(2 * L) >= L", new="jnp.arange(2 * L) > L",
            tests=(_NUM,), why="the first new token (given the prompt's last) is not scored"),
-    Mutant(name="lm_rep_across_blocks", file=_LM,
+    Mutant(name="lm_rep_across_blocks", file=_TEXT,
            old="(total - distinct([block_X] + cols)) / total", new="(total - distinct(cols)) / total",
            tests=(_NGRAM,), why="rep-n counts repeats across blocks, not within a block"),
     Mutant(name="lm_samples_n_unchecked", file=_LM,
