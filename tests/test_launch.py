@@ -1,6 +1,6 @@
 """launch/*.sh (and benchmarks/device_check.sh): shellcheck-clean, and the command each one runs, quoting
-included, both as DRY_RUN prints it and as it runs (gcloud, srun, git and python3 replaced by recorders on PATH; the TPU script's remote command is run by a
-shell, as a worker would)."""
+included, both as DRY_RUN prints it and as it runs (gcloud, srun, git and python3 replaced by recorders on PATH;
+the TPU script's remote command is run by a shell, as a worker would)."""
 import os
 import shlex
 import shutil
