@@ -163,7 +163,8 @@ def test_all_checkpoints_corrupt_is_an_error_that_keeps_the_files(tmp_path):
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
   # The README's main job (the paper's GMM recursion), shortened: 2 chains, a checkpoint every 5 generations.
   args = ["--config=configs/gmm.py", "--config.generations=300", "--config.chains=2",
-          "--config.checkpoint_every=5", "--config.plots=False"]
+          "--config.checkpoint_every=5", "--config.plots=False",
+          "--config.checkpoint_min_seconds=0"]  # every chunk saved, so the kill finds two checkpoints in time
   ref, resumed, done = sigkill_then_resume(tmp_path, args, min_checkpoints=2, timeout=120)
   assert 0 < done < 300
   assert resumed == ref

@@ -439,7 +439,8 @@ def test_loop_interrupted_in_process_equals_uninterrupted(loop_run, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
-  args = ["--config=configs/vae.py:quick", "--config.generations=4", "--config.plots=False"]
+  args = ["--config=configs/vae.py:quick", "--config.generations=4", "--config.plots=False",
+          "--config.checkpoint_min_seconds=0"]  # every chunk saved, so the kill finds two checkpoints in time
   # Two checkpoints: metrics.jsonl is written just after each checkpoint, so the first one alone may be
   # caught before any metrics file exists.
   ref, resumed, done = sigkill_then_resume(tmp_path, args, min_checkpoints=2, timeout=300)
