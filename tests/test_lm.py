@@ -25,8 +25,10 @@ N_BLOCKS = 28  # configs/lm.py:ci
 
 
 def _cfg(*variants, **kw):
-  # dropout 0: fewer random-bit generators to compile (lm_train's tests cover dropout); every sample kept.
-  base = dict(generations=G, lm__dropout=0.0, snapshot_generations=tuple(range(G)), snapshot_size=N_BLOCKS)
+  # dropout 0: fewer random-bit generators to compile (lm_train's tests cover dropout); every sample kept; every
+  # generation checkpointed (tests restore the models of generations 0 and 1).
+  base = dict(generations=G, lm__dropout=0.0, snapshot_generations=tuple(range(G)), snapshot_size=N_BLOCKS,
+              checkpoint_min_seconds=0)
   return load_config("lm", ",".join(("ci",) + variants), **{**base, **kw})
 
 
@@ -276,10 +278,8 @@ def test_nan_metric_stops_before_checkpointing_and_a_rerun_resumes(ref, tmp_path
 
   monkeypatch.setattr(loop.Experiment, "_generation", nan_at_2)
   wd = str(tmp_path / "nan")
-  cfg = ref["cfg"].copy_and_resolve_references()
-  cfg.checkpoint_min_seconds = 0  # every chunk saved, whatever Orbax's speed
   with pytest.raises(loop.NonFiniteError) as err:
-    loop.run(cfg, wd)
+    loop.run(ref["cfg"], wd)
   msg = str(err.value)
   assert msg.startswith("generation 2: metric 'test_ppl' is not finite") and "resumes at generation 2" in msg
   assert "\n" not in msg
