@@ -67,3 +67,13 @@ def refused_before_compilation(tmp_path, monkeypatch, cfg, match):
   with pytest.raises(ConfigError, match=match):
     loop.run(cfg, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def corrupt_checkpoint(step_dir) -> None:
+  """Overwrite every file of an Orbax step with junk of the same size (a disk-level corruption)."""
+  for root, _, files in os.walk(step_dir):
+    for f in files:
+      p = os.path.join(root, f)
+      size = os.path.getsize(p)
+      with open(p, "wb") as fh:
+        fh.write(b"\x00garbage" * (size // 8 + 1))

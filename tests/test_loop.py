@@ -11,7 +11,7 @@ import pytest
 from collapse_jax import checkpoint, loop
 from collapse_jax.config import ConfigError
 from collapse_jax import metrics as metrics_lib
-from tests.helpers import cli, load_config, sigkill_then_resume
+from tests.helpers import cli, corrupt_checkpoint, load_config, sigkill_then_resume
 
 
 def _gauss(**kw):
@@ -122,23 +122,13 @@ def test_cli_errors_are_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
 
 
-def _corrupt(step_dir):
-  """Overwrite every data file of an Orbax step with junk of the same size (a disk-level corruption)."""
-  for root, _, files in os.walk(step_dir):
-    for f in files:
-      p = os.path.join(root, f)
-      size = os.path.getsize(p)
-      with open(p, "wb") as fh:
-        fh.write(b"\x00garbage" * (size // 8 + 1))
-
-
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
   full = loop.run(_gauss(), str(tmp_path / "full"))
   wd = str(tmp_path / "cut")
   loop.run(_gauss(), wd, stop_after=8)
   ck = os.path.join(wd, "checkpoints")
   assert sorted(int(s) for s in os.listdir(ck) if s.isdigit()) == [4, 8]
-  _corrupt(os.path.join(ck, "8"))
+  corrupt_checkpoint(os.path.join(ck, "8"))
   os.makedirs(os.path.join(ck, "12.orbax-checkpoint-tmp-123"))  # a save killed half-way
   capsys.readouterr()
   resumed = loop.run(_gauss(), wd)
@@ -154,7 +144,7 @@ def test_all_checkpoints_corrupt_is_an_error_that_keeps_the_files(tmp_path):
   loop.run(_gauss(), wd, stop_after=8)
   ck = os.path.join(wd, "checkpoints")
   for s in ("4", "8"):
-    _corrupt(os.path.join(ck, s))
+    corrupt_checkpoint(os.path.join(ck, s))
   with pytest.raises(ConfigError, match=r"no readable checkpoint in .*checkpoints/8"):
     loop.run(_gauss(), wd)
   assert sorted(os.listdir(ck)) == ["4", "8"]

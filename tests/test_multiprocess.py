@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 from collapse_jax.metrics import read_jsonl
-from tests.helpers import REPO, cli
+from tests.helpers import REPO, cli, corrupt_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -188,16 +188,6 @@ def _restore_numpy(step_dir):
   return ck.restore(step_dir, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
-def _corrupt(step_dir) -> None:
-  """Overwrite every file of an Orbax step with junk of the same size (as tests/test_loop.py does)."""
-  for root, _, files in os.walk(step_dir):
-    for f in files:
-      p = os.path.join(root, f)
-      size = os.path.getsize(p)
-      with open(p, "wb") as fh:
-        fh.write(b"\x00garbage" * (size // 8 + 1))
-
-
 def _close(a: list[dict], b: list[dict], rtol: float, atol: float) -> None:
   assert len(a) == len(b) and a and [sorted(r) for r in a] == [sorted(r) for r in b]
   for g, (ra, rb) in enumerate(zip(a, b)):
@@ -225,7 +215,7 @@ def test_gmm_two_processes_killed_and_restarted_equal_one_process(tmp_path):
   assert first.procs[0].returncode != 0, "the run finished before it could be killed\n" + first.tails()
   steps = _steps(wd)
   assert 2 <= len(steps) and steps[-1] < 50, steps
-  _corrupt(wd / "checkpoints" / str(steps[-1]))
+  corrupt_checkpoint(wd / "checkpoints" / str(steps[-1]))
 
   again = _Job(tmp_path, wd, args, "again")
   again.wait()
