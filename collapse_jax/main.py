@@ -178,9 +178,11 @@ def main(argv):
   kwargs = distributed_kwargs()
   if kwargs is not None:
     init_distributed(kwargs)
-  from collapse_jax import loop  # after flag parsing, so --help and flag errors do not pay JAX's import
   from collapse_jax.config import ConfigError
   try:
+    # After flag parsing, so --help and flag errors do not pay JAX's import; inside the try, since importing
+    # reads COLLAPSE_JAX_PROGRESS_EVERY (progress.py), whose bad value is a one-line error too.
+    from collapse_jax import loop
     loop.run(_CONFIG.value, _WORKDIR.value)
   except ConfigError as e:
     _fail(str(e))
