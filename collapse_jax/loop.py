@@ -277,7 +277,7 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
 
   L = cfg.checkpoint_every
   t0, done_since = time.time(), 0
-  t_first, last_save = None, None
+  t_first, last_save, saved = None, None, start  # saved: the newest checkpoint's step (the resume point)
   try:  # every exit, the errors included, awaits the save in flight (Checkpoints.close)
     for s in range(start, G, L):
       e = min(s + L, G)
@@ -288,7 +288,7 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
         g, name = bad
         span = f"generation {s}" if e - s == 1 else f"generations {s}-{e - 1}"
         raise NonFiniteError(f"generation {g}: metric {name!r} is not finite; stopped without checkpointing "
-                             f"{span}, so a rerun resumes at generation {s} from the last checkpoint")
+                             f"{span}, so a rerun resumes at generation {saved} from the last checkpoint")
       for k, v in scalars.items():
         history["metrics"][k][s:e] = v
       for k, v in arrays.items():
@@ -299,7 +299,7 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
       history["next_gen"] = np.asarray(e, np.int64)
       stop = e >= G or (stop_after is not None and e >= stop_after)
       if stop or _save_due(cfg.checkpoint_min_seconds, last_save, ckpts):
-        last_save = time.monotonic()
+        last_save, saved = time.monotonic(), e
         # Returns once the state is off the device and copied (checkpoint.py), so the next chunk can donate the
         # carry and this loop can fill the history while the files are written.
         ckpts.save(e, {"carry": exp.store_carry(carry), "history": checkpoint.pack_host(history)})

@@ -181,6 +181,24 @@ def test_a_chunk_is_not_saved_while_a_save_is_busy_or_recent_but_a_stop_and_the_
   assert _jsonl(wd) == _jsonl(str(tmp_path / "full"))
 
 
+def test_nan_error_names_the_checkpoint_a_rerun_resumes_from_when_saves_were_skipped(tmp_path, monkeypatch):
+  # Saves after the first are skipped (Orbax looks busy); a NaN at generation 9 stops the run in chunk 8-9, and
+  # the one-line error points at the checkpoint that really exists (2), not at the chunk's start.
+  orig = loop.Experiment._generation
+
+  def nan_at_9(self, carry, g, shared):
+    carry, metrics, snap = orig(self, carry, g, shared)
+    name = sorted(metrics)[0]
+    return carry, dict(metrics, **{name: jax.numpy.where(g == 9, jax.numpy.nan, metrics[name])}), snap
+
+  monkeypatch.setattr(loop.Experiment, "_generation", nan_at_9)
+  monkeypatch.setattr(checkpoint.Checkpoints, "busy", lambda self: True)
+  wd = str(tmp_path / "run")
+  with pytest.raises(loop.NonFiniteError, match=r"^generation 9: .* resumes at generation 2 from"):
+    loop.run(_gauss(checkpoint_every=2, checkpoint_min_seconds=1e-9), wd)
+  assert sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()) == [2]
+
+
 @pytest.mark.parametrize("case", ["append_landed_save_did_not", "save_landed_append_did_not", "torn_last_line"])
 def test_metrics_jsonl_follows_the_checkpoint_after_a_kill_byte_for_byte(tmp_path, case):
   # The chunk's lines are appended while its checkpoint is still being saved, so a kill can leave the file ahead

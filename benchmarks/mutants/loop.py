@@ -95,6 +95,11 @@ MUTANTS = [
     Mutant(name="loop_stop_chunk_may_be_skipped", file=LOOP,
            old="if stop or _save_due(", new="if _save_due(", tests=(f"{_SKIP}[busy]",),
            why="the run's last chunk (or a stop) can end without a checkpoint"),
+    Mutant(name="loop_nan_message_names_chunk_start", file=LOOP,
+           old="so a rerun resumes at generation {saved} from", new="so a rerun resumes at generation {s} from",
+           tests=("tests/test_loop.py::"
+                  "test_nan_error_names_the_checkpoint_a_rerun_resumes_from_when_saves_were_skipped",),
+           why="after skipped saves the error names a resume point that has no checkpoint"),
     Mutant(name="loop_jsonl_append_from_generation_0", file=LOOP,
            old="jsonl.append(history, s, e)", new="jsonl.append(history, 0, e)",
            tests=("tests/test_loop.py::test_metrics_jsonl_and_config_written",),
