@@ -295,11 +295,6 @@ def mfu(model_cfg, seq_len: int, tokens_per_s: float, n_devices: int, peak: floa
   return opt_model.flops_per_token(model_cfg, seq_len) * tokens_per_s / (peak * n_devices)
 
 
-def _fmt_time(s: float) -> str:
-  s = int(s)
-  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 # --- the host-side run ----------------------------------------------------------------------------------------------
 def setup(tcfg: TrainConfig, model_cfg, params, n_train: int, key, mesh):
   """(state placed on the mesh, its shardings, optimizer) for a run of `n_train` blocks."""
@@ -370,7 +365,7 @@ def train(tcfg: TrainConfig, model_cfg, params, train_blocks, valid_blocks, key,
       mfu_txt = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
       log(f"[lm] epoch {e + 1}/{tcfg.epochs} ({100 * (e + 1) / tcfg.epochs:.0f}%)  train loss {loss:.4f}  "
           f"valid ppl {ppl:.3f}{' (best)' if history['best_epoch'] == e + 1 else ''}  {tok_s:.4g} tok/s  "
-          f"MFU {mfu_txt}  ETA {_fmt_time(eta)}")
+          f"MFU {mfu_txt}  ETA {progress.fmt_time(eta)}")
   if best is None:  # every epoch's perplexity was NaN: hand back the last model rather than nothing
     best, history["best_epoch"] = state.params, tcfg.epochs
   return best, history

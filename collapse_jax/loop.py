@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax import checkpoint, config as config_lib, metrics as metrics_lib, plots, regimes, registry
-from collapse_jax import paths, sharding
+from collapse_jax import paths, progress, sharding
 from collapse_jax.config import ConfigError
 
 # Fields that may change between a run and its resumption without changing any result.
@@ -219,12 +219,7 @@ def _pace(rate: float, remaining: int) -> str:
   """Progress after the first chunk: generations per second, or seconds per generation for slow families (VAE,
   LM: minutes per generation), and the ETA."""
   pace = f"{1 / rate:.3g} s/gen" if rate < 1 else f"{rate:.3g} gen/s"
-  return f"{pace}  ETA {_fmt_time(remaining / rate)}"
-
-
-def _fmt_time(s: float) -> str:
-  s = int(s)
-  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+  return f"{pace}  ETA {progress.fmt_time(remaining / rate)}"
 
 
 def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment: Experiment | None = None) -> dict:
@@ -243,7 +238,7 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
   ckpts = checkpoint.Checkpoints(workdir, cfg.keep_checkpoints)
   _check_resumable(workdir, cfg_json, bool(ckpts.steps()))
   if jax.process_index() == 0:  # on multi-host runs one process writes the host-side files; Orbax does the rest
-    metrics_lib.write_atomic(os.path.join(workdir, "config.json"), json.dumps(cfg_json, indent=2, sort_keys=True))
+    paths.write_atomic(os.path.join(workdir, "config.json"), json.dumps(cfg_json, indent=2, sort_keys=True))
 
   shared_host = fam.shared()
   shared_sh = exp.shared_shardings(shared_host)
@@ -365,8 +360,8 @@ class _MetricsFile:
     metrics_lib.sync_jsonl(self.path, metrics_lib.jsonl_lines(history["metrics"], self.stats, 0, upto, self.sizes))
 
   def append(self, history, start, stop):
-    metrics_lib.append_lines(self.path,
-                             metrics_lib.jsonl_lines(history["metrics"], self.stats, start, stop, self.sizes))
+    # One write of whole lines; a kill mid-write can tear the last one, which the next run's sync repairs.
+    paths.append_text(self.path, metrics_lib.jsonl_lines(history["metrics"], self.stats, start, stop, self.sizes))
 
 
 def make_plots(workdir, exp, history):

@@ -48,12 +48,6 @@ def jsonl_lines(history: dict, stats: tuple[str, ...], start: int, stop: int, co
   return "".join(lines)
 
 
-def append_lines(path: str, text: str) -> None:
-  """Append complete lines in one write (paths.append_text). A kill mid-write can tear the last line; the next
-  run's sync_jsonl repairs it."""
-  paths.append_text(path, text)
-
-
 def sync_jsonl(path: str, text: str) -> None:
   """Make `path` hold exactly `text` (the lines a restored checkpoint holds), rewriting it atomically only when
   it differs, so a finished run's file is left untouched."""
@@ -62,11 +56,6 @@ def sync_jsonl(path: str, text: str) -> None:
       return
   except (FileNotFoundError, UnicodeDecodeError):
     pass
-  write_atomic(path, text)
-
-
-def write_atomic(path: str, text: str) -> None:
-  """Replace `path` whole so a crash never leaves a half-written file behind (local or gs://: paths.py)."""
   paths.write_atomic(path, text)
 
 

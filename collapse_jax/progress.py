@@ -115,7 +115,8 @@ def report(phase: str, step, steps, *, epoch=None, epochs: int | None = None, ta
                      tuple(jnp.asarray(v, jnp.float32) for v in amounts.values()))
 
 
-def _fmt_time(s: float) -> str:
+def fmt_time(s: float) -> str:
+  """Seconds as H:MM:SS (the ETAs of every progress line: progress reports, the loop, the trainer)."""
   s = int(s)
   return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
@@ -152,7 +153,7 @@ def _on_report(st: _Static, step, steps, epoch, tag, shows, amounts) -> None:
       parts.append(f"{(counted - run.done_line) / dt:.3g} {st.unit}/s")
       parts += [f"{run.sums.get(name, 0.0) / dt:.3g} {name}/s" for name in st.amounts]
     if counted > 1 and now > run.t_first and done < total:
-      parts.append(f"ETA {_fmt_time((total - done) * (now - run.t_first) / (counted - 1))}")
+      parts.append(f"ETA {fmt_time((total - done) * (now - run.t_first) / (counted - 1))}")
     run.t_line, run.done_line, run.sums = now, counted, {}
     SINK("  ".join(parts))
 
