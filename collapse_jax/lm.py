@@ -280,7 +280,7 @@ class LMFamily:
     B, E, valid_N = self.tcfg.batch_size, self.tcfg.epochs, w > 0
     # The cosine runs over the valid rows' steps: a ragged buffer trains as its valid rows alone.
     tx = lm_train.make_optimizer(self.tcfg, E * lm_train.steps_per_epoch(x.shape[0], B),
-                                 E * ((jnp.sum(valid_N, dtype=jnp.int32) + B - 1) // B))
+                                 E * lm_train.steps_per_epoch(jnp.sum(valid_N, dtype=jnp.int32), B))
     p_sh, rep = self._param_sh(start), sharding.replicated(self.mesh)
     o_sh = sharding.opt_state_shardings(jax.eval_shape(tx.init, start), start, p_sh, self.mesh)
     state_sh = lm_train.TrainState(rep, p_sh, o_sh, rep)

@@ -98,7 +98,8 @@ def as_blocks(blocks, name: str = "blocks") -> dict:
   return {"ids": ids.astype(np.int32), "mask": mask}
 
 
-def steps_per_epoch(n_blocks: int, batch: int) -> int:
+def steps_per_epoch(n_blocks, batch: int):
+  # ceil(n / batch); n may be a traced count (a ragged buffer's valid rows)
   return -(-n_blocks // batch)
 
 
@@ -230,7 +231,7 @@ def train_epoch(state: TrainState, blocks: dict, epoch, *, model_cfg, tx, batch_
   ragged = valid_N is not None
   valid_N = jnp.ones((n,), bool) if valid_N is None else valid_N > 0
   n_valid = jnp.sum(valid_N, dtype=jnp.int32) if ragged else n
-  steps = (n_valid + B - 1) // B if ragged else S
+  steps = steps_per_epoch(n_valid, B) if ragged else S
   order = shuffled(jax.random.fold_in(jax.random.fold_in(state.key, SHUFFLE), epoch), valid_N)
   order = jnp.pad(order, (0, S * B - n))
   keep = (jnp.arange(S * B) < n_valid).astype(mask_NxL.dtype)

@@ -74,6 +74,7 @@ MUTANTS = [
            old="state_shardings=state_sh, valid_N=valid_N, epochs=E)", new="state_shardings=state_sh, epochs=E)",
            tests=(_FIT,), why="rows of weight 0 take batch slots and Adam steps on their all-masked batches"),
     Mutant(name="lm_fit_cosine_over_capacity", file=_LM,
-           old="E * ((jnp.sum(valid_N, dtype=jnp.int32) + B - 1) // B))", new="E * lm_train.steps_per_epoch(x.shape[0], B))",
+           old="E * lm_train.steps_per_epoch(jnp.sum(valid_N, dtype=jnp.int32), B))",
+           new="E * lm_train.steps_per_epoch(x.shape[0], B))",
            tests=(_FIT,), why="a ragged buffer's cosine runs over its capacity's steps, not its valid rows'"),
 ]
