@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The accelerator checks in one call: versions, the GPU (native convolution) path checked against Flax's layers,
-# the VAE benchmark against PyTorch on the same GPU, the GMM benchmark with many vmapped chains, and the LM
-# training and decoding benchmarks at the OPT-125m shape against HF transformers.
-#   bash benchmarks/device_check.sh              # every step (each capped at 240 s; ~10 minutes on an H100/H200)
-#   bash benchmarks/device_check.sh lm_bench decode_bench   # only the named steps
+# then the benchmark suite (benchmarks/suite.py: GMM with many vmapped chains, the VAE against PyTorch on the same
+# GPU, LM training and decoding at the OPT-125m shape against HF transformers; MFU and bandwidth use against the
+# GPU's published peak), one JSON report and one Markdown table under $OUT/suite/.
+#   bash benchmarks/device_check.sh              # every step (~10 minutes on an H100/H200)
+#   bash benchmarks/device_check.sh suite_short  # only the named steps (suite_short: the suite's --short mode)
 #   OPT_DIR=... WIKI_DIR=... bash benchmarks/device_check.sh lm_generation   # one paper-size LM generation timed
 # For a bare GPU image with jax, flax, optax, orbax and torch but no ml-collections and no network: download the
 # wheel once elsewhere (python3 -m pip download --no-deps --only-binary=:all: -d .whl ml-collections==1.1.0) and
@@ -20,11 +21,12 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
-step() {  # name, command...: run one step with its own time limit; a failure does not stop the others
-  local name=$1; shift
+step() {  # name, [limit seconds,] command...: one step with its own time limit; a failure does not stop the others
+  local name=$1 limit=240; shift
+  if [[ $1 =~ ^[0-9]+$ ]]; then limit=$1; shift; fi
   if [ ${#only[@]} -gt 0 ] && [[ ! " ${only[*]} " == *" $name "* ]]; then return; fi
   echo "== $name"
-  timeout 240 "$@" 2>&1 | tee "$out/$name.txt" | grep -v "^WARNING\|^I0000\|^W0000" | tail -n 12
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt" | grep -v "^WARNING\|^I0000\|^W0000" | tail -n 12
   echo "== $name: exit ${PIPESTATUS[0]}"
 }
 
@@ -33,13 +35,11 @@ jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', 
 step nvidia_smi nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 # Correctness of the GPU path (impl 'auto' is the native convolutions there) and of the CPU matmul path.
 step conv_check env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest python3 -m pytest -q -p no:cacheprovider tests/test_vae.py -k "conv_layers or param_count"
-# Long enough per call (32 batches of 256) that launch overheads do not dominate on a GPU.
-step vae_bench python3 benchmarks/vae_bench.py --torch-device auto --steps 32 --rounds 3
-step gmm_bench python3 benchmarks/gmm_bench.py --chains=4096 --generations=500 --sklearn_generations=20
-# The LM trainer at the OPT-125m shape (seq 64 x batch 256, seq 1024 x batch 16, bf16): tokens/s and MFU.
-step lm_bench python3 benchmarks/lm_bench.py --shape opt125m --steps 8 --rounds 3
-# Decoding at the OPT-125m shape (64-token prompts, 64 new tokens): 5-beam search and sampling, new tokens/s.
-step decode_bench python3 benchmarks/decode_bench.py --shape opt125m --rows 1024 --batch 256 --hf --hf_batches 64,256
+# Every family's throughput against its peer on this GPU (the suite picks the accelerator shapes itself).
+step suite 480 python3 -m benchmarks.suite --out "$out/suite"
+if [[ " ${only[*]} " == *" suite_short "* ]]; then  # only when named: a quick look instead of the full suite
+  step suite_short 240 python3 -m benchmarks.suite --short --out "$out/suite_short"
+fi
 # One paper-size LM generation (OPT-125m fine-tuned 5 epochs on 36,864 64-token blocks, then every block continued
 # by 64 tokens with 5-beam search; target <= 40 s on an H200 after compilation): needs a local facebook/opt-125m
 # folder and the wikitext-2-raw files on the machine (OPT_DIR, WIKI_DIR; configs/lm.py:opt125m_wikitext2).

@@ -4,7 +4,8 @@ PyTorch, same config, AdamW + cosine schedule, same batch and sequence length, i
   python benchmarks/lm_bench.py [--shape cpu|opt125m] [--steps 8] [--rounds 5] [--torch-device auto]
   python benchmarks/lm_bench.py --shape opt125m          # on a GPU: seq 64 x batch 256 and seq 1024 x batch 16
 
-Shapes: `cpu` (default): a small OPT (hidden 256, 4 layers, vocab 8192), seq 64 x batch 16, float32 on both sides.
+Shapes: `cpu` (default): a small OPT (hidden 256, 4 layers, vocab 8192), seq 64 x batch 16 and seq 64 x batch 128,
+float32 on both sides.
 `opt125m`: OPT-125m, bf16 compute on both sides (JAX: params float32, matmuls bf16; PyTorch: float32 weights
 under torch.autocast(bfloat16)), the paper's blocks (seq 64 x batch 256) and long blocks (seq 1024 x batch 16).
 Dropout 0.1 on both sides (the model's default, as fine-tuning runs it).
@@ -12,10 +13,10 @@ Dropout 0.1 on both sides (the model's default, as fine-tuning runs it).
 JAX: one compile stage, then timed calls of the jitted epoch over `steps` batches (shuffle, gather, lax.scan of
 train steps, state donated), ending in block_until_ready. PyTorch (skipped with a message when torch or
 transformers is missing): a warm-up call, then the same number of steps per call, loss from labels=input_ids,
-zero_grad / backward / step / scheduler.step, ending in .item(). Rounds alternate JAX and PyTorch so load from
-other processes hits both alike; the speed-up is the median of per-round ratios. MFU = flops_per_token *
-tokens/s / peak (lm_train's table; n/a on CPU unless --peak-flops is given); the same formula for both sides.
-Output: a table, then JSON lines (benchmarks/common.py).
+zero_grad / backward / step / scheduler.step, ending in .item(); torch gets the cores JAX uses. Method (quiet
+machine, alternating rounds, medians and spread, machine/versions/commit in every row): benchmarks/common.py.
+MFU = flops_per_token * tokens/s / peak, the same formula for both sides; the peak is the device's published one
+or, on a CPU, the host's derived from cores, clock and ISA (collapse_jax/hardware.py).
 """
 import argparse
 import os
@@ -31,13 +32,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from collapse_jax import lm_train, sharding  # noqa: E402
+from collapse_jax import hardware, lm_train, sharding  # noqa: E402
 from collapse_jax.models import opt  # noqa: E402
 
 SHAPES = {
     # name: (model config overrides on top of a get_size base, [(seq_len, batch), ...])
     "cpu": (("tiny", dict(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, ffn_dim=1024,
-                          max_position_embeddings=512, word_embed_proj_dim=256, dtype="float32")), [(64, 16)]),
+                          max_position_embeddings=512, word_embed_proj_dim=256, dtype="float32")),
+            [(64, 16), (64, 128)]),
     "opt125m": (("opt-125m", dict(dtype="bfloat16")), [(64, 256), (1024, 16)]),
 }
 
@@ -60,9 +62,9 @@ def jax_runner(cfg, ids_NxL, batch, mesh):
   return run, compile_s, f"jax {jax.__version__} ({mesh.devices.size} x {jax.devices()[0].device_kind})"
 
 
-def torch_runner(cfg, ids_NxL, batch, device, bf16):
+def torch_runner(cfg, ids_NxL, batch, device, bf16, args):
   try:
-    import torch
+    torch = common.pin_torch(args)
     import transformers
   except ImportError as e:
     return None, f"torch/transformers not importable ({e}); PyTorch peer skipped"
@@ -104,61 +106,60 @@ def bench_one(cfg, seq_len, batch, args, mesh):
   run_jax()  # first call: allocations, thread pools
   bf16 = cfg.dtype == "bfloat16"
   run_torch, torch_desc = (None, "PyTorch peer off (--no-torch)") if args.no_torch else \
-      torch_runner(cfg, ids_NxL, batch, args.torch_device, bf16)
+      torch_runner(cfg, ids_NxL, batch, args.torch_device, bf16, args)
+  fns = {"jax": run_jax}
   if run_torch is None:
     print(torch_desc)
   else:
     run_torch()  # warm-up
-  load = [round(os.getloadavg()[0], 2)]
-  times = {"jax": [], "torch": []}
-  for _ in range(args.rounds):
-    for name, fn in (("jax", run_jax), ("torch", run_torch)):
-      if fn is not None:
-        t = time.perf_counter()
-        fn()
-        times[name].append(time.perf_counter() - t)
-  load.append(round(os.getloadavg()[0], 2))
-  peak = lm_train.peak_flops_per_device(jax.devices()[0], args.peak_flops)
+    fns["torch"] = run_torch
+  state = common.wait_quiet(args, f"lm_train seq {seq_len} x batch {batch}")
+  times = common.alternate(fns, args.rounds)
+  peak = args.peak_flops or hardware.total_flops(mesh.devices.flat, cfg.dtype)
   n_params = opt.count_params(jax.eval_shape(lambda k: opt.init_params(cfg, k), jax.random.key(0)))
   rows = []
   for name, desc in (("jax", jax_desc), ("torch", torch_desc)):
-    if not times[name]:
+    if name not in fns:
       continue
-    med = statistics.median(times[name])
-    tok_s = n * seq_len / med
-    # The torch peer runs on one device; JAX on the mesh's devices.
-    mfu = lm_train.mfu(cfg, seq_len, tok_s, mesh.devices.size if name == "jax" else 1, peak)
+    st = common.summary(times[name])
+    tok_s = n * seq_len / st["median_s"]
+    # The same peak for both sides: on a CPU both use every core; on a GPU both use one device.
+    mfu = lm_train.mfu(cfg, seq_len, tok_s, peak)
     rows.append({"impl": name, "seq": seq_len, "batch": batch, "steps": args.steps, "dtype": cfg.dtype,
-                 "tokens_per_s": tok_s, "mfu": None if mfu is None else round(mfu, 4), "median_s": med,
+                 "tokens_per_s": tok_s, "mfu": None if mfu is None else round(mfu, 4), **st,
                  "compile_s": compile_s if name == "jax" else None, "params": n_params,
-                 "flops_per_token": opt.flops_per_token(cfg, seq_len), "desc": desc, "loadavg_1m": load})
+                 "flops_per_token": opt.flops_per_token(cfg, seq_len), "peak_flops": peak, "desc": desc})
   if len(rows) == 2:
-    ratios = [t / j for j, t in zip(times["jax"], times["torch"])]
-    rows[0]["speedup_vs_torch"] = statistics.median(ratios)
-    rows[0]["round_ratios"] = [round(r, 3) for r in ratios]
-  return rows
+    rows[0].update(common.ratio(times["jax"], times["torch"]))
+  return rows, state
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
   p.add_argument("--steps", type=int, default=8, help="batches per timed call")
-  p.add_argument("--rounds", type=int, default=5, help="timed calls per implementation (alternating)")
   p.add_argument("--data", type=int, default=0, help="JAX mesh 'data' size (0: all devices / fsdp)")
   p.add_argument("--fsdp", type=int, default=1, help="JAX mesh 'fsdp' size")
-  p.add_argument("--peak-flops", type=float, default=0.0, help="per-device peak FLOP/s for MFU (0: by device kind)")
+  p.add_argument("--peak-flops", type=float, default=0.0, help="peak FLOP/s of all devices for MFU (0: derived)")
+  p.add_argument("--batches", default="", help="comma-separated batch sizes (default: the shape's)")
   p.add_argument("--torch-device", default="auto", help="cpu, cuda, or auto (cuda when available)")
   p.add_argument("--no-torch", action="store_true")
+  common.add_args(p)
   args = p.parse_args(argv)
+  common.check_rounds(args)
   (base, overrides), runs = SHAPES[args.shape]
+  if args.batches:
+    runs = [(runs[0][0], int(b)) for b in args.batches.split(",")]
   cfg = opt.get_size(base, **overrides)
   data = args.data or len(jax.devices()) // args.fsdp
   mesh = sharding.make_mesh_2d(data, args.fsdp)
-  rows = []
+  out = []
   for seq_len, batch in runs:
-    rows += bench_one(cfg, seq_len, batch, args, mesh)
-  common.report(f"lm_train ({args.shape})", rows, ["impl", "seq", "batch", "dtype", "tokens_per_s", "mfu",
-                                                   "median_s", "compile_s", "speedup_vs_torch", "desc"])
+    rows, state = bench_one(cfg, seq_len, batch, args, mesh)
+    out += common.report(f"lm_train ({args.shape}, seq {seq_len} x batch {batch})", rows,
+                         ["impl", "dtype", "tokens_per_s", "mfu", "median_s", "spread", "compile_s", "ratio",
+                          "desc"], state)
+  return out
 
 
 if __name__ == "__main__":

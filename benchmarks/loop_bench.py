@@ -2,15 +2,16 @@
 checkpointed every 50 generations (41 chunks, 41 asynchronous Orbax saves, 41 metrics.jsonl appends) against the
 same job as one chunk (one save), in one process.
 
-  python benchmarks/loop_bench.py [--repeats=2] [--sync]
+  python benchmarks/loop_bench.py [--rounds=5] [--sync]
 
 Post-compile time: the wall time of the whole `loop.run` (shared data, chunks, checkpoints, metrics.jsonl, the
 final wait for the last save; plots off) once its chunk is compiled. Each job is run first into a fresh workdir
-(compiling its chunk: `compile_s` is that run's wall time minus the post-compile time), then `--repeats` times
-more into fresh workdirs with the same Experiment (the compiled chunk reused); the best of these is the
-post-compile time (`post_compile_s`, ratio `run_ratio`). It includes the setup both jobs share (shared data,
+(compiling its chunk: `compile_s` is that run's wall time minus the post-compile time), then `--rounds` times
+more into fresh workdirs with the same Experiment (the compiled chunk reused), the jobs alternating round by
+round (benchmarks/common.py: quiet check, records); the median of these is the post-compile time
+(`post_compile_s`, ratio `run_ratio`). It includes the setup both jobs share (shared data,
 tracing for shapes, the restore probe), so the target is judged on the stricter `loop_s`: from the first chunk's
-dispatch to the return of `loop.run` in the best post-compile run, i.e. the same 2050 generations with every
+dispatch to the return of `loop.run` (median over rounds), i.e. the same 2050 generations with every
 save, metrics.jsonl write and the final wait for the last save, and neither compilation nor setup. Target (the
 loop-overhead issue): chunked `loop_s` <= 1.3x one chunk's (`loop_ratio`, `meets_target`).
 
@@ -21,23 +22,20 @@ save. The chunked job runs as configured (a chunk that ends while the previous s
 saved: `saves` counts those made) and again with every chunk saved (checkpoint_min_seconds=0); `--sync` adds a
 row that also saves synchronously (the loop before asynchronous checkpointing).
 """
+import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
 
-from absl import app, flags, logging
+from absl import logging
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import report  # noqa: E402
+from benchmarks import common  # noqa: E402
 from collapse_jax import checkpoint, loop, metrics as metrics_lib  # noqa: E402
 from collapse_jax.config import load as load_config  # noqa: E402
-
-_REPEATS = flags.DEFINE_integer("repeats", 2, "post-compile runs per job (the best is reported)")
-_SYNC = flags.DEFINE_bool("sync", False, "also time the chunked job with synchronous saves")
-_GENS = flags.DEFINE_integer("generations", 2050, "generations (the README job: 2050)")
-_EVERY = flags.DEFINE_integer("checkpoint_every", 50, "chunk length of the chunked job (the README job: 50)")
 
 TARGET = 1.3
 
@@ -98,30 +96,46 @@ def _run(cfg, exp, tmp, tag, async_save=True):
     spy.restore()
 
 
-def _job(name, every, tmp, async_save=True, min_seconds=None):
-  cfg = load_config("gmm", generations=_GENS.value, checkpoint_every=every, plots=False,
-                    **({} if min_seconds is None else dict(checkpoint_min_seconds=min_seconds)))
-  exp = loop.Experiment(cfg)
-  first, _ = _run(cfg, exp, tmp, name, async_save)
-  runs = [_run(cfg, exp, tmp, name, async_save) for _ in range(_REPEATS.value)]
-  wall, times = min(runs, key=lambda r: r[0])
-  ms = lambda k: 1e3 * sum(times.get(k, [0])) / max(1, len(times.get(k, [])))
+def _summary(name, first, runs):
+  walls = [r[0] for r in runs]
+  ms = lambda k: 1e3 * statistics.median(  # noqa: E731
+      sum(t.get(k, [0])) / max(1, len(t.get(k, []))) for _, t in runs)
+  times = runs[0][1]
   # The first chunk's "compute" of a warm run still includes dispatch of a fresh carry; all chunks are counted.
-  return dict(job=name, chunks=len(times.get("chunk", [])), saves=len(times.get("save", [])), compile_s=first - wall, post_compile_s=wall,
-              runs_s=" ".join(f"{r[0]:.2f}" for r in runs), loop_s=min(r[1]["loop"][0] for r in runs),
-              chunk_ms=ms("chunk"), save_ms=ms("save"),
+  wall = statistics.median(walls)
+  return dict(job=name, chunks=len(times.get("chunk", [])), saves=len(times.get("save", [])),
+              compile_s=first - wall, post_compile_s=wall, spread=common.summary(walls)["spread"],
+              loop_s=statistics.median(t["loop"][0] for _, t in runs), chunk_ms=ms("chunk"), save_ms=ms("save"),
               metrics_ms=ms("metrics"), close_ms=ms("close"))
 
 
-def main(_):
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--sync", action="store_true", help="also time the chunked job with synchronous saves")
+  p.add_argument("--generations", type=int, default=2050, help="generations (the README job: 2050)")
+  p.add_argument("--checkpoint_every", type=int, default=50, help="chunk length of the chunked job (README: 50)")
+  common.add_args(p)
+  args = p.parse_args(argv)
+  common.check_rounds(args)
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-  G = _GENS.value
+  G, every = args.generations, args.checkpoint_every
+  jobs = [(f"chunked every {every}", every, True, None), ("one chunk", G, True, None),
+          (f"chunked every {every}, every chunk saved", every, True, 0)]
+  if args.sync:
+    jobs.append((f"chunked every {every}, every chunk saved, sync saves", every, False, 0))
   with tempfile.TemporaryDirectory(prefix="loop_bench_") as tmp:
-    rows = [_job(f"chunked every {_EVERY.value}", _EVERY.value, tmp), _job("one chunk", G, tmp),
-            _job(f"chunked every {_EVERY.value}, every chunk saved", _EVERY.value, tmp, min_seconds=0)]
-    if _SYNC.value:
-      rows.append(_job(f"chunked every {_EVERY.value}, every chunk saved, sync saves", _EVERY.value, tmp,
-                       async_save=False, min_seconds=0))
+    prepared = []
+    for name, chunk, async_save, min_seconds in jobs:
+      cfg = load_config("gmm", generations=G, checkpoint_every=chunk, plots=False,
+                        **({} if min_seconds is None else dict(checkpoint_min_seconds=min_seconds)))
+      exp = loop.Experiment(cfg)
+      prepared.append((name, cfg, exp, async_save, _run(cfg, exp, tmp, name, async_save)[0]))
+    state = common.wait_quiet(args, "loop")
+    runs = {name: [] for name, *_ in prepared}
+    for r in range(args.rounds):  # alternating, as common.alternate does
+      for name, cfg, exp, async_save, _ in (prepared if r % 2 == 0 else prepared[::-1]):
+        runs[name].append(_run(cfg, exp, tmp, name, async_save))
+  rows = [_summary(name, first, runs[name]) for name, *_, first in prepared]
   one, one_loop = rows[1]["post_compile_s"], rows[1]["loop_s"]
   for r in rows:
     r["run_ratio"] = r["post_compile_s"] / one
@@ -129,10 +143,11 @@ def main(_):
     r["target"] = TARGET
     r["meets_target"] = r["loop_ratio"] <= TARGET
     r["overhead_ms_per_chunk"] = 1e3 * (r["loop_s"] - one_loop) / max(1, r["chunks"] - 1)
-  report(f"Loop overhead: README GMM job ({G} generations), chunked vs one chunk, post-compile wall time", rows,
-         ["job", "chunks", "saves", "compile_s", "post_compile_s", "runs_s", "run_ratio", "loop_s", "loop_ratio",
-          "meets_target", "overhead_ms_per_chunk", "chunk_ms", "save_ms", "metrics_ms", "close_ms"])
+  return common.report(f"Loop overhead: README GMM job ({G} generations), chunked vs one chunk, post-compile",
+                       rows, ["job", "chunks", "saves", "compile_s", "post_compile_s", "spread", "run_ratio",
+                              "loop_s", "loop_ratio", "meets_target", "overhead_ms_per_chunk", "chunk_ms",
+                              "save_ms", "metrics_ms", "close_ms"], state)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -6,16 +6,13 @@ Both sides train the paper's 647,081-parameter VAE (summed BCE + KL, Adam lr 1e-
 same random images for the same number of batch-256 steps. JAX: one compile stage (the first call of `fit`, one
 epoch over steps*batch images), then timed calls ending in block_until_ready; what is timed is the whole of
 `fit` (shuffle, lax.scan over batches, fresh init), i.e. the code a generation runs. PyTorch (optional: skipped
-with a message when not importable; on CUDA when available): a warm-up call, then the same steps with
-shuffled batches, a fresh model per call too. Rounds alternate JAX and PyTorch so that load from other
-processes on a shared machine hits both alike; the median round is reported, and the speed-up is the median
-of the per-round ratios. Output: a table, then one JSON line per implementation.
+with a message when not importable; on CUDA when available, else on the cores JAX uses): a warm-up call, then
+the same steps with shuffled batches, a fresh model per call too. Method (quiet machine, alternating rounds,
+medians and spread, the speed-up as the median of per-round ratios, machine/versions/commit in every row):
+benchmarks/common.py.
 """
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
 import time
 
@@ -26,6 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from collapse_jax import sharding  # noqa: E402
 from collapse_jax.models import vae as vae_model  # noqa: E402
 
@@ -57,9 +55,9 @@ def jax_runner(x_NxHxWxC: np.ndarray, batch: int, devices: int):
   return run, f"jax {jax.__version__} ({mesh.devices.size} x {jax.devices()[0].platform})"
 
 
-def torch_runner(x_NxHxWxC: np.ndarray, batch: int, device: str):
+def torch_runner(x_NxHxWxC: np.ndarray, batch: int, device: str, args):
   try:
-    import torch
+    torch = common.pin_torch(args)
     from torch import nn
     from torch.nn import functional as F
   except ImportError as e:
@@ -110,11 +108,13 @@ def torch_runner(x_NxHxWxC: np.ndarray, batch: int, device: str):
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--steps", type=int, default=16, help="batches per timed call")
-  p.add_argument("--rounds", type=int, default=5, help="timed calls per implementation (alternating)")
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--devices", type=int, default=0, help="JAX devices to shard batches over (0: all)")
   p.add_argument("--torch-device", default="auto", help="cpu, cuda, or auto (cuda when available)")
+  p.add_argument("--no-torch", action="store_true")
+  common.add_args(p)
   args = p.parse_args(argv)
+  common.check_rounds(args)
   n = args.steps * args.batch
   x = np.random.default_rng(0).uniform(size=(n,) + vae_model.IMAGE_HxWxC).astype(np.float32)
 
@@ -122,43 +122,26 @@ def main(argv=None):
   run_jax, jax_desc = jax_runner(x, args.batch, args.devices)
   run_jax()  # compile stage
   compile_s = time.perf_counter() - t0
-  run_torch, torch_desc = torch_runner(x, args.batch, args.torch_device)
+  fns = {"jax": run_jax}
+  run_torch, torch_desc = (None, "PyTorch peer off (--no-torch)") if args.no_torch else \
+      torch_runner(x, args.batch, args.torch_device, args)
   if run_torch is None:
     print(torch_desc)
   else:
     run_torch()  # warm-up (allocator, thread pool)
-
-  load_before = os.getloadavg()[0]
-  times = {"jax": [], "torch": []}
-  for _ in range(args.rounds):
-    for name, fn in (("jax", run_jax), ("torch", run_torch)):
-      if fn is None:
-        continue
-      t = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - t)
-
+    fns["torch"] = run_torch
+  state = common.wait_quiet(args, "vae_train")
+  times = common.alternate(fns, args.rounds)
   rows = []
   for name, desc in (("jax", jax_desc), ("torch", torch_desc)):
-    if not times[name]:
-      continue
-    med = statistics.median(times[name])
-    rows.append({"bench": "vae_train", "impl": name, "desc": desc, "batch": args.batch, "steps": args.steps,
-                 "rounds": args.rounds, "median_s": med, "images_per_s": n / med,
-                 "compile_s": compile_s if name == "jax" else None, "machine": platform.processor() or platform.machine(),
-                 # Other processes' load skews wall-clock rates (and not equally: PyTorch's threads suffer more).
-                 "loadavg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)], "cpus": os.cpu_count()})
+    if name in fns:
+      st = common.summary(times[name])
+      rows.append({"impl": name, "desc": desc, "batch": args.batch, "steps": args.steps, **st,
+                   "images_per_s": n / st["median_s"], "compile_s": compile_s if name == "jax" else None})
   if len(rows) == 2:
-    # Each round times both back to back, so the per-round ratio cancels load that drifts between rounds.
-    rows[0]["speedup_vs_torch"] = statistics.median(t / j for j, t in zip(times["jax"], times["torch"]))
-  print(f"{'impl':6} {'images/s':>10} {'median s':>9}  detail")
-  for r in rows:
-    print(f"{r['impl']:6} {r['images_per_s']:10.1f} {r['median_s']:9.3f}  {r['desc']}")
-  if len(rows) == 2:
-    print(f"jax / torch = {rows[0]['speedup_vs_torch']:.2f}x (median of per-round ratios; jax compile stage "
-          f"{compile_s:.1f}s)")
-  for r in rows:
-    print(json.dumps(r))
+    rows[0].update(common.ratio(times["jax"], times["torch"]))
+  return common.report(f"vae_train (batch {args.batch} x {args.steps} steps, float32)", rows,
+                       ["impl", "images_per_s", "median_s", "spread", "compile_s", "ratio", "desc"], state)
 
 
 if __name__ == "__main__":

@@ -37,15 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from collapse_jax import progress, sharding
+from collapse_jax import hardware, progress, sharding
 from collapse_jax.config import ConfigError
 from collapse_jax.models import opt as opt_model
 
-# Peak dense bf16 FLOP/s per chip by device_kind substring (first match wins, so the longer names come first).
-PEAK_FLOPS = (
-    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12),
-    ("TPU v6 lite", 918e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12), ("TPU v4", 275e12),
-)
 SHUFFLE, DROPOUT = 0, 1  # fold_in tags for the two key streams
 
 
@@ -62,7 +57,7 @@ class TrainConfig:
   batch_size: int = 128
   epochs: int = 5
   eval_batch: int = 128
-  peak_flops: float = 0.0      # per-device peak for MFU; 0: look up the device kind (CPU: MFU not reported)
+  peak_flops: float = 0.0      # per-device peak for MFU; 0: published (accelerators) or derived (CPU): hardware.py
   verbose: bool = True
 
 
@@ -279,21 +274,23 @@ def perplexity(params, blocks: dict, *, model_cfg, eval_batch: int, batch_shardi
 
 
 # --- throughput ---------------------------------------------------------------------------------------------------
-def peak_flops_per_device(device=None, override: float = 0.0) -> float | None:
+def peak_flops(devices, dtype: str, override: float = 0.0) -> float | None:
+  """Peak FLOP/s of the devices at the compute dtype (collapse_jax/hardware.py: published for accelerators,
+  derived from cores, clock and ISA for a CPU, whose simulated devices count once); `override` is per device."""
+  devices = list(devices)
   if override:
-    return float(override)
-  kind = getattr(device or jax.devices()[0], "device_kind", "")
-  return next((f for name, f in PEAK_FLOPS if name.lower() in kind.lower()), None)
+    return float(override) * (1 if devices[0].platform == "cpu" else len(devices))
+  return hardware.total_flops(devices, dtype)
 
 
-def mfu(model_cfg, seq_len: int, tokens_per_s: float, n_devices: int, peak: float | None) -> float | None:
+def mfu(model_cfg, seq_len: int, tokens_per_s: float, peak: float | None) -> float | None:
   if not peak:
     return None
   # Training FLOPs per token, the model's flops_per_token: 6 * N + 12 * layers * hidden * seq_len. 6 * N: each
   # matmul weight (N of them, the tied LM head included, lookups excluded) costs 2 FLOPs per token forward and 4
   # backward; attention's Q K^T and probs V add 2 * seq_len * hidden multiply-adds each per layer and token
   # forward, x3 with backward (full, not causal-halved, attention: PaLM's convention).
-  return opt_model.flops_per_token(model_cfg, seq_len) * tokens_per_s / (peak * n_devices)
+  return opt_model.flops_per_token(model_cfg, seq_len) * tokens_per_s / peak
 
 
 # --- the host-side run ----------------------------------------------------------------------------------------------
@@ -345,7 +342,7 @@ def train(tcfg: TrainConfig, model_cfg, params, train_blocks, valid_blocks, key,
   epoch_fn = epoch_program(tcfg, model_cfg, tx, state_sh, mesh).lower(state, train_d, jnp.int32(0)).compile()
   ppl_fn = perplexity_program(tcfg, model_cfg, state_sh.params, mesh).lower(state.params, valid_d).compile()
   compile_s = time.perf_counter() - t0
-  peak = peak_flops_per_device(mesh.devices.flat[0], tcfg.peak_flops)
+  peak = peak_flops(mesh.devices.flat, model_cfg.dtype, tcfg.peak_flops)
   history = {"epochs": [], "initial_valid_ppl": float(ppl_fn(state.params, valid_d)), "compile_s": compile_s,
              "steps_per_epoch": S, "best_epoch": 0, "best_valid_ppl": math.inf}
   best, t_run = None, time.perf_counter()
@@ -357,7 +354,7 @@ def train(tcfg: TrainConfig, model_cfg, params, train_blocks, valid_blocks, key,
     ppl = float(ppl_fn(state.params, valid_d))
     tok_s = n * seq_len / dt
     row = {"epoch": e + 1, "train_loss": loss, "valid_ppl": ppl, "seconds": dt, "tokens_per_s": tok_s,
-           "mfu": mfu(model_cfg, seq_len, tok_s, mesh.devices.size, peak)}
+           "mfu": mfu(model_cfg, seq_len, tok_s, peak)}
     history["epochs"].append(row)
     if ppl < history["best_valid_ppl"]:  # the paper's checkpoint rule: keep the epoch best on validation
       best, history["best_epoch"], history["best_valid_ppl"] = copy_fn(state.params), e + 1, ppl
