@@ -204,7 +204,7 @@ def test_pytorch_bin(tmp_path):
 def test_transformers_round_trip(path, tmp_path):
   transformers = pytest.importorskip(
       "transformers", reason="transformers is not installed here (the round trip runs in an env that has it, "
-      "e.g. /work/hfenv/bin/python -m pytest tests/test_hf.py)")
+      "after pip install -e '.[bench]')")
   import torch
 
   cfg, params = reference(path)
