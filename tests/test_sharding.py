@@ -1,5 +1,5 @@
 """Meshes and shardings: the 1-D 'data' mesh the Gaussian/GMM/VAE families use, and the LM's 2-D ('data',
-'fsdp') mesh with logical-axis rules; a sharded LM epoch equals the single-device one."""
+'fsdp') mesh with logical-axis rules; a sharded LM training step equals the single-device one within float32 bounds."""
 import functools
 import math
 
@@ -109,7 +109,8 @@ def setting():
     for name, a, j, t in zip(_names(g), jax.tree.leaves(g), jax.tree.leaves(jac), jax.tree.leaves(tau)):
       # The per-token terms sum to the gradient: the bound is this function's.
       _inside(name + " (sum of per-token terms)", j.sum(-1), (a - t, a + t))
-    box = _adam_interval(tcfg, state, jax.tree.map(lambda g, t: g - t, g, tau), jax.tree.map(lambda g, t: g + t, g, tau))
+    lo, hi = jax.tree.map(lambda g, t: g - t, g, tau), jax.tree.map(lambda g, t: g + t, g, tau)
+    box = _adam_interval(tcfg, state, lo, hi)
     # The single-device step lies in the interval too: a check of the interval's arithmetic against optax.
     _check_adam(_epoch(tcfg, cfg, state, blocks, e, single)[0], state, box, "single device")
     refs.append({"grads": g, "loss": float(m["loss"]), "tokens": float(m["tokens"]), "tau": tau, "box": box})
