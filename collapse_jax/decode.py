@@ -10,8 +10,8 @@ The model enters as an `LM` (apply + cache constructor + a few ids), so a fake m
 stand in for OPT in tests. Caches are pytrees of batch-leading arrays plus scalars shared by every row; beam
 search expands a prompt cache to its beams and reorders rows through the LM's hooks, whose defaults copy the
 prompt's cache to every beam (`beam_cache`) and gather every batch-leading leaf (`reorder`). OPT's hooks
-(`opt_lm`) keep the prompt's K/V once per prompt, read in place by its beams (opt.share_prefix), so only the
-generated part of the cache is per beam and gathered each step.
+(`opt_lm`) keep the prompt's K/V once per prompt, read in place by its beams (opt.share_prefix), and never move
+the beams' own K/V: reordering moves which beam's slots each row reads (opt.reorder_copies).
 
 HF details kept on purpose (tests/fixtures/decode_hf.json checks them token for token):
 - the repetition penalty sees the prompt's real tokens (not its left pads, as transformers 5.x) and the tokens
@@ -124,13 +124,10 @@ def opt_lm(cfg) -> LM:
   """collapse_jax.models.opt as an LM (cached per OPTConfig, so jitted programs are reused)."""
   from collapse_jax.models import opt
 
-  def reorder(cache, rows_R):  # the shared prompt part is per prompt, not per beam: never gathered
-    return dict(_gather_rows({k: v for k, v in cache.items() if k != "prefix"}, rows_R), prefix=cache["prefix"])
-
   return LM(apply=lambda params, ids, mask, cache: opt.apply(cfg, params, ids, mask, cache=cache),
             init_cache=functools.partial(opt.init_cache, cfg), vocab_size=cfg.vocab_size,
             max_len=cfg.max_position_embeddings, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
-            beam_cache=functools.partial(opt.share_prefix, cfg), reorder=reorder, shares_prompt=True)
+            beam_cache=functools.partial(opt.share_prefix, cfg), reorder=opt.reorder_copies, shares_prompt=True)
 
 
 # --- logits processing (HF's LogitsProcessors, in HF's order) ---------------------------------------------------
