@@ -144,6 +144,14 @@ def _ban_eos(kn, scores_RxV, step):
   return jnp.where(eos_1xV & (step < kn["min_new_tokens"]), -jnp.inf, scores_RxV)
 
 
+def _nucleus_floor(kn, asc_RxV):
+  """The smallest score top-p keeps, from the scores sorted ascending."""
+  cum_RxV = jnp.cumsum(jax.nn.softmax(asc_RxV, axis=-1), axis=-1)
+  # cum is non-decreasing, so the dropped tokens are a prefix of the ascending order; the top one never is.
+  dropped_Rx1 = jnp.minimum((cum_RxV <= 1.0 - kn["top_p"]).sum(-1, keepdims=True), asc_RxV.shape[-1] - 1)
+  return jnp.take_along_axis(asc_RxV, dropped_Rx1, axis=-1)
+
+
 def warp(cfg: DecodeConfig, kn, scores_RxV):
   """Temperature, top-k, top-p (sampling only), as HF's warpers."""
   scores_RxV = scores_RxV / kn["temperature"]
@@ -151,23 +159,28 @@ def warp(cfg: DecodeConfig, kn, scores_RxV):
     kth_Rx1 = jax.lax.top_k(scores_RxV, cfg.top_k)[0][..., -1:]
     scores_RxV = jnp.where(scores_RxV < kth_Rx1, -jnp.inf, scores_RxV)
   if cfg.top_p < 1.0:
-    asc_RxV = jnp.sort(scores_RxV, axis=-1)
-    cum_RxV = jnp.cumsum(jax.nn.softmax(asc_RxV, axis=-1), axis=-1)
-    # cum is non-decreasing, so the dropped tokens are a prefix of the ascending order; the top one never is.
-    dropped_Rx1 = jnp.minimum((cum_RxV <= 1.0 - kn["top_p"]).sum(-1, keepdims=True), asc_RxV.shape[-1] - 1)
-    floor_Rx1 = jnp.take_along_axis(asc_RxV, dropped_Rx1, axis=-1)
-    scores_RxV = jnp.where(scores_RxV < floor_Rx1, -jnp.inf, scores_RxV)
+    scores_RxV = jnp.where(scores_RxV < _nucleus_floor(kn, jnp.sort(scores_RxV, axis=-1)), -jnp.inf, scores_RxV)
   return scores_RxV
 
 
 def _draw(cfg: DecodeConfig, kn, keys_B, scores_BxV):
   """One sampled token per row. With top-k on, only the k best scores are warped and drawn from: the same law as
-  warping all V (every other token has probability 0; of tokens tied with the k-th, exactly k are kept), but the
-  top-p sort and the draw's random numbers cover k entries instead of the vocabulary (on CPU most of a step)."""
+  warping all V (every other token has probability 0; of tokens tied with the k-th, exactly k are kept). top_k
+  returns them sorted (descending), so top-p needs no sort, and the draw inverts the kept tokens' cumulative
+  weights at one uniform per row: the same law as the Gumbel draw of jax.random.categorical, which hashes k
+  random numbers per row (on CPU, with the sort, most of a sampling step)."""
   if 0 < cfg.top_k < scores_BxV.shape[-1]:
     top_BxK, idx_BxK = jax.lax.top_k(scores_BxV, cfg.top_k)
-    j_B = jax.vmap(jax.random.categorical)(keys_B, warp(dataclasses.replace(cfg, top_k=0), kn, top_BxK))
-    return jnp.take_along_axis(idx_BxK, j_B[:, None], axis=-1)[:, 0]
+    z_BxK = top_BxK / kn["temperature"]
+    keep_BxK = jnp.ones(z_BxK.shape, bool)
+    if cfg.top_p < 1.0:
+      keep_BxK = z_BxK >= _nucleus_floor(kn, z_BxK[:, ::-1])
+    w_BxK = jnp.where(keep_BxK, jnp.exp(z_BxK - z_BxK[:, :1]), 0.0)  # the top token has weight 1
+    cum_BxK = jnp.cumsum(w_BxK, axis=-1)
+    u_Bx1 = jax.vmap(jax.random.uniform)(keys_B)[:, None] * cum_BxK[:, -1:]
+    # The first token whose cumulative weight exceeds u; min: u rounded up to the total picks the last kept one.
+    j_Bx1 = jnp.minimum((cum_BxK <= u_Bx1).sum(-1, keepdims=True), keep_BxK.sum(-1, keepdims=True) - 1)
+    return jnp.take_along_axis(idx_BxK, j_Bx1, axis=-1)[:, 0]
   return jax.vmap(jax.random.categorical)(keys_B, warp(cfg, kn, scores_BxV))
 
 

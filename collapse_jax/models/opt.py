@@ -200,7 +200,8 @@ def _attend_with_prefix(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, allowed_Bx1xLxS, layer_
   [G, H, S * C, D] (slot-major: slot s of copy c at s * C + c, so a step's writes are one contiguous slice), slot
   s of copy c written once (at step s) by row c of the prompt, and row b reads slot s of copy src_BxS[b, s] (its
   ancestor there), so reordering beams moves src (ints) instead of K/V. Every row's query meets all C copies'
-  keys (C times the dot products, small next to moving the cache) and the mask keeps its ancestors'."""
+  keys (C times the dot products; the dot reads the cache once either way, as a gather would) and keeps its
+  ancestor's logit per slot."""
   dt = q_BxLxHxD.dtype
   b, l, h, d = q_BxLxHxD.shape
   g, p = pvalid_GxP.shape
@@ -215,17 +216,22 @@ def _attend_with_prefix(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, allowed_Bx1xLxS, layer_
   q_GxHxQxD = heads_first(q_BxLxHxD)
   pre_GxHxQxP = jnp.einsum("ghqd,ghpd->ghqp", q_GxHxQxD, pk_GxHxPxD.astype(dt), preferred_element_type=jnp.float32)
   pre_GxHxQxP = jnp.where(pvalid_GxP[:, None, None, :], pre_GxHxQxP, -1e30)
-  own_GxHxQxSC = jnp.einsum("ghqd,ghsd->ghqs", q_GxHxQxD, new_cache["k"].astype(dt),
-                            preferred_element_type=jnp.float32)
-  mine_GxLxCxSxC = ((src_BxS.reshape(g, 1, c, s, 1) == jnp.arange(c))
-                    & allowed_Bx1xLxS.reshape(g, c, l, s).transpose(0, 2, 1, 3)[..., None])
-  own_GxHxQxSC = jnp.where(mine_GxLxCxSxC.reshape(g, 1, l * c, s * c), own_GxHxQxSC, -1e30)
+  own_GxHxQxSxC = jnp.einsum("ghqd,ghsd->ghqs", q_GxHxQxD, new_cache["k"].astype(dt),
+                             preferred_element_type=jnp.float32).reshape(g, h, l * c, s, c)
+  # Each row's ancestor's logit per slot (the other copies' add exact zeros), then a softmax C times smaller.
+  pick_Gx1xQxSxC = (src_BxS.reshape(g, 1, c, s, 1) == jnp.arange(c)).reshape(g, 1, 1, c, s, c)
+  pick_Gx1xQxSxC = jnp.broadcast_to(pick_Gx1xQxSxC, (g, 1, l, c, s, c)).reshape(g, 1, l * c, s, c)
+  own_GxHxQxS = jnp.where(pick_Gx1xQxSxC, own_GxHxQxSxC, 0.0).sum(-1)
+  allowed_Gx1xQxS = allowed_Bx1xLxS.reshape(g, c, l, s).transpose(0, 2, 1, 3).reshape(g, 1, l * c, s)
+  own_GxHxQxS = jnp.where(allowed_Gx1xQxS, own_GxHxQxS, -1e30)
   # One softmax over both blocks, as jax.nn.softmax: exp(x - max) / sum; masked entries give exp(-1e30) = 0.
-  top_GxHxQx1 = jnp.maximum(pre_GxHxQxP.max(-1, keepdims=True), own_GxHxQxSC.max(-1, keepdims=True))
-  pre_GxHxQxP, own_GxHxQxSC = jnp.exp(pre_GxHxQxP - top_GxHxQx1), jnp.exp(own_GxHxQxSC - top_GxHxQx1)
-  total_GxHxQx1 = pre_GxHxQxP.sum(-1, keepdims=True) + own_GxHxQxSC.sum(-1, keepdims=True)
+  top_GxHxQx1 = jnp.maximum(pre_GxHxQxP.max(-1, keepdims=True), own_GxHxQxS.max(-1, keepdims=True))
+  pre_GxHxQxP, own_GxHxQxS = jnp.exp(pre_GxHxQxP - top_GxHxQx1), jnp.exp(own_GxHxQxS - top_GxHxQx1)
+  total_GxHxQx1 = pre_GxHxQxP.sum(-1, keepdims=True) + own_GxHxQxS.sum(-1, keepdims=True)
+  own_GxHxQxSxC = jnp.where(pick_Gx1xQxSxC, (own_GxHxQxS / total_GxHxQx1)[..., None], 0.0)
   o_GxHxQxD = (jnp.einsum("ghqp,ghpd->ghqd", (pre_GxHxQxP / total_GxHxQx1).astype(dt), pv_GxHxPxD.astype(dt))
-               + jnp.einsum("ghqs,ghsd->ghqd", (own_GxHxQxSC / total_GxHxQx1).astype(dt), new_cache["v"].astype(dt)))
+               + jnp.einsum("ghqs,ghsd->ghqd", own_GxHxQxSxC.reshape(g, h, l * c, s * c).astype(dt),
+                            new_cache["v"].astype(dt)))
   return o_GxHxQxD.reshape(g, h, l, c, d).transpose(0, 3, 2, 1, 4).reshape(b, l, h, d), new_cache
 
 
