@@ -104,10 +104,12 @@ def _gather_rows(cache, rows_R):
 @dataclasses.dataclass(frozen=True)
 class LM:
   """What decoding needs of a causal LM. apply(params, ids_BxL, mask_BxL, cache) -> (float32 logits_BxLxV,
-  cache) writes the L new tokens into the cache; init_cache(batch, length) preallocates one. beam_cache(prompt
-  cache, num_beams, new_tokens) -> the cache the beams step with (rows b * K + k); reorder(cache, rows_R) picks
-  rows after each beam step; with shares_prompt the prompt cache has the prompt's slots only. Instances are
-  jit-static: build them once (e.g. `opt_lm(cfg)` is cached)."""
+  cache) writes the L new tokens into the cache (decoding reads only the last position's logits, so apply may
+  return just those, Bx1xV: OPT does, sparing the prefill's LM head over every prompt token); init_cache(batch,
+  length) preallocates one. beam_cache(prompt cache, num_beams, new_tokens) -> the cache the beams step with
+  (rows b * K + k); reorder(cache, rows_R) picks rows after each beam step (rows_R stays within each prompt's
+  beams); with shares_prompt the prompt cache has the prompt's slots only. Instances are jit-static: build them
+  once (e.g. `opt_lm(cfg)` is cached)."""
   apply: Callable
   init_cache: Callable
   vocab_size: int
@@ -124,7 +126,7 @@ def opt_lm(cfg) -> LM:
   """collapse_jax.models.opt as an LM (cached per OPTConfig, so jitted programs are reused)."""
   from collapse_jax.models import opt
 
-  return LM(apply=lambda params, ids, mask, cache: opt.apply(cfg, params, ids, mask, cache=cache),
+  return LM(apply=lambda params, ids, mask, cache: opt.apply(cfg, params, ids, mask, cache=cache, last_only=True),
             init_cache=functools.partial(opt.init_cache, cfg), vocab_size=cfg.vocab_size,
             max_len=cfg.max_position_embeddings, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
             beam_cache=functools.partial(opt.share_prefix, cfg), reorder=opt.reorder_copies, shares_prompt=True)

@@ -212,7 +212,8 @@ def _attend_with_prefix(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, allowed_Bx1xLxS, layer_
     return x_BxLxHxD.reshape(g, c, l, h, d).transpose(0, 3, 2, 1, 4).reshape(g, h, l * c, d)
 
   new_cache = {n: jax.lax.dynamic_update_slice_in_dim(layer_cache[n], heads_first(x).astype(layer_cache[n].dtype),
-                                                      index * c, axis=2) for n, x in (("k", k_BxLxHxD), ("v", v_BxLxHxD))}
+                                                      index * c, axis=2)
+               for n, x in (("k", k_BxLxHxD), ("v", v_BxLxHxD))}
   q_GxHxQxD = heads_first(q_BxLxHxD)
   pre_GxHxQxP = jnp.einsum("ghqd,ghpd->ghqp", q_GxHxQxD, pk_GxHxPxD.astype(dt), preferred_element_type=jnp.float32)
   pre_GxHxQxP = jnp.where(pvalid_GxP[:, None, None, :], pre_GxHxQxP, -1e30)
@@ -278,7 +279,7 @@ class OPT(nnx.Module):
     self.layers = nnx.List([_Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_layer_norm = _Norm(e) if cfg.do_layer_norm_before else None
 
-  def __call__(self, ids_BxL, mask_BxL, positions_BxL=None, cache=None, dropout_key=None):
+  def __call__(self, ids_BxL, mask_BxL, positions_BxL=None, cache=None, dropout_key=None, last_only=False):
     dt = DTYPES[self.cfg.dtype]
     b, l = ids_BxL.shape
     mask_BxL = mask_BxL.astype(jnp.int32)
@@ -313,6 +314,8 @@ class OPT(nnx.Module):
       x_BxLxE, lc = layer(x_BxLxE, allowed_Bx1xLxS, None if cache is None else cache["layers"][i], index, key,
                           prefix)
       new_layers.append(lc)
+    if last_only:  # decoding reads the last position's logits only (as HF generate's logits_to_keep=1)
+      x_BxLxE = x_BxLxE[:, -1:]
     if self.final_layer_norm is not None:
       x_BxLxE = self.final_layer_norm(x_BxLxE)
     if self.project_out is not None:
@@ -400,8 +403,9 @@ def reorder_copies(cache: dict, rows_R) -> dict:
 
 
 def apply(cfg: OPTConfig, params, ids_BxL, mask_BxL, *, deterministic=True, dropout_key=None,
-          positions_BxL=None, cache=None):
-  """Logits [B, L, vocab] in float32; with a cache, (logits, new_cache), the new tokens written at its index."""
+          positions_BxL=None, cache=None, last_only=False):
+  """Logits [B, L, vocab] in float32 ([B, 1, vocab], the last position's, with last_only); with a cache,
+  (logits, new_cache), the new tokens written at its index."""
   validate(cfg)
   if ids_BxL.ndim != 2 or mask_BxL.shape != ids_BxL.shape:
     raise ConfigError(f"ids_BxL {ids_BxL.shape} must be 2-D with mask_BxL of the same shape, got {mask_BxL.shape}")
@@ -413,7 +417,7 @@ def apply(cfg: OPTConfig, params, ids_BxL, mask_BxL, *, deterministic=True, drop
   if not deterministic and dropout_key is None and (cfg.dropout > 0 or cfg.attention_dropout > 0):
     raise ConfigError("apply(deterministic=False) needs a dropout_key")
   model = nnx.merge(graphdef(cfg), params)
-  return model(ids_BxL, mask_BxL, positions_BxL, cache, None if deterministic else dropout_key)
+  return model(ids_BxL, mask_BxL, positions_BxL, cache, None if deterministic else dropout_key, last_only)
 
 
 _AXES = {
