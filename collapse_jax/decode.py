@@ -10,8 +10,8 @@ The model enters as an `LM` (apply + cache constructor + a few ids), so a fake m
 stand in for OPT in tests. Caches are pytrees of batch-leading arrays plus scalars shared by every row; beam
 search expands a prompt cache to its beams and reorders rows through the LM's hooks, whose defaults copy the
 prompt's cache to every beam (`beam_cache`) and gather every batch-leading leaf (`reorder`). OPT's hooks
-(`opt_lm`) keep the prompt's K/V once per prompt, read in place by its beams (opt.share_prefix), so only the
-generated part of the cache is per beam and gathered each step.
+(`opt_lm`) keep the prompt's K/V once per prompt, read in place by its beams (opt.share_prefix), and never move
+the beams' own K/V: reordering moves which beam's slots each row reads (opt.reorder_copies).
 
 HF details kept on purpose (tests/fixtures/decode_hf.json checks them token for token):
 - the repetition penalty sees the prompt's real tokens (not its left pads, as transformers 5.x) and the tokens
@@ -104,10 +104,12 @@ def _gather_rows(cache, rows_R):
 @dataclasses.dataclass(frozen=True)
 class LM:
   """What decoding needs of a causal LM. apply(params, ids_BxL, mask_BxL, cache) -> (float32 logits_BxLxV,
-  cache) writes the L new tokens into the cache; init_cache(batch, length) preallocates one. beam_cache(prompt
-  cache, num_beams, new_tokens) -> the cache the beams step with (rows b * K + k); reorder(cache, rows_R) picks
-  rows after each beam step; with shares_prompt the prompt cache has the prompt's slots only. Instances are
-  jit-static: build them once (e.g. `opt_lm(cfg)` is cached)."""
+  cache) writes the L new tokens into the cache (decoding reads only the last position's logits, so apply may
+  return just those, Bx1xV: OPT does, sparing the prefill's LM head over every prompt token); init_cache(batch,
+  length) preallocates one. beam_cache(prompt cache, num_beams, new_tokens) -> the cache the beams step with
+  (rows b * K + k); reorder(cache, rows_R) picks rows after each beam step (rows_R stays within each prompt's
+  beams); with shares_prompt the prompt cache has the prompt's slots only. Instances are jit-static: build them
+  once (e.g. `opt_lm(cfg)` is cached)."""
   apply: Callable
   init_cache: Callable
   vocab_size: int
@@ -124,13 +126,10 @@ def opt_lm(cfg) -> LM:
   """collapse_jax.models.opt as an LM (cached per OPTConfig, so jitted programs are reused)."""
   from collapse_jax.models import opt
 
-  def reorder(cache, rows_R):  # the shared prompt part is per prompt, not per beam: never gathered
-    return dict(_gather_rows({k: v for k, v in cache.items() if k != "prefix"}, rows_R), prefix=cache["prefix"])
-
-  return LM(apply=lambda params, ids, mask, cache: opt.apply(cfg, params, ids, mask, cache=cache),
+  return LM(apply=lambda params, ids, mask, cache: opt.apply(cfg, params, ids, mask, cache=cache, last_only=True),
             init_cache=functools.partial(opt.init_cache, cfg), vocab_size=cfg.vocab_size,
             max_len=cfg.max_position_embeddings, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
-            beam_cache=functools.partial(opt.share_prefix, cfg), reorder=reorder, shares_prompt=True)
+            beam_cache=functools.partial(opt.share_prefix, cfg), reorder=opt.reorder_copies, shares_prompt=True)
 
 
 # --- logits processing (HF's LogitsProcessors, in HF's order) ---------------------------------------------------
@@ -147,6 +146,14 @@ def _ban_eos(kn, scores_RxV, step):
   return jnp.where(eos_1xV & (step < kn["min_new_tokens"]), -jnp.inf, scores_RxV)
 
 
+def _nucleus_floor(kn, asc_RxV):
+  """The smallest score top-p keeps, from the scores sorted ascending."""
+  cum_RxV = jnp.cumsum(jax.nn.softmax(asc_RxV, axis=-1), axis=-1)
+  # cum is non-decreasing, so the dropped tokens are a prefix of the ascending order; the top one never is.
+  dropped_Rx1 = jnp.minimum((cum_RxV <= 1.0 - kn["top_p"]).sum(-1, keepdims=True), asc_RxV.shape[-1] - 1)
+  return jnp.take_along_axis(asc_RxV, dropped_Rx1, axis=-1)
+
+
 def warp(cfg: DecodeConfig, kn, scores_RxV):
   """Temperature, top-k, top-p (sampling only), as HF's warpers."""
   scores_RxV = scores_RxV / kn["temperature"]
@@ -154,23 +161,28 @@ def warp(cfg: DecodeConfig, kn, scores_RxV):
     kth_Rx1 = jax.lax.top_k(scores_RxV, cfg.top_k)[0][..., -1:]
     scores_RxV = jnp.where(scores_RxV < kth_Rx1, -jnp.inf, scores_RxV)
   if cfg.top_p < 1.0:
-    asc_RxV = jnp.sort(scores_RxV, axis=-1)
-    cum_RxV = jnp.cumsum(jax.nn.softmax(asc_RxV, axis=-1), axis=-1)
-    # cum is non-decreasing, so the dropped tokens are a prefix of the ascending order; the top one never is.
-    dropped_Rx1 = jnp.minimum((cum_RxV <= 1.0 - kn["top_p"]).sum(-1, keepdims=True), asc_RxV.shape[-1] - 1)
-    floor_Rx1 = jnp.take_along_axis(asc_RxV, dropped_Rx1, axis=-1)
-    scores_RxV = jnp.where(scores_RxV < floor_Rx1, -jnp.inf, scores_RxV)
+    scores_RxV = jnp.where(scores_RxV < _nucleus_floor(kn, jnp.sort(scores_RxV, axis=-1)), -jnp.inf, scores_RxV)
   return scores_RxV
 
 
 def _draw(cfg: DecodeConfig, kn, keys_B, scores_BxV):
   """One sampled token per row. With top-k on, only the k best scores are warped and drawn from: the same law as
-  warping all V (every other token has probability 0; of tokens tied with the k-th, exactly k are kept), but the
-  top-p sort and the draw's random numbers cover k entries instead of the vocabulary (on CPU most of a step)."""
+  warping all V (every other token has probability 0; of tokens tied with the k-th, exactly k are kept). top_k
+  returns them sorted (descending), so top-p needs no sort, and the draw inverts the kept tokens' cumulative
+  weights at one uniform per row: the same law as the Gumbel draw of jax.random.categorical, which hashes k
+  random numbers per row (on CPU, with the sort, most of a sampling step)."""
   if 0 < cfg.top_k < scores_BxV.shape[-1]:
     top_BxK, idx_BxK = jax.lax.top_k(scores_BxV, cfg.top_k)
-    j_B = jax.vmap(jax.random.categorical)(keys_B, warp(dataclasses.replace(cfg, top_k=0), kn, top_BxK))
-    return jnp.take_along_axis(idx_BxK, j_B[:, None], axis=-1)[:, 0]
+    z_BxK = top_BxK / kn["temperature"]
+    keep_BxK = jnp.ones(z_BxK.shape, bool)
+    if cfg.top_p < 1.0:
+      keep_BxK = z_BxK >= _nucleus_floor(kn, z_BxK[:, ::-1])
+    w_BxK = jnp.where(keep_BxK, jnp.exp(z_BxK - z_BxK[:, :1]), 0.0)  # the top token has weight 1
+    cum_BxK = jnp.cumsum(w_BxK, axis=-1)
+    u_Bx1 = jax.vmap(jax.random.uniform)(keys_B)[:, None] * cum_BxK[:, -1:]
+    # The first token whose cumulative weight exceeds u; min: u rounded up to the total picks the last kept one.
+    j_Bx1 = jnp.minimum((cum_BxK <= u_Bx1).sum(-1, keepdims=True), keep_BxK.sum(-1, keepdims=True) - 1)
+    return jnp.take_along_axis(idx_BxK, j_Bx1, axis=-1)[:, 0]
   return jax.vmap(jax.random.categorical)(keys_B, warp(cfg, kn, scores_BxV))
 
 

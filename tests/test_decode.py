@@ -369,7 +369,8 @@ def test_opt_beams_read_one_shared_prompt_cache():
   g, p = ids.shape
   _, cache = jax.jit(lambda c: opt.apply(cfg, params, ids, mask, cache=c))(opt.init_cache(cfg, g, p))
   beams = lm.beam_cache(cache, 2, 3)
-  assert beams["prefix"]["layers"][0]["k"].shape[0] == g and beams["layers"][0]["k"].shape[:2] == (2 * g, 3)
+  assert beams["prefix"]["layers"][0]["k"].shape[0] == g
+  assert beams["layers"][0]["k"].shape == (g, cfg.num_heads, 3 * 2, cfg.head_dim)  # per prompt: 3 slots x 2 copies
   new = np.array([[5, 9, 14], [7, 7, 3], [11, 30, 2], [40, 41, 42], [8, 6, 4], [60, 1, 99]], np.int32)
   step = jax.jit(lambda c, tok: opt.apply(cfg, params, tok, jnp.ones_like(tok), cache=c))
   got = []
@@ -380,3 +381,32 @@ def test_opt_beams_read_one_shared_prompt_cache():
   full_mask = np.concatenate([np.repeat(mask, 2, axis=0), np.ones_like(new)], axis=1)
   want = np.asarray(jax.jit(functools.partial(opt.apply, cfg))(params, full_ids, full_mask))[:, p:]
   np.testing.assert_allclose(np.stack(got, axis=1), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_opt_beam_reorder_reads_ancestors():
+  """Beam reordering (opt.reorder_copies) moves only which copy's slots each row reads, never K/V: 3 copies of
+  each left-padded prompt, reordered after every step to parents drawn within their prompt (repeats allowed, as
+  beam search does), get at every step the logits of the full uncached forward of prompt + their history."""
+  from collapse_jax.models import opt
+  d, lm, params = hf_fixture()
+  cfg = hf.load_opt(os.path.join(FIXTURES, "opt_preln"), dtype="float32")[0]
+  case = next(c for c in d["cases"] if c["name"] == "greedy_padded")
+  ids, mask = np.array(case["ids"], np.int32), np.array(case["mask"], np.int32)
+  (g, p), k, steps = ids.shape, 3, 4
+  _, cache = jax.jit(lambda c: opt.apply(cfg, params, ids, mask, cache=c))(opt.init_cache(cfg, g, p))
+  beams = lm.beam_cache(cache, k, steps)
+  rng = np.random.default_rng(0)
+  step = jax.jit(lambda c, tok: opt.apply(cfg, params, tok, jnp.ones_like(tok), cache=c))
+  hist = np.zeros((g * k, 0), np.int32)
+  for t in range(steps):
+    tok = rng.integers(3, cfg.vocab_size, (g * k, 1)).astype(np.int32)
+    logits, beams = step(beams, tok)
+    hist = np.concatenate([hist, tok], axis=1)
+    full_ids = np.concatenate([np.repeat(ids, k, axis=0), hist], axis=1)
+    full_mask = np.concatenate([np.repeat(mask, k, axis=0), np.ones_like(hist)], axis=1)
+    want = np.asarray(jax.jit(functools.partial(opt.apply, cfg))(params, full_ids, full_mask))[:, -1]
+    np.testing.assert_allclose(np.asarray(logits)[:, 0], want, rtol=0, atol=1e-5 * np.abs(want).max())
+    rows = (np.arange(g)[:, None] * k + rng.integers(0, k, (g, k))).reshape(-1)
+    moved = lm.reorder(beams, jnp.asarray(rows))  # eager: K/V pass through as the same arrays
+    assert all(moved["layers"][i][n] is beams["layers"][i][n] for i in range(cfg.num_layers) for n in ("k", "v"))
+    beams, hist = moved, hist[rows]

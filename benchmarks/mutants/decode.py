@@ -11,6 +11,7 @@ _KEYS = f"{_T}::test_samples_do_not_depend_on_batching_or_mesh"
 _BAD = f"{_T}::test_bad_config_is_refused_before_compiling"
 _SHARE = f"{_T}::test_opt_beams_read_one_shared_prompt_cache"
 _LEFT = f"{_T}::test_left_padding_changes_nothing"
+_REORDER = f"{_T}::test_opt_beam_reorder_reads_ancestors"
 D, OPT = "collapse_jax/decode.py", "collapse_jax/models/opt.py"
 
 MUTANTS = [
@@ -97,24 +98,29 @@ MUTANTS = [
            old="self.num_beams < 1", new="self.num_beams < 0",
            tests=(_BAD,), why="num_beams = 0 accepted"),
     Mutant(name="opt_prefix_pads_visible", file=OPT,
-           old="jnp.where(pvalid_GxP[:, None, None, None, :], pre_GxRxHxLxP, -1e30)",
-           new="jnp.where(True, pre_GxRxHxLxP, -1e30)",
+           old="jnp.where(pvalid_GxP[:, None, None, :], pre_GxHxQxP, -1e30)",
+           new="jnp.where(True, pre_GxHxQxP, -1e30)",
            tests=(_SHARE,), why="beams attend to their prompt's left pads"),
     Mutant(name="opt_prefix_rows_grouped_wrong", file=OPT,
-           old="q_BxLxHxD.reshape(g, b // g, l, h, d)", new="q_BxLxHxD.reshape(b // g, g, l, h, d).swapaxes(0, 1)",
+           old="x_BxLxHxD.reshape(g, c, l, h, d)", new="x_BxLxHxD.reshape(c, g, l, h, d).swapaxes(0, 1)",
            tests=(_SHARE,), why="a beam reads another prompt's cache"),
     Mutant(name="opt_prefix_dropped_from_new_cache", file=OPT,
-           old='      new_cache["prefix"] = shared', new='      pass',
+           old='new_cache["prefix"], new_cache["src"] = shared, src_BxS', new='new_cache["src"] = src_BxS',
            tests=(_SHARE,), why="the shared prompt is lost after the first step"),
     Mutant(name="decode_progress_batch_fixed", file=D,
            old='progress.report("decode", i, ids_MxBxP.shape[0]', new='progress.report("decode", 0, ids_MxBxP.shape[0]',
            tests=("tests/test_progress.py::test_every_step_and_batch_printed_once",),
            why="every decode batch reports as the first"),
     Mutant(name="decode_topk_draw_returns_rank", file=D,
-           old="    return jnp.take_along_axis(idx_BxK, j_B[:, None], axis=-1)[:, 0]", new="    return j_B",
+           old="    return jnp.take_along_axis(idx_BxK, j_Bx1, axis=-1)[:, 0]", new="    return j_Bx1[:, 0]",
            tests=(_CHI,), why="with top-k on, the sampler returns a token's rank among the k, not its id"),
     Mutant(name="decode_topk_draw_skips_top_p", file=D,
-           old="warp(dataclasses.replace(cfg, top_k=0), kn, top_BxK)",
-           new="warp(dataclasses.replace(cfg, top_k=0, top_p=1.0), kn, top_BxK)",
+           old="    if cfg.top_p < 1.0:\n      keep_BxK", new="    if False:\n      keep_BxK",
            tests=(_CHI,), why="top-p is ignored whenever top-k is on"),
+    Mutant(name="opt_beam_src_not_reordered", file=OPT,
+           old='for n in ("mask", "pos", "src")})', new='for n in ("mask", "pos")})',
+           tests=(_REORDER, _PAPER), why="reordered beams read their own earlier slots, not their ancestors'"),
+    Mutant(name="opt_beam_reads_copy_zero", file=OPT,
+           old="(src_BxS.reshape(g, 1, c, s, 1) == jnp.arange(c))", new="(0 * src_BxS.reshape(g, 1, c, s, 1) == jnp.arange(c))",
+           tests=(_REORDER, _SHARE), why="every beam reads the first copy's slots"),
 ]

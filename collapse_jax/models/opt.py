@@ -163,14 +163,8 @@ class _Attention(nnx.Module):
     k_BxLxHxD, v_BxLxHxD = proj(self.k_proj), proj(self.v_proj)
     new_cache = None
     if layer_cache is not None:
-      k_BxLxHxD = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k_BxLxHxD.astype(layer_cache["k"].dtype),
-                                                      index, axis=1)
-      v_BxLxHxD = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v_BxLxHxD.astype(layer_cache["v"].dtype),
-                                                      index, axis=1)
-      new_cache = {"k": k_BxLxHxD, "v": v_BxLxHxD}
-    if prefix is not None:
-      o_BxLxHxD = _attend_with_prefix(q_BxLxHxD, k_BxLxHxD.astype(dt), v_BxLxHxD.astype(dt), allowed_Bx1xLxS,
-                                      *prefix)
+      o_BxLxHxD, new_cache = _attend_cached(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, allowed_Bx1xLxS, layer_cache, index,
+                                            prefix)
     elif drop_key is not None and self.attention_dropout > 0.0:
       logits = jnp.einsum("blhd,bshd->bhls", q_BxLxHxD, k_BxLxHxD, preferred_element_type=jnp.float32)
       probs = jax.nn.softmax(jnp.where(allowed_Bx1xLxS, logits, -1e30), axis=-1)
@@ -183,21 +177,63 @@ class _Attention(nnx.Module):
     return out + self.out_proj.bias[...].astype(dt), new_cache
 
 
-def _attend_with_prefix(q_BxLxHxD, k_BxSxHxD, v_BxSxHxD, allowed_Bx1xLxS, pk_GxPxHxD, pv_GxPxHxD, pvalid_GxP):
-  """Attention over a shared prefix (G prompts' keys/values, each read by B / G consecutive rows: beam search)
-  and each row's own cache, in one softmax. The prefix is read in place rather than copied to every row."""
+def _attend_cached(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, allowed_Bx1xLxS, layer_cache, index, prefix):
+  """Writes the L new keys/values at slot `index` of the cache and attends over it. The cache is head-major
+  ([B, H, S, D]) so that both attention dots read it in place: a [B, S, H, D] cache made XLA:CPU transpose all of
+  it (a full copy per layer, K and V) at every decoding step."""
+  if prefix is not None:
+    return _attend_with_prefix(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, allowed_Bx1xLxS, layer_cache, index, *prefix)
+  dt = q_BxLxHxD.dtype
+  new_cache = {n: jax.lax.dynamic_update_slice_in_dim(layer_cache[n], x.transpose(0, 2, 1, 3).astype(
+      layer_cache[n].dtype), index, axis=2) for n, x in (("k", k_BxLxHxD), ("v", v_BxLxHxD))}
+  # jax.nn.dot_product_attention's XLA path, spelled out for the head-major cache.
+  logits_BxHxLxS = jnp.einsum("blhd,bhsd->bhls", q_BxLxHxD, new_cache["k"].astype(dt),
+                              preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(jnp.where(allowed_Bx1xLxS, logits_BxHxLxS, -1e30), axis=-1).astype(dt)
+  return jnp.einsum("bhls,bhsd->blhd", probs, new_cache["v"].astype(dt)), new_cache
+
+
+def _attend_with_prefix(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, allowed_Bx1xLxS, layer_cache, index, src_BxS,
+                        pk_GxHxPxD, pv_GxHxPxD, pvalid_GxP):
+  """Beam search: attention over a shared prefix (G prompts' keys/values, each read by its C = B / G consecutive
+  rows) and the rows' own slots, in one softmax. Nothing is copied or reordered: the own cache is
+  [G, H, S * C, D] (slot-major: slot s of copy c at s * C + c, so a step's writes are one contiguous slice), slot
+  s of copy c written once (at step s) by row c of the prompt, and row b reads slot s of copy src_BxS[b, s] (its
+  ancestor there), so reordering beams moves src (ints) instead of K/V. Every row's query meets all C copies'
+  keys (C times the dot products; the dot reads the cache once either way, as a gather would) and keeps its
+  ancestor's logit per slot."""
   dt = q_BxLxHxD.dtype
   b, l, h, d = q_BxLxHxD.shape
   g, p = pvalid_GxP.shape
-  q_GxRxLxHxD = q_BxLxHxD.reshape(g, b // g, l, h, d)
-  pre_GxRxHxLxP = jnp.einsum("grlhd,gphd->grhlp", q_GxRxLxHxD, pk_GxPxHxD.astype(dt),
-                             preferred_element_type=jnp.float32)
-  pre_BxHxLxP = jnp.where(pvalid_GxP[:, None, None, None, :], pre_GxRxHxLxP, -1e30).reshape(b, h, l, p)
-  own_BxHxLxS = jnp.einsum("blhd,bshd->bhls", q_BxLxHxD, k_BxSxHxD, preferred_element_type=jnp.float32)
-  own_BxHxLxS = jnp.where(allowed_Bx1xLxS, own_BxHxLxS, -1e30)
-  probs = jax.nn.softmax(jnp.concatenate([pre_BxHxLxP, own_BxHxLxS], axis=-1), axis=-1).astype(dt)
-  o_GxRxLxHxD = jnp.einsum("grhlp,gphd->grlhd", probs[..., :p].reshape(g, b // g, h, l, p), pv_GxPxHxD.astype(dt))
-  return o_GxRxLxHxD.reshape(b, l, h, d) + jnp.einsum("bhls,bshd->blhd", probs[..., p:], v_BxSxHxD)
+  c = b // g
+  s = layer_cache["k"].shape[2] // c
+
+  def heads_first(x_BxLxHxD):  # [G, H, L * C, D]: a prompt's rows by (token, copy), as the cache's slots
+    return x_BxLxHxD.reshape(g, c, l, h, d).transpose(0, 3, 2, 1, 4).reshape(g, h, l * c, d)
+
+  new_cache = {n: jax.lax.dynamic_update_slice_in_dim(layer_cache[n], heads_first(x).astype(layer_cache[n].dtype),
+                                                      index * c, axis=2)
+               for n, x in (("k", k_BxLxHxD), ("v", v_BxLxHxD))}
+  q_GxHxQxD = heads_first(q_BxLxHxD)
+  pre_GxHxQxP = jnp.einsum("ghqd,ghpd->ghqp", q_GxHxQxD, pk_GxHxPxD.astype(dt), preferred_element_type=jnp.float32)
+  pre_GxHxQxP = jnp.where(pvalid_GxP[:, None, None, :], pre_GxHxQxP, -1e30)
+  own_GxHxQxSxC = jnp.einsum("ghqd,ghsd->ghqs", q_GxHxQxD, new_cache["k"].astype(dt),
+                             preferred_element_type=jnp.float32).reshape(g, h, l * c, s, c)
+  # Each row's ancestor's logit per slot (the other copies' add exact zeros), then a softmax C times smaller.
+  pick_Gx1xQxSxC = (src_BxS.reshape(g, 1, c, s, 1) == jnp.arange(c)).reshape(g, 1, 1, c, s, c)
+  pick_Gx1xQxSxC = jnp.broadcast_to(pick_Gx1xQxSxC, (g, 1, l, c, s, c)).reshape(g, 1, l * c, s, c)
+  own_GxHxQxS = jnp.where(pick_Gx1xQxSxC, own_GxHxQxSxC, 0.0).sum(-1)
+  allowed_Gx1xQxS = allowed_Bx1xLxS.reshape(g, c, l, s).transpose(0, 2, 1, 3).reshape(g, 1, l * c, s)
+  own_GxHxQxS = jnp.where(allowed_Gx1xQxS, own_GxHxQxS, -1e30)
+  # One softmax over both blocks, as jax.nn.softmax: exp(x - max) / sum; masked entries give exp(-1e30) = 0.
+  top_GxHxQx1 = jnp.maximum(pre_GxHxQxP.max(-1, keepdims=True), own_GxHxQxS.max(-1, keepdims=True))
+  pre_GxHxQxP, own_GxHxQxS = jnp.exp(pre_GxHxQxP - top_GxHxQx1), jnp.exp(own_GxHxQxS - top_GxHxQx1)
+  total_GxHxQx1 = pre_GxHxQxP.sum(-1, keepdims=True) + own_GxHxQxS.sum(-1, keepdims=True)
+  own_GxHxQxSxC = jnp.where(pick_Gx1xQxSxC, (own_GxHxQxS / total_GxHxQx1)[..., None], 0.0)
+  o_GxHxQxD = (jnp.einsum("ghqp,ghpd->ghqd", (pre_GxHxQxP / total_GxHxQx1).astype(dt), pv_GxHxPxD.astype(dt))
+               + jnp.einsum("ghqs,ghsd->ghqd", own_GxHxQxSxC.reshape(g, h, l * c, s * c).astype(dt),
+                            new_cache["v"].astype(dt)))
+  return o_GxHxQxD.reshape(g, h, l, c, d).transpose(0, 3, 2, 1, 4).reshape(b, l, h, d), new_cache
 
 
 class _Block(nnx.Module):
@@ -243,7 +279,7 @@ class OPT(nnx.Module):
     self.layers = nnx.List([_Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_layer_norm = _Norm(e) if cfg.do_layer_norm_before else None
 
-  def __call__(self, ids_BxL, mask_BxL, positions_BxL=None, cache=None, dropout_key=None):
+  def __call__(self, ids_BxL, mask_BxL, positions_BxL=None, cache=None, dropout_key=None, last_only=False):
     dt = DTYPES[self.cfg.dtype]
     b, l = ids_BxL.shape
     mask_BxL = mask_BxL.astype(jnp.int32)
@@ -268,12 +304,18 @@ class OPT(nnx.Module):
     x_BxLxE = x + self.embed_positions[...][positions_BxL + POS_OFFSET].astype(dt)
     new_layers = []
     shared = None if cache is None else cache.get("prefix")
+    if shared is not None:  # this step's slots are each row's own
+      copy_BxL = jnp.broadcast_to((jnp.arange(b) % (b // shared["mask"].shape[0]))[:, None], (b, l))
+      src_BxS = jax.lax.dynamic_update_slice_in_dim(cache["src"], copy_BxL.astype(jnp.int32), index, axis=1)
     for i, layer in enumerate(self.layers):
       key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-      prefix = None if shared is None else (shared["layers"][i]["k"], shared["layers"][i]["v"], shared["mask"])
+      prefix = None if shared is None else (src_BxS, shared["layers"][i]["k"], shared["layers"][i]["v"],
+                                            shared["mask"])
       x_BxLxE, lc = layer(x_BxLxE, allowed_Bx1xLxS, None if cache is None else cache["layers"][i], index, key,
                           prefix)
       new_layers.append(lc)
+    if last_only:  # decoding reads the last position's logits only (as HF generate's logits_to_keep=1)
+      x_BxLxE = x_BxLxE[:, -1:]
     if self.final_layer_norm is not None:
       x_BxLxE = self.final_layer_norm(x_BxLxE)
     if self.project_out is not None:
@@ -285,7 +327,7 @@ class OPT(nnx.Module):
     new_cache = {"layers": new_layers, "mask": key_valid_BxS, "index": index + l,
                  "pos": start_B + mask_BxL.sum(axis=1).astype(jnp.int32)}
     if shared is not None:
-      new_cache["prefix"] = shared
+      new_cache["prefix"], new_cache["src"] = shared, src_BxS
     return logits_BxLxV, new_cache
 
 
@@ -325,13 +367,14 @@ def init_params(cfg: OPTConfig, key) -> dict:
 
 
 def init_cache(cfg: OPTConfig, batch: int, max_len: int) -> dict:
-  """Preallocated K/V per layer ([batch, max_len, heads, head_dim] in the compute dtype), the key mask of the
-  slots written so far, the write index, and per row the number of real tokens seen (the next position)."""
+  """Preallocated K/V per layer ([batch, heads, max_len, head_dim], head-major: see _attend_cached) in the compute
+  dtype, the key mask of the slots written so far, the write index, and per row the number of real tokens seen
+  (the next position)."""
   validate(cfg)
   if max_len > cfg.max_position_embeddings:
     raise ConfigError(f"cache max_len={max_len} exceeds OPTConfig.max_position_embeddings="
                       f"{cfg.max_position_embeddings}")
-  shape = (batch, max_len, cfg.num_heads, cfg.head_dim)
+  shape = (batch, cfg.num_heads, max_len, cfg.head_dim)
   dt = DTYPES[cfg.dtype]
   return {"layers": [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.num_layers)],
           "mask": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32),
@@ -341,16 +384,28 @@ def init_cache(cfg: OPTConfig, batch: int, max_len: int) -> dict:
 def share_prefix(cfg: OPTConfig, cache: dict, copies: int, max_len: int) -> dict:
   """A cache for `copies` continuations of each prompt in a prefilled `cache` (beam search: rows b * copies + j):
   the prompts' K/V stay once per prompt under "prefix", read in place by all their copies, and every copy gets
-  max_len fresh slots of its own. Reordering rows must leave "prefix" alone."""
-  fresh = init_cache(cfg, cache["mask"].shape[0] * copies, max_len)
+  max_len fresh slots of its own ([prompts, heads, max_len * copies, head_dim], slot-major), which
+  `reorder_copies` never moves: "src" says which copy's slot each row reads (see _attend_with_prefix)."""
+  g = cache["mask"].shape[0]
+  fresh = init_cache(cfg, g * copies, max_len)
+  shape = (g, cfg.num_heads, max_len * copies, cfg.head_dim)
+  fresh["layers"] = [{n: jnp.zeros(shape, x.dtype) for n, x in lc.items()} for lc in fresh["layers"]]
   fresh["pos"] = jnp.repeat(cache["pos"], copies)
   fresh["prefix"] = {"layers": cache["layers"], "mask": cache["mask"]}
+  fresh["src"] = jnp.zeros((g * copies, max_len), jnp.int32)
   return fresh
 
 
+def reorder_copies(cache: dict, rows_R) -> dict:
+  """A share_prefix cache after beam search picks rows_R (each a row of the same prompt): only the per-row
+  bookkeeping moves (mask, positions, which copy's slots each row reads), never K/V."""
+  return dict(cache, **{n: cache[n][rows_R] for n in ("mask", "pos", "src")})
+
+
 def apply(cfg: OPTConfig, params, ids_BxL, mask_BxL, *, deterministic=True, dropout_key=None,
-          positions_BxL=None, cache=None):
-  """Logits [B, L, vocab] in float32; with a cache, (logits, new_cache), the new tokens written at its index."""
+          positions_BxL=None, cache=None, last_only=False):
+  """Logits [B, L, vocab] in float32 ([B, 1, vocab], the last position's, with last_only); with a cache,
+  (logits, new_cache), the new tokens written at its index."""
   validate(cfg)
   if ids_BxL.ndim != 2 or mask_BxL.shape != ids_BxL.shape:
     raise ConfigError(f"ids_BxL {ids_BxL.shape} must be 2-D with mask_BxL of the same shape, got {mask_BxL.shape}")
@@ -362,7 +417,7 @@ def apply(cfg: OPTConfig, params, ids_BxL, mask_BxL, *, deterministic=True, drop
   if not deterministic and dropout_key is None and (cfg.dropout > 0 or cfg.attention_dropout > 0):
     raise ConfigError("apply(deterministic=False) needs a dropout_key")
   model = nnx.merge(graphdef(cfg), params)
-  return model(ids_BxL, mask_BxL, positions_BxL, cache, None if deterministic else dropout_key)
+  return model(ids_BxL, mask_BxL, positions_BxL, cache, None if deterministic else dropout_key, last_only)
 
 
 _AXES = {
