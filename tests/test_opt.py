@@ -157,7 +157,9 @@ def test_dense_and_lm_head_gradients_are_autodiffs(dtype):
   w = jax.random.normal(k2, (16, 2, 8)).astype(dtype)
   table = jax.random.normal(k3, (40, 16)).astype(dtype)
   tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
-  for f, ref, args in ((lambda x, w: opt._project(x, w, 1), lambda x, w: jnp.einsum("te,ehd->thd", x, w), (x, w)),
+  b = jax.random.normal(k3, (2, 8)).astype(dtype)
+  for f, ref, args in ((lambda x, w, b: opt._project(x, w, b, 1), lambda x, w, b: jnp.einsum("te,ehd->thd", x, w) + b,
+                        (x, w, b)),
                        (opt._lm_head, lambda x, t: jnp.einsum("tp,vp->tv", x, t, preferred_element_type=jnp.float32),
                         (x, table))):
     y, vjp = jax.vjp(f, *args)

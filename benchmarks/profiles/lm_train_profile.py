@@ -50,7 +50,7 @@ def import_tree(root):
   return lm_train, opt, sharding
 
 
-def jax_runner(mods, ids_NxL, batch):
+def jax_runner(mods, ids_NxL, batch, options=None):
   lm_train, opt, sharding = mods
   cfg = opt.get_size("tiny", **MODEL)
   mesh = sharding.make_mesh_2d(1, 1)
@@ -58,7 +58,7 @@ def jax_runner(mods, ids_NxL, batch):
   params = opt.init_params(cfg, jax.random.key(0))
   state, state_sh, tx = lm_train.setup(tcfg, cfg, params, ids_NxL.shape[0], jax.random.key(1), mesh)
   blocks = jax.device_put(lm_train.as_blocks(ids_NxL), sharding.replicated(mesh))
-  compiled = lm_train.epoch_program(tcfg, cfg, tx, state_sh, mesh).lower(state, blocks, jnp.int32(0)).compile()
+  compiled = lm_train.epoch_program(tcfg, cfg, tx, state_sh, mesh).lower(state, blocks, jnp.int32(0)).compile(options)
   holder = {"state": state, "e": 0}
 
   def run():
@@ -101,8 +101,9 @@ def torch_runner(ids_NxL, batch):
 
 
 CATEGORIES = [  # (name, test on (op name, shape, op_name metadata)); first match wins
-    ("LM head dots", lambda n, s, o: n.startswith(("ynn", "dot")) and ("blp,vp" in o or "blp,vp" in o)),
-    ("other dots", lambda n, s, o: n.startswith(("ynn", "dot")) and "reduce" not in o),
+    ("LM head dots", lambda n, s, o: n.startswith(("ynn", "dot")) and ("blp,vp" in o or "lm_head" in o)),
+    ("projection / MLP dots", lambda n, s, o: n.startswith(("ynn", "dot")) and "reduce" not in o),
+    ("attention dots", lambda n, s, o: n.startswith(("ynn", "dot")) and ("BTNH" in o or "BNTS" in o)),
     ("dropout bits", lambda n, s, o: any(k in o for k in ("threefry", "random", "bernoulli", "_uniform"))),
     ("cross-entropy (vocab-wide elementwise)", lambda n, s, o: str(MODEL["vocab_size"]) in s),
     ("transposing copies", lambda n, s, o: n.startswith(("copy", "bitcast_copy", "transpose"))),
@@ -149,6 +150,9 @@ def main(argv=None):
   p.add_argument("--no-torch", action="store_true")
   p.add_argument("--profile", default="after", choices=["after", "before", "both", "none"])
   p.add_argument("--top", type=int, default=20)
+  p.add_argument("--variant", action="append", default=[], metavar="NAME:OPTION=VALUE[,OPTION=VALUE]",
+                 help="also time this tree compiled with these XLA options, e.g. "
+                      "'noynn:xla_cpu_experimental_ynn_fusion_type='")
   p.add_argument("--peak-flops", type=float, default=0.0)
   args = p.parse_args(argv)
   variants = {}
@@ -163,6 +167,9 @@ def main(argv=None):
     n = args.steps * batch
     ids_NxL = np.random.default_rng(0).integers(3, MODEL["vocab_size"], (n, SEQ)).astype(np.int32)
     runs = {name: jax_runner(mods, ids_NxL, batch) for name, mods in variants.items()}
+    for spec in args.variant:
+      name, opts = spec.split(":", 1)
+      runs[name] = jax_runner(variants["after"], ids_NxL, batch, dict(o.split("=", 1) for o in opts.split(",")))
     if not args.no_torch:
       runs["hf-torch"] = torch_runner(ids_NxL, batch)
     for fn in runs.values():
