@@ -143,7 +143,7 @@ def profile(run, top: int, tag: str):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--baseline", default="main", help="git revision to compare against ('' : none)")
+  p.add_argument("--baseline", default="main", help="git revision to compare against ('': none)")
   p.add_argument("--batches", default="16,128")
   p.add_argument("--steps", type=int, default=8)
   p.add_argument("--rounds", type=int, default=5)
