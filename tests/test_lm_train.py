@@ -66,6 +66,20 @@ def test_token_nll_shift_and_mask():
   np.testing.assert_allclose(nll, want_nll, rtol=1e-6)
 
 
+def test_token_nll_gradient_is_autodiffs():
+  """token_nll's hand-written backward (softmax - one-hot, one pass) against autodiff of the hand NLL; the last
+  position (predicts nothing) and masked tokens get zero gradient, even where their logits would overflow exp."""
+  rng = np.random.default_rng(4)
+  logits = jnp.asarray(rng.normal(size=(3, 6, V)) * 4, jnp.float32).at[0, -1, 0].set(1e4).at[1, 5, 3].set(-1e4)
+  ids = jnp.asarray(rng.integers(0, V, (3, 6)), jnp.int32)
+  mask = jnp.ones((3, 6), jnp.int32).at[1, 4:].set(0).at[2, 0].set(0)
+  got = jax.grad(lambda l: lm_train.token_nll(l, ids, mask)[0])(logits)
+  want = jax.grad(lambda l: _hand_nll(l, ids, mask)[0])(logits)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  assert not np.asarray(got[:, -1]).any() and not np.asarray(got[1, 4:]).any()
+  assert np.isfinite(np.asarray(got)).all()
+
+
 def test_perplexity_batched_equals_one_pass():
   cfg = _cfg()
   params = opt.init_params(cfg, jax.random.key(1))

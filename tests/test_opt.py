@@ -148,6 +148,30 @@ def test_dropout_sites_as_hf():
   assert _random_bits_shapes(jaxpr) == []
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_and_lm_head_gradients_are_autodiffs(dtype):
+  """The projections' and the tied LM head's hand-written backward (dW as x^T g, for XLA:CPU's layouts) against
+  autodiff of the plain contraction, in both compute dtypes."""
+  k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
+  x = jax.random.normal(k1, (24, 16)).astype(dtype)
+  w = jax.random.normal(k2, (16, 2, 8)).astype(dtype)
+  table = jax.random.normal(k3, (40, 16)).astype(dtype)
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+  b = jax.random.normal(k3, (2, 8)).astype(dtype)
+  for f, ref, args in ((lambda x, w, b: opt._project(x, w, b, 1), lambda x, w, b: jnp.einsum("te,ehd->thd", x, w) + b,
+                        (x, w, b)),
+                       (opt._lm_head, lambda x, t: jnp.einsum("tp,vp->tv", x, t, preferred_element_type=jnp.float32),
+                        (x, table))):
+    y, vjp = jax.vjp(f, *args)
+    y_ref, vjp_ref = jax.vjp(ref, *args)
+    assert y.dtype == y_ref.dtype and y.shape == y_ref.shape
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), **tol)
+    g = jax.random.normal(jax.random.key(6), y.shape).astype(y.dtype)
+    for got, want in zip(vjp(g), vjp_ref(g)):
+      assert got.dtype == want.dtype and got.shape == want.shape
+      np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
+
+
 def test_layer_norm_statistics_in_float32():
   """bf16 activations with a large common offset (as residual streams have): statistics taken in bf16 lose the
   variance (error 0.24 measured), float32 statistics leave only the output's bf16 rounding (<= 0.008 at |y| ~ 3)."""
