@@ -11,7 +11,7 @@ import pytest
 
 from collapse_jax import hf
 from collapse_jax.config import ConfigError
-from collapse_jax.models import opt
+from collapse_jax.models import dense, opt
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 VARIANTS = ("opt_preln", "opt_postln")
@@ -158,9 +158,9 @@ def test_dense_and_lm_head_gradients_are_autodiffs(dtype):
   table = jax.random.normal(k3, (40, 16)).astype(dtype)
   tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
   b = jax.random.normal(k3, (2, 8)).astype(dtype)
-  for f, ref, args in ((lambda x, w, b: opt._project(x, w, b, 1), lambda x, w, b: jnp.einsum("te,ehd->thd", x, w) + b,
+  for f, ref, args in ((lambda x, w, b: dense.project(x, w, b, 1), lambda x, w, b: jnp.einsum("te,ehd->thd", x, w) + b,
                         (x, w, b)),
-                       (opt._lm_head, lambda x, t: jnp.einsum("tp,vp->tv", x, t, preferred_element_type=jnp.float32),
+                       (dense.lm_head, lambda x, t: jnp.einsum("tp,vp->tv", x, t, preferred_element_type=jnp.float32),
                         (x, table))):
     y, vjp = jax.vjp(f, *args)
     y_ref, vjp_ref = jax.vjp(ref, *args)

@@ -27,13 +27,13 @@ softmax in float32 (dot_product_attention's XLA path upcasts its logits), logits
 """
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from collapse_jax.config import ConfigError
+from collapse_jax.models.dense import lm_head, project
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 POS_OFFSET = 2  # OPT's position table starts 2 rows in (a fairseq padding_idx legacy)
@@ -143,66 +143,6 @@ def _dropout(x, rate, key):
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def _contract(x, w, x_axes, w_axes, out):
-  return jax.lax.dot_general(x, w, ((x_axes, w_axes), ((), ())), preferred_element_type=out)
-
-
-@jax.custom_vjp
-def _dense(x_TxI, w_IxO, b_O):
-  """x_TxI @ w_IxO + b_O, autodiff's gradient arranged for XLA:CPU. Autodiff computes dW as (g^T x)^T, so the dot
-  transposes the cotangent g, and XLA fuses g's producers (the residual stream's gradient: every later layer's
-  LayerNorm backward and dropout) into that transposed copy, recomputing them per element (20% of a train step,
-  benchmarks/profiles/lm_train_profile.py); x^T g transposes the stored x instead. The bias is inside so that
-  dW, dx and db read one [T, O] view of g."""
-  return _contract(x_TxI, w_IxO, (1,), (0,), None) + b_O
-
-
-def _dense_fwd(x_TxI, w_IxO, b_O):
-  return _dense(x_TxI, w_IxO, b_O), (x_TxI, w_IxO)
-
-
-def _dense_bwd(res, g_TxO):
-  x_TxI, w_IxO = res
-  dx_TxI = _contract(g_TxO, w_IxO, (1,), (1,), x_TxI.dtype).astype(x_TxI.dtype)
-  dw_IxO = _contract(x_TxI, g_TxO, (0,), (0,), w_IxO.dtype).astype(w_IxO.dtype)
-  # db as a dot with ones, not a reduction: XLA:CPU fuses g's producers into a reduction (duplicating them), not
-  # into a dot's operand, so g is computed once for all three.
-  db_O = _contract(jnp.ones(g_TxO.shape[:1], g_TxO.dtype), g_TxO, (0,), (0,), g_TxO.dtype)
-  return dx_TxI, dw_IxO, db_O
-
-
-_dense.defvjp(_dense_fwd, _dense_bwd)
-
-
-@jax.custom_vjp
-def _lm_head(x_TxP, table_VxP):
-  """Tied-embedding logits x @ table^T in float32. Autodiff's table gradient is dlogits^T x, a transposed copy of
-  the [tokens, vocab] dlogits (the largest tensor of a step); (x^T dlogits)^T transposes x and the [P, V] result."""
-  return _contract(x_TxP, table_VxP, (1,), (1,), jnp.float32)
-
-
-def _lm_head_fwd(x_TxP, table_VxP):
-  return _lm_head(x_TxP, table_VxP), (x_TxP, table_VxP)
-
-
-def _lm_head_bwd(res, g_TxV):
-  x_TxP, table_VxP = res
-  dx_TxP = _contract(g_TxV, table_VxP, (1,), (0,), jnp.float32).astype(x_TxP.dtype)
-  dtable_PxV = _contract(x_TxP, g_TxV, (0,), (0,), jnp.float32).astype(table_VxP.dtype)
-  return dx_TxP, dtable_PxV.T
-
-
-_lm_head.defvjp(_lm_head_fwd, _lm_head_bwd)
-
-
-def _project(x, kernel, bias, n_in: int):
-  """x's last n_in axes contracted with kernel's first n_in (a [in..., out...] kernel, heads as their own axes),
-  plus the bias [out...]."""
-  lead, k_in, k_out = x.shape[:x.ndim - n_in], kernel.shape[:n_in], kernel.shape[n_in:]
-  y = _dense(x.reshape(-1, math.prod(k_in)), kernel.reshape(math.prod(k_in), -1), bias.reshape(-1))
-  return y.reshape(*lead, *k_out)
-
-
 class _Attention(nnx.Module):
   def __init__(self, cfg: OPTConfig, rngs: nnx.Rngs):
     e, h, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
@@ -217,7 +157,7 @@ class _Attention(nnx.Module):
     dt = x_BxLxE.dtype
 
     def proj(p):
-      return _project(x_BxLxE, p.kernel[...].astype(dt), p.bias[...].astype(dt), 1)
+      return project(x_BxLxE, p.kernel[...].astype(dt), p.bias[...].astype(dt), 1)
 
     # HF scales q (bias included) before the dot product, then attends with scale 1.
     q_BxLxHxD = proj(self.q_proj) * jnp.asarray(self.scaling, dt)
@@ -234,7 +174,7 @@ class _Attention(nnx.Module):
     else:
       o_BxLxHxD = jax.nn.dot_product_attention(q_BxLxHxD, k_BxLxHxD.astype(dt), v_BxLxHxD.astype(dt),
                                                mask=allowed_Bx1xLxS, scale=1.0)
-    out = _project(o_BxLxHxD, self.out_proj.kernel[...].astype(dt), self.out_proj.bias[...].astype(dt), 2)
+    out = project(o_BxLxHxD, self.out_proj.kernel[...].astype(dt), self.out_proj.bias[...].astype(dt), 2)
     return out, new_cache
 
 
@@ -317,8 +257,8 @@ class _Block(nnx.Module):
     if not self.pre_ln:  # opt-350m: post-LN
       x_BxLxE = self.self_attn_layer_norm(x_BxLxE)
     h = self.final_layer_norm(x_BxLxE) if self.pre_ln else x_BxLxE
-    h = jax.nn.relu(_project(h, self.fc1.kernel[...].astype(dt), self.fc1.bias[...].astype(dt), 1))
-    h = _project(h, self.fc2.kernel[...].astype(dt), self.fc2.bias[...].astype(dt), 1)
+    h = jax.nn.relu(project(h, self.fc1.kernel[...].astype(dt), self.fc1.bias[...].astype(dt), 1))
+    h = project(h, self.fc2.kernel[...].astype(dt), self.fc2.bias[...].astype(dt), 1)
     x_BxLxE = x_BxLxE + _dropout(h, self.dropout, keys[2])
     if not self.pre_ln:
       x_BxLxE = self.final_layer_norm(x_BxLxE)
@@ -381,9 +321,10 @@ class OPT(nnx.Module):
       x_BxLxE = self.final_layer_norm(x_BxLxE)
     if self.project_out is not None:
       x_BxLxE = x_BxLxE @ self.project_out[...].astype(dt)
-    b, l, p = x_BxLxE.shape
+    rows = x_BxLxE.shape[:2]  # (b, 1) with last_only: l stays the input length for the cache index below
     with jax.named_scope("lm_head"):  # names its ops in profiles
-      logits_BxLxV = _lm_head(x_BxLxE.reshape(b * l, p), self.embed_tokens[...].astype(dt)).reshape(b, l, -1)
+      logits_BxLxV = lm_head(x_BxLxE.reshape(-1, x_BxLxE.shape[-1]),
+                             self.embed_tokens[...].astype(dt)).reshape(*rows, -1)
     if cache is None:
       return logits_BxLxV
     new_cache = {"layers": new_layers, "mask": key_valid_BxS, "index": index + l,
