@@ -1,9 +1,16 @@
-"""Shared test helpers: configs as the CLI builds them, and the CLI in a subprocess."""
+"""Shared test helpers: configs as the CLI builds them, the CLI in a subprocess, and float32 bounds for comparing\na sharded program with a single-device one."""
+import functools
+import math
 import os
 import subprocess
 import sys
 
-from collapse_jax import config as config_lib
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from collapse_jax import config as config_lib, lm_train
+from collapse_jax.models import opt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,3 +84,131 @@ def corrupt_checkpoint(step_dir) -> None:
       size = os.path.getsize(p)
       with open(p, "wb") as fh:
         fh.write(b"\x00garbage" * (size // 8 + 1))
+
+
+# --- float32 bounds for comparing two evaluation orders (sharded vs single device) ---------------------------------
+# A sharded program computes the same function as a single-device one in another float32 order, so results agree
+# only within summation bounds: a sum of n terms in any order is within gamma(n - 1) * sum|terms| of the exact sum
+# (Higham, Accuracy and Stability, 4.3), two orders within twice that. These helpers derive such bounds.
+U32 = 2.0 ** -24  # unit roundoff of float32
+
+
+def gamma(n: int, u: float = U32) -> float:
+  return n * u / (1 - n * u)
+
+
+def names(tree):
+  return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def inside(name, got, interval):
+  got = np.asarray(got, np.float64)
+  out = (got < interval[0]) | (got > interval[1])
+  assert not out.any(), (f"{name}: {out.sum()} of {out.size} outside, first at {np.argwhere(out)[0]}: "
+                         f"{got[out][0]} not in [{interval[0][out][0]}, {interval[1][out][0]}]")
+
+
+def token_grads(cfg, params, ids_BxL, mask_BxL, drop_key):
+  """d(token-mean loss)/d(params) of each (row, target) token of a batch, float32, in float64, stacked on a last
+  axis: the B * (L - 1) terms whose sum is the gradient. One reverse pass per token (one-hot weights), in
+  sequence: batched under jit (jit of jacfwd, or of vmap over the one-hot weights) these per-token gradients do
+  not sum to the gradient on jax 0.10.2 CPU."""
+  b, t = ids_BxL.shape[0], ids_BxL.shape[1] - 1
+  onehot_NxBxT = jnp.eye(b * t).reshape(-1, b, t)
+  jac = _token_grads(cfg, params, jnp.asarray(ids_BxL), jnp.asarray(mask_BxL), drop_key, onehot_NxBxT)
+  return jax.tree.map(lambda j: np.moveaxis(np.asarray(j, np.float64), 0, -1), jac)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _token_grads(cfg, params, ids, mask, drop, onehot_NxBxT):
+  def weighted_loss(params, w_BxT):
+    logits = opt.apply(cfg, params, ids, mask, deterministic=drop is None, dropout_key=drop)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nll_BxT = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    w = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
+    return jnp.sum(nll_BxT * w * w_BxT) / jnp.maximum(jnp.sum(w), 1.0)
+
+  return jax.lax.map(lambda w1: jax.grad(weighted_loss)(params, w1), onehot_NxBxT)
+
+
+def grad_bound(jac, k: int = 64):
+  """Per-coordinate bound on |g_a - g_b| for two float32 evaluations of the gradient in different orders.
+
+  The gradient is a sum of N per-token terms J_t; summed in any order its error is <= gamma_N * sum_t |J_t|, so
+  two orders differ by <= 2 gamma_N S_i. Each term is itself a float32 backprop with sums of <= k terms inside one
+  token (k = the widest contraction), whose magnitudes before cancellation a coordinate does not show (a key
+  bias's gradient cancels to exactly 0 and is nothing but this rounding); we bound them by the largest per-token
+  magnitude of the same layer (a bias is the kernel's gradient for a constant input, the layer-normed inputs
+  being O(1)): 2 gamma_k * max over the layer.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(jac)[0]
+  layer = lambda path: jax.tree_util.keystr(path[:-1] if len(path) > 1 else path)  # noqa: E731
+  layer_max = {}
+  for path, j in flat:
+    layer_max[layer(path)] = max(layer_max.get(layer(path), 0.0), float(np.abs(j).sum(-1).max()))
+  out = [2 * gamma(j.shape[-1]) * np.abs(j).sum(-1) + 2 * gamma(k) * layer_max[layer(path)] for path, j in flat]
+  return jax.tree.unflatten(jax.tree.structure(jac), out)
+
+
+def adam_interval(tcfg, state, g_lo, g_hi, total_steps: int):
+  """Per-coordinate [lo, hi] of AdamW's new (params, mu, nu) from lm_train `state` for any gradient in [g_lo,
+  g_hi]: optax's update rule (mu' = b1 mu + (1-b1) g, nu' = b2 nu + (1-b2) g^2, step = lr_c (mu'/(1-b1^c)) /
+  (sqrt(nu'/(1-b2^c)) + eps) + lr_c wd p for >= 2-D p) evaluated in interval arithmetic. Where [g_lo, g_hi]
+  straddles 0 (a gradient within its rounding noise) the step's interval is about +-lr wide: such a weight may
+  move either way."""
+  b1, b2, eps, wd = tcfg.b1, tcfg.b2, tcfg.eps, tcfg.weight_decay
+  adam = state.opt_state[0]
+  c = int(adam.count) + 1
+  lr = float(lm_train.schedule(tcfg, total_steps)(int(adam.count)))
+
+  w1 = [(1 - b1) * b1 ** (c - k) / (1 - b1 ** c) for k in range(1, c + 1)]
+  w2 = [(1 - b2) * b2 ** (c - k) / (1 - b2 ** c) for k in range(1, c + 1)]
+  cs = math.sqrt(sum(a * a / b for a, b in zip(w1, w2)))  # 1 at c = 1, 1.0014 at c = 2
+
+  def one(p, mu, nu, lo, hi):
+    p, mu, nu = (np.asarray(a, np.float64) for a in (p, mu, nu))
+    sq_lo = np.where((lo <= 0) & (hi >= 0), 0.0, np.minimum(lo * lo, hi * hi))
+    sq_hi = np.maximum(lo * lo, hi * hi)
+    mu_i = (b1 * mu + (1 - b1) * lo, b1 * mu + (1 - b1) * hi)
+    nu_i = (b2 * nu + (1 - b2) * sq_lo, b2 * nu + (1 - b2) * sq_hi)
+    den = [np.sqrt(v / (1 - b2 ** c)) + eps for v in nu_i]
+    q = [m / (1 - b1 ** c) / d for m in mu_i for d in den]
+    # Interval arithmetic forgets that mu and nu come from the same g (at c = 1 it gives g / eps); Cauchy-Schwarz
+    # on the moments' weighted sums bounds |mu_hat| / sqrt(nu_hat) by cs for any gradient history.
+    step = (np.maximum(np.minimum.reduce(q), -cs), np.minimum(np.maximum.reduce(q), cs))
+    decay = wd * p if p.ndim >= 2 else 0.0
+    p_i = (p - lr * (step[1] + decay), p - lr * (step[0] + decay))
+    # The float32 evaluation of each is a handful of roundings of values no larger than these.
+    return tuple((lo_ - 8 * U32 * np.maximum(np.abs(lo_), np.abs(hi_)) - 8 * U32 * lr,
+                  hi_ + 8 * U32 * np.maximum(np.abs(lo_), np.abs(hi_)) + 8 * U32 * lr)
+                 for lo_, hi_ in (p_i, mu_i, nu_i))
+
+  out = [one(*leaves) for leaves in zip(*(jax.tree.leaves(t) for t in (state.params, adam.mu, adam.nu, g_lo, g_hi)))]
+  return jax.tree.unflatten(jax.tree.structure(state.params), out)
+
+
+def check_adam(out, state, box, where):
+  """lm_train state `out` (one step after `state`): params and both moments inside `box` (adam_interval)."""
+  adam = out.opt_state[0]
+  assert int(out.step) == int(state.step) + 1 and int(adam.count) == int(state.opt_state[0].count) + 1
+  for name, p, mu, nu, (p_i, mu_i, nu_i) in zip(names(out.params), jax.tree.leaves(out.params),
+                                                jax.tree.leaves(adam.mu), jax.tree.leaves(adam.nu),
+                                                jax.tree.leaves(box, is_leaf=lambda x: isinstance(x, tuple))):
+    for what, got, interval in (("params", p, p_i), ("mu", mu, mu_i), ("nu", nu, nu_i)):
+      inside(f"{what}{name} on {where}", got, interval)
+
+
+def chain_stats_close(a_GxS, b_GxS, n: int, err_msg: str = "", u: float = U32) -> None:
+  """Two loop histories' [mean, std, quantiles...] over n chains, whose per-chain values are the same but whose
+  cross-chain reductions run in another order (another mesh): the mean is a sum of n terms in another order, then
+  one division: |diff| <= (2 gamma_{n-1} + 2u) * sum|x_i| / n <= that * sqrt(mean^2 + std^2) (Cauchy-Schwarz: mean
+  |x| <= rms x). The std: its sum of n squares in another order (half of 2 gamma_{n-1} after the sqrt, + a few u),
+  plus the mean's shift c, which enters the variance at second order only (sum of deviations is ~0): c^2 / 2 std.
+  Quantiles are order statistics of the per-chain values plus one interpolation: given the mean's slack."""
+  a, b = np.asarray(a_GxS, np.float64), np.asarray(b_GxS, np.float64)
+  m, s = a[:, 0], a[:, 1]
+  tol_m = (2 * gamma(n - 1, u) + 2 * u) * np.sqrt(m * m + s * s)
+  tol_s = (gamma(n - 1, u) + 4 * u) * s + np.where(s > 0, tol_m ** 2 / (2 * np.maximum(s, 1e-300)), tol_m)
+  tol = np.concatenate([tol_m[:, None], tol_s[:, None], np.repeat(tol_m[:, None], a.shape[1] - 2, 1)], axis=1)
+  bad = np.abs(a - b) > tol
+  assert not bad.any(), f"{err_msg}: {np.argwhere(bad)[0]}: {a[bad][0]} vs {b[bad][0]}, bound {tol[bad][0]}"

@@ -1,7 +1,5 @@
 """Meshes and shardings: the 1-D 'data' mesh the Gaussian/GMM/VAE families use, and the LM's 2-D ('data',
 'fsdp') mesh with logical-axis rules; a sharded LM training step equals the single-device one within float32 bounds."""
-import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +10,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from collapse_jax import lm_train, sharding
 from collapse_jax.models import opt
+from tests.helpers import U32, adam_interval, check_adam, grad_bound, inside, names, token_grads
 
 
 def test_1d_mesh_unchanged():
@@ -80,7 +79,6 @@ def _markov_blocks(n, length, vocab, seed):
 # which softmax's shift invariance makes exactly 0) moves its weight by +-lr either way. What is invariant, and
 # checked here step by step from the same state: the loss and the gradient within a float32 summation bound, and
 # Adam's update within the interval the update rule maps that gradient bound to.
-U32 = 2.0 ** -24  # unit roundoff of float32
 B, N_BLOCKS, L = 16, 12, 8  # one step per epoch; the batch's last 4 rows are the epoch's masked remainder
 CAPTURE = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p),
                                        lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))  # state := grads
@@ -105,30 +103,16 @@ def setting():
     g, m = _epoch(tcfg, cfg, state, blocks, e, single, CAPTURE)
     g = jax.tree.map(lambda a: np.asarray(a, np.float64), g.opt_state)
     jac = _per_token_grads(cfg, state, blocks, e)
-    tau = _grad_bound(jac)
-    for name, a, j, t in zip(_names(g), jax.tree.leaves(g), jax.tree.leaves(jac), jax.tree.leaves(tau)):
+    tau = grad_bound(jac)
+    for name, a, j, t in zip(names(g), jax.tree.leaves(g), jax.tree.leaves(jac), jax.tree.leaves(tau)):
       # The per-token terms sum to the gradient: the bound is this function's.
-      _inside(name + " (sum of per-token terms)", j.sum(-1), (a - t, a + t))
+      inside(name + " (sum of per-token terms)", j.sum(-1), (a - t, a + t))
     lo, hi = jax.tree.map(lambda g, t: g - t, g, tau), jax.tree.map(lambda g, t: g + t, g, tau)
-    box = _adam_interval(tcfg, state, lo, hi)
+    box = adam_interval(tcfg, state, lo, hi, tcfg.epochs * lm_train.steps_per_epoch(N_BLOCKS, B))
     # The single-device step lies in the interval too: a check of the interval's arithmetic against optax.
-    _check_adam(_epoch(tcfg, cfg, state, blocks, e, single)[0], state, box, "single device")
+    check_adam(_epoch(tcfg, cfg, state, blocks, e, single)[0], state, box, "single device")
     refs.append({"grads": g, "loss": float(m["loss"]), "tokens": float(m["tokens"]), "tau": tau, "box": box})
   return tcfg, cfg, blocks, states, refs
-
-
-def _names(tree):
-  return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _check_adam(out, state, box, where):
-  adam = out.opt_state[0]
-  assert int(out.step) == int(state.step) + 1 and int(adam.count) == int(state.opt_state[0].count) + 1
-  for name, p, mu, nu, (p_i, mu_i, nu_i) in zip(_names(out.params), jax.tree.leaves(out.params),
-                                                jax.tree.leaves(adam.mu), jax.tree.leaves(adam.nu),
-                                                jax.tree.leaves(box, is_leaf=lambda x: isinstance(x, tuple))):
-    for what, got, interval in (("params", p, p_i), ("mu", mu, mu_i), ("nu", nu, nu_i)):
-      _inside(f"{what}{name} on {where}", got, interval)
 
 
 _PROGRAMS = {}
@@ -158,90 +142,7 @@ def _per_token_grads(cfg, state, blocks, e):
   order, keep = jnp.pad(order, (0, B - N_BLOCKS)), (jnp.arange(B) < N_BLOCKS).astype(jnp.int32)
   ids, mask = jnp.asarray(blocks["ids"])[order], jnp.asarray(blocks["mask"])[order] * keep[:, None]
   drop = jax.random.fold_in(jax.random.fold_in(key, lm_train.DROPOUT), state.step)
-  # One reverse pass per token (one-hot weights), in sequence: batched under jit (jit of jacfwd, or of vmap over
-  # the one-hot weights) these per-token gradients do not sum to the gradient on jax 0.10.2 CPU.
-  onehot_NxBxT = jnp.eye(B * (L - 1)).reshape(-1, B, L - 1)
-  jac = _token_grads(cfg, state.params, ids, mask, drop, onehot_NxBxT)
-  return jax.tree.map(lambda j: np.moveaxis(np.asarray(j, np.float64), 0, -1), jac)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _token_grads(cfg, params, ids, mask, drop, onehot_NxBxT):
-  def weighted_loss(params, w_BxT):
-    logits = opt.apply(cfg, params, ids, mask, deterministic=False, dropout_key=drop)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    nll_BxT = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    w = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
-    return jnp.sum(nll_BxT * w * w_BxT) / jnp.maximum(jnp.sum(w), 1.0)
-
-  return jax.lax.map(lambda w1: jax.grad(weighted_loss)(params, w1), onehot_NxBxT)
-
-
-def _grad_bound(jac):
-  """Per-coordinate bound on |g_a - g_b| for two float32 evaluations of the gradient in different orders.
-
-  The gradient is a sum of N per-token terms J_t; summed in any order its error is <= gamma_N * sum_t |J_t|
-  (Higham, Accuracy and Stability, 4.3), so two orders differ by <= 2 gamma_N S_i. Each term is itself a float32
-  backprop with sums of <= K terms inside one token (K = the widest contraction, ffn 64 / vocab 64 / length 8),
-  whose magnitudes before cancellation a coordinate does not show (a key bias's gradient cancels to exactly 0 and
-  is nothing but this rounding); we bound them by the largest per-token magnitude of the same layer (a bias is the
-  kernel's gradient for a constant input, the layer-normed inputs being O(1)): 2 gamma_K * max over the layer.
-  """
-  gamma = lambda n: n * U32 / (1 - n * U32)  # noqa: E731
-  out = {}
-  flat = jax.tree_util.tree_flatten_with_path(jac)[0]
-  layer_max = {}
-  for path, j in flat:
-    layer = jax.tree_util.keystr(path[:-1]) if len(path) > 1 else jax.tree_util.keystr(path)
-    layer_max[layer] = max(layer_max.get(layer, 0.0), float(np.abs(j).sum(-1).max()))
-  for path, j in flat:
-    layer = jax.tree_util.keystr(path[:-1]) if len(path) > 1 else jax.tree_util.keystr(path)
-    n, k = j.shape[-1], 64  # N = B * (L - 1) token terms; K = 64
-    out[jax.tree_util.keystr(path)] = 2 * gamma(n) * np.abs(j).sum(-1) + 2 * gamma(k) * layer_max[layer]
-  return jax.tree.unflatten(jax.tree.structure(jac), [out[jax.tree_util.keystr(p)] for p, _ in flat])
-
-
-def _adam_interval(tcfg, state, g_lo, g_hi):
-  """Per-coordinate [lo, hi] of AdamW's new (params, mu, nu) from `state` for any gradient in [g_lo, g_hi]: optax's
-  update rule (mu' = b1 mu + (1-b1) g, nu' = b2 nu + (1-b2) g^2, step = lr_c (mu'/(1-b1^c)) / (sqrt(nu'/(1-b2^c))
-  + eps) + lr_c wd p for >= 2-D p) evaluated in interval arithmetic. Where [g_lo, g_hi] straddles 0 (a gradient
-  within its rounding noise) the step's interval is about +-lr wide: such a weight may move either way."""
-  b1, b2, eps, wd = tcfg.b1, tcfg.b2, tcfg.eps, tcfg.weight_decay
-  adam = state.opt_state[0]
-  c = int(adam.count) + 1
-  lr = float(lm_train.schedule(tcfg, tcfg.epochs * lm_train.steps_per_epoch(N_BLOCKS, B))(int(adam.count)))
-
-  w1 = [(1 - b1) * b1 ** (c - k) / (1 - b1 ** c) for k in range(1, c + 1)]
-  w2 = [(1 - b2) * b2 ** (c - k) / (1 - b2 ** c) for k in range(1, c + 1)]
-  cs = math.sqrt(sum(a * a / b for a, b in zip(w1, w2)))  # 1 at c = 1, 1.0014 at c = 2
-
-  def one(p, mu, nu, lo, hi):
-    p, mu, nu = (np.asarray(a, np.float64) for a in (p, mu, nu))
-    sq_lo = np.where((lo <= 0) & (hi >= 0), 0.0, np.minimum(lo * lo, hi * hi))
-    sq_hi = np.maximum(lo * lo, hi * hi)
-    mu_i = (b1 * mu + (1 - b1) * lo, b1 * mu + (1 - b1) * hi)
-    nu_i = (b2 * nu + (1 - b2) * sq_lo, b2 * nu + (1 - b2) * sq_hi)
-    den = [np.sqrt(v / (1 - b2 ** c)) + eps for v in nu_i]
-    q = [m / (1 - b1 ** c) / d for m in mu_i for d in den]
-    # Interval arithmetic forgets that mu and nu come from the same g (at c = 1 it gives g / eps); Cauchy-Schwarz
-    # on the moments' weighted sums bounds |mu_hat| / sqrt(nu_hat) by cs for any gradient history.
-    step = (np.maximum(np.minimum.reduce(q), -cs), np.minimum(np.maximum.reduce(q), cs))
-    decay = wd * p if p.ndim >= 2 else 0.0
-    p_i = (p - lr * (step[1] + decay), p - lr * (step[0] + decay))
-    # The float32 evaluation of each is a handful of roundings of values no larger than these.
-    return tuple((lo_ - 8 * U32 * np.maximum(np.abs(lo_), np.abs(hi_)) - 8 * U32 * lr,
-                  hi_ + 8 * U32 * np.maximum(np.abs(lo_), np.abs(hi_)) + 8 * U32 * lr)
-                 for lo_, hi_ in (p_i, mu_i, nu_i))
-
-  out = [one(*leaves) for leaves in zip(*(jax.tree.leaves(t) for t in (state.params, adam.mu, adam.nu, g_lo, g_hi)))]
-  return jax.tree.unflatten(jax.tree.structure(state.params), out)
-
-
-def _inside(name, got, interval):
-  got = np.asarray(got, np.float64)
-  out = (got < interval[0]) | (got > interval[1])
-  assert not out.any(), (f"{name}: {out.sum()} of {out.size} outside, first at {np.argwhere(out)[0]}: "
-                         f"{got[out][0]} not in [{interval[0][out][0]}, {interval[1][out][0]}]")
+  return token_grads(cfg, state.params, ids, mask, drop)
 
 
 @pytest.mark.parametrize("epoch", [0, 1])
@@ -258,23 +159,23 @@ def test_sharded_step_equals_single_device(setting, data, fsdp, epoch):
   # NLL's log-sum-exp over 64 logits adds <= gamma_64 relative (the logits are O(1), the NLLs O(log 64)).
   n = B * (L - 1) + 64
   np.testing.assert_allclose(float(m["loss"]), ref["loss"], rtol=2 * n * U32 / (1 - n * U32))
-  for name, a, b, t in zip(_names(ref["grads"]), jax.tree.leaves(g.opt_state), jax.tree.leaves(ref["grads"]),
+  for name, a, b, t in zip(names(ref["grads"]), jax.tree.leaves(g.opt_state), jax.tree.leaves(ref["grads"]),
                            jax.tree.leaves(ref["tau"])):
-    _inside(name, a, (b - t, b + t))
+    inside(name, a, (b - t, b + t))
   # 2. Adam's step from the same state: params and moments inside the interval the update rule maps
   # [g - tau, g + tau] to.
   out, _ = _epoch(tcfg, cfg, state, blocks, epoch, mesh)
-  _check_adam(out, state, ref["box"], str(dict(mesh.shape)))
+  check_adam(out, state, ref["box"], str(dict(mesh.shape)))
   # 3. Parameters and both Adam moments are really split over 'fsdp' (every dimension of this model is even).
   adam = out.opt_state[0]
   axes = opt.logical_axes(state.params)
   split = 0
-  for names, p, mu, nu in zip(jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)),
-                              jax.tree.leaves(out.params), jax.tree.leaves(adam.mu), jax.tree.leaves(adam.nu)):
-    want = sharding.logical_spec(names, p.shape, mesh)
+  for logical, p, mu, nu in zip(jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)),
+                                jax.tree.leaves(out.params), jax.tree.leaves(adam.mu), jax.tree.leaves(adam.nu)):
+    want = sharding.logical_spec(logical, p.shape, mesh)
     assert p.sharding.spec == mu.sharding.spec == nu.sharding.spec == want
     if fsdp > 1:
-      assert "fsdp" in want, names
+      assert "fsdp" in want, logical
       assert p.addressable_shards[0].data.size * fsdp == p.size
       split += 1
   assert split == (len(jax.tree.leaves(out.params)) if fsdp > 1 else 0)
