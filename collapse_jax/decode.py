@@ -108,8 +108,10 @@ class LM:
   return just those, Bx1xV: OPT does, sparing the prefill's LM head over every prompt token); init_cache(batch,
   length) preallocates one. beam_cache(prompt cache, num_beams, new_tokens) -> the cache the beams step with
   (rows b * K + k); reorder(cache, rows_R) picks rows after each beam step (rows_R stays within each prompt's
-  beams); with shares_prompt the prompt cache has the prompt's slots only. Instances are jit-static: build them
-  once (e.g. `opt_lm(cfg)` is cached)."""
+  beams); with shares_prompt the prompt cache has the prompt's slots only. grow(cache, slots) -> the cache with
+  `slots` slots, the new ones empty: greedy/sampling then prefill the prompt's slots only (the prefill attends
+  over P slots, not P + new tokens) and grow the cache once. Instances are jit-static: build them once (e.g.
+  `opt_lm(cfg)` is cached)."""
   apply: Callable
   init_cache: Callable
   vocab_size: int
@@ -119,6 +121,7 @@ class LM:
   beam_cache: Callable = lambda cache, k, new: _repeat_rows(cache, k)
   reorder: Callable = _gather_rows
   shares_prompt: bool = False  # beam_cache keeps the prompt's cache once per prompt: prefill only P slots
+  grow: Callable | None = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,7 +132,8 @@ def opt_lm(cfg) -> LM:
   return LM(apply=lambda params, ids, mask, cache: opt.apply(cfg, params, ids, mask, cache=cache, last_only=True),
             init_cache=functools.partial(opt.init_cache, cfg), vocab_size=cfg.vocab_size,
             max_len=cfg.max_position_embeddings, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
-            beam_cache=functools.partial(opt.share_prefix, cfg), reorder=opt.reorder_copies, shares_prompt=True)
+            beam_cache=functools.partial(opt.share_prefix, cfg), reorder=opt.reorder_copies, shares_prompt=True,
+            grow=opt.grow_cache)
 
 
 # --- logits processing (HF's LogitsProcessors, in HF's order) ---------------------------------------------------
@@ -209,8 +213,9 @@ def _prefill(lm: LM, cfg: DecodeConfig, params, ids_BxP, mask_BxP, slots: int):
 
 def _sample_batch(lm: LM, cfg: DecodeConfig, kn, params, ids_BxP, mask_BxP, keys_B):
   """Greedy or sampling. Finished rows (after EOS) emit pad_token_id, as HF."""
-  b, n = ids_BxP.shape[0], cfg.max_new_tokens
-  logits_BxV, cache, seen_BxV = _prefill(lm, cfg, params, ids_BxP, mask_BxP, ids_BxP.shape[1] + n)
+  b, n, p = ids_BxP.shape[0], cfg.max_new_tokens, ids_BxP.shape[1]
+  logits_BxV, cache, seen_BxV = _prefill(lm, cfg, params, ids_BxP, mask_BxP, p if lm.grow else p + n)
+  cache = lm.grow(cache, p + n) if lm.grow else cache
 
   def choose(t, logits_BxV, seen_BxV, done_B):
     scores_BxV = _ban_eos(kn, _penalise(kn, logits_BxV, seen_BxV), t)

@@ -410,3 +410,17 @@ def test_opt_beam_reorder_reads_ancestors():
     moved = lm.reorder(beams, jnp.asarray(rows))  # eager: K/V pass through as the same arrays
     assert all(moved["layers"][i][n] is beams["layers"][i][n] for i in range(cfg.num_layers) for n in ("k", "v"))
     beams, hist = moved, hist[rows]
+
+
+def test_opt_grown_prompt_cache_decodes_as_full_cache():
+  """opt.grow_cache (greedy/sampling prefill the prompt's slots only, then grow the cache to prompt + new
+  tokens) decodes exactly as prefilling into the full cache: same greedy and sampled tokens, left-padded."""
+  d, lm, params = hf_fixture()
+  case = next(c for c in d["cases"] if c["name"] == "greedy_padded")
+  ids, mask = np.array(case["ids"], np.int32), np.array(case["mask"], np.int32)
+  full = dataclasses.replace(lm, grow=None)
+  for cfg in (decode.DecodeConfig(max_new_tokens=5, repetition_penalty=3.0),
+              decode.DecodeConfig(method="sample", max_new_tokens=5, top_k=20, top_p=0.9)):
+    want = decode.decode_corpus(full, params, ids, mask, cfg, jax.random.key(3), batch_size=len(ids))["tokens"]
+    got = decode.decode_corpus(lm, params, ids, mask, cfg, jax.random.key(3), batch_size=len(ids))["tokens"]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

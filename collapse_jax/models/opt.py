@@ -399,6 +399,16 @@ def share_prefix(cfg: OPTConfig, cache: dict, copies: int, max_len: int) -> dict
   return fresh
 
 
+def grow_cache(cache: dict, max_len: int) -> dict:
+  """An init_cache cache with max_len slots, its slots first, the new ones empty (masked): a prefill into the
+  prompt's slots only, then one copy, spares the prefill's attention the empty slots."""
+  def pad(x, axis):
+    return jnp.pad(x, [(0, max_len - x.shape[axis]) if i == axis else (0, 0) for i in range(x.ndim)])
+
+  return dict(cache, layers=[{n: pad(x, 2) for n, x in lc.items()} for lc in cache["layers"]],
+              mask=pad(cache["mask"], 1))
+
+
 def reorder_copies(cache: dict, rows_R) -> dict:
   """A share_prefix cache after beam search picks rows_R (each a row of the same prompt): only the per-row
   bookkeeping moves (mask, positions, which copy's slots each row reads), never K/V."""
