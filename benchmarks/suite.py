@@ -42,7 +42,7 @@ BENCHES = {
         (False, False): [], (False, True): ["--steps=2", "--batches=16"],
         (True, False): ["--shape=opt125m"], (True, True): ["--shape=opt125m", "--steps=2"]}),
     "decode": (decode_bench, "new_tokens_per_s", "new tokens/s", "hf generate", {
-        (False, False): ["--hf"], (False, True): ["--hf", "--rows=64", "--hf_batches=64"],
+        (False, False): ["--hf"], (False, True): ["--hf", "--rows=64", "--batch=16,64", "--hf_batches=64"],
         (True, False): ["--shape=opt125m", "--rows=1024", "--batch=256", "--hf", "--hf_batches=64,256"],
         (True, True): ["--shape=opt125m", "--rows=256", "--batch=256", "--hf", "--hf_batches=256"]}),
     # On a CPU the paper's model too (8 prompts; its beam search compiles for minutes): full mode only.
