@@ -8,7 +8,7 @@ training set drawn afresh from the real blocks.
 Offline default (no download): a synthetic first-order Markov language with Zipfian unigrams (data/markov.py),
 train/valid/test blocks drawn on device by fixed keys, a tiny OPT trained from scratch, so every metric is also
 exact against the true source (true log-likelihood of generated text, KL(source || model), tail mass kept).
-  python -m collapse_jax.main --config=configs/lm.py --workdir=runs/lm   # 2 loaded CPU cores: 3 min (5 generations)
+  python -m collapse_jax.main --config=configs/lm.py --workdir=runs/lm   # 2 CPU cores: ~30 s (5 generations)
   python -m collapse_jax.main --config=configs/lm.py:real_fraction --workdir=runs/lm_rf
 Variants (comma separated, e.g. configs/lm.py:scratch_wikitext2,real_fraction):
   markov             the offline default above
@@ -39,15 +39,16 @@ Outputs: metrics.jsonl (test_ppl, data_ppl0_* = perplexity of each generation's 
 generation 0, gen_distinct_n / gen_rep_n, and on the Markov language test_kl, gen_true_loglik, gen_tail_*),
 plots/lm_metrics.png, plots/lm_data_ppl0.png (the paper's Fig. 1b/c), samples/gen_NNNN.txt (fixed real prompts
 continued by each generation). samples.n must equal the number of training blocks (the run says so if not).
-Measured (default, seed 0, jax 0.10.2, 2 CPU cores shared with other jobs, 3 min 7 s for 5 generations with
-75 s of compilation): real test perplexity 38.4, 99.8, 99.1, 107.6, 96.4 (the source's best, exp(entropy rate),
-is 4.7: generation 0 is a weak model); the training data's perplexity under generation 0, mean 39.0 (real), 61.0,
-102.9, 77.4, 111.1; the generated corpus keeps 12%, 20%, 4%, 4%, 3% of the tail tokens' mass. With repetition
-penalty 3.0 the generated text never repeats a token within a block, so it loses the language's self-loops
-(29-60% of its bigrams are impossible under the source): unlike the paper's wikitext result, generated data
-score *higher* perplexity under generation 0 here. :real_fraction (10 epochs, 1 min 49 s): real test perplexity
-18.2, 34.0, 49.8, 56.5, 58.3; the training data's median perplexity under generation 0 falls 15.5 -> 2.2 with a
-long tail (the paper's Fig. 1 picture), rep-2 of the generated blocks rises 25% -> 90%.
+Measured (default, seed 0, jax 0.10.2, 2-core AMD EPYC Zen 5 VM shared with other jobs, 2026-12-06: 32 s for 5
+generations, 22 s of it the first with compilation): real test perplexity 38.4, 100.0, 97.2, 112.9, 92.2 (the
+source's best, exp(entropy rate), is 4.7: generation 0 is a weak model); the training data's perplexity under
+generation 0, mean 39.0 (real), 60.9, 102.4, 79.2, 113.5; the generated corpus keeps 13%, 14%, 4.5%, 3.2%, 3.2% of the tail tokens' mass. With
+repetition penalty 3.0 the generated text never repeats a token within a block, so it loses the language's
+self-loops (29-60% of its bigrams are impossible under the source): unlike the paper's wikitext result, generated
+data score *higher* perplexity under generation 0 here. :real_fraction (10 epochs, 46 s): real test perplexity
+18.2, 34.1, 48.9, 56.3, 60.1; the training data's median perplexity under generation 0 falls 15.5 -> 2.2 with a
+long tail, rep-2 of the generated blocks rises 25% -> 91%. Float32 training amplifies CPU differences: these
+figures reproduce on the CPU named (WORKSPACE.md).
 """
 import ml_collections
 
