@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
-from collapse_jax import loop  # noqa: E402
+from collapse_jax import hardware, loop  # noqa: E402
 from collapse_jax.config import load as load_config  # noqa: E402
 
 
@@ -75,11 +75,14 @@ def main(argv=None):
   p.add_argument("--chains", type=int, default=64, help="chains for the vmapped throughput row (0: skip)")
   p.add_argument("--chain_generations", type=int, default=20, help="generations timed for the vmapped row")
   p.add_argument("--no-sklearn", action="store_true")
+  p.add_argument("--cpu_threads", type=int, default=0,
+                 help="cores for XLA's CPU compute, as collapse-jax --cpu_threads (0: all; 1 suits one chain)")
   p.add_argument("--sklearn_default", action=argparse.BooleanOptionalAction, default=True,
                  help="also time scikit-learn with BLAS threads as installed (slow on small VMs)")
   common.add_args(p)
   args = p.parse_args(argv)
   common.check_rounds(args)
+  hardware.limit_cpu_threads(args.cpu_threads)
   n = args.sklearn_generations
   run_jax, compile_s, jax_iters = jax_runner(1, n, 2 * args.rounds)
   fns, iters = {"jax": run_jax}, {"jax": jax_iters}
@@ -110,7 +113,8 @@ def main(argv=None):
     rows.append(dict(impl="jax" if chains == 1 else "jax-vmap", chains=chains, generations=gens,
                      gen_per_s=gens / st["median_s"], chain_gen_per_s=chains * gens / st["median_s"], **st,
                      em_iters=it, compile_s=c))
-  return common.report("GMM recursion (K=2, D=2, M=1000, tol 1e-5, max_iter 2000), from generation 0", rows,
+  threads = f", XLA on {args.cpu_threads} core(s)" if args.cpu_threads else ""
+  return common.report(f"GMM recursion (K=2, D=2, M=1000, tol 1e-5, max_iter 2000{threads}), from generation 0", rows,
                        ["impl", "chains", "generations", "gen_per_s", "chain_gen_per_s", "spread", "em_iters",
                         "us_per_em_iter", "compile_s", "ratio", "x_sklearn-default"], state)
 

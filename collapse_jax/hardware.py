@@ -109,3 +109,28 @@ def total_flops(devices, dtype: str) -> float | None:
   if any(p is None or p.flops(dtype) is None for p in peaks):
     return None
   return sum(p.flops(dtype) for p in peaks)
+
+
+def limit_cpu_threads(n: int) -> None:
+  """Runs XLA:CPU's compute on n of this process's cores; 0 (or n >= the cores there are): all of them.
+
+  JAX sizes and places its CPU compute threads by the process's CPU affinity when it creates its clients, and the
+  affinity is the supported way to limit them (jax-ml/jax#1539): narrowed for that moment, the compute threads
+  stay on n cores, and the restored affinity leaves every core to the rest of the process (Orbax's writer, data
+  loading, a benchmark's peer). Why: a program of many tiny ops (the GMM's EM loop: ~30 kernels of a few
+  microseconds per iteration) spends more on splitting each kernel over threads than it gains (benchmarks/
+  profiles/gmm_profile.py: half the CPU time on one core). Results are unchanged (tests/test_hardware.py).
+  Must run before anything creates a JAX backend.
+  """
+  from jax._src import xla_bridge
+  cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else []
+  if n <= 0 or n >= len(cpus):
+    return
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError("limit_cpu_threads must run before JAX creates its backends (no jax.devices() before it)")
+  os.sched_setaffinity(0, cpus[:n])
+  try:
+    import jax
+    jax.devices()
+  finally:
+    os.sched_setaffinity(0, cpus)

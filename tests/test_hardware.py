@@ -63,3 +63,53 @@ def test_total_flops_counts_simulated_cpu_devices_once():
   devs = jax.devices()  # 8 simulated CPU devices share the host's cores
   one = hardware.total_flops(devs[:1], "float32")
   assert one is None or hardware.total_flops(devs, "float32") == one
+
+
+def test_limit_cpu_threads_needs_a_fresh_process():
+  jax.devices()  # this test process's backends exist already
+  with pytest.raises(RuntimeError, match="before JAX creates its backends"):
+    hardware.limit_cpu_threads(1)
+  hardware.limit_cpu_threads(0)  # 0: nothing to do, allowed at any time
+
+
+PIN_CHILD = """
+import glob, os
+from collapse_jax import hardware
+hardware.limit_cpu_threads(1)
+import jax, jax.numpy as jnp
+x = jnp.ones((512, 512)); (x @ x).block_until_ready()
+allowed = {}
+for t in glob.glob("/proc/self/task/*"):
+  name = open(t + "/comm").read().strip()
+  cpus = [l.split(":")[1].strip() for l in open(t + "/status") if l.startswith("Cpus_allowed_list")][0]
+  allowed.setdefault(name, set()).add(cpus)
+main = [l.split(":")[1].strip() for l in open(f"/proc/self/task/{os.getpid()}/status")
+        if l.startswith("Cpus_allowed_list")][0]
+print(repr((sorted(os.sched_getaffinity(0)), main, allowed)))
+"""
+
+
+@pytest.mark.skipif(not hasattr(hardware.os, "sched_setaffinity") or len(hardware.os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two cores")
+def test_limit_cpu_threads_pins_xla_compute_only(repo):
+  import ast
+  import subprocess
+  import sys
+  r = subprocess.run([sys.executable, "-c", PIN_CHILD], cwd=repo, capture_output=True, text=True, timeout=120,
+                     env=dict(hardware.os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stderr[-2000:]
+  main_cpus, main_allowed, allowed = ast.literal_eval(r.stdout.strip().splitlines()[-1])
+  assert len(main_cpus) >= 2 and main_allowed != str(min(main_cpus))  # the main thread keeps every core
+  assert allowed.get("tf_XLAEigen") == {str(min(main_cpus))}, allowed  # XLA's compute threads: one core
+
+
+@pytest.mark.slow
+def test_cpu_threads_flag_changes_no_result(tmp_path):
+  from tests import helpers
+  runs = {}
+  for n in (0, 1):
+    r = helpers.cli("--config=gmm:quick", f"--workdir={tmp_path / str(n)}", f"--cpu_threads={n}",
+                    "--config.generations=60", "--config.checkpoint_every=20")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    runs[n] = (tmp_path / str(n) / "metrics.jsonl").read_text()
+  assert runs[0] == runs[1] and runs[0].count("\n") == 60  # byte-identical metrics, one line per generation
