@@ -93,6 +93,9 @@ def test_fixed_iterations_match_sklearn_float64(x64, d, k):
   assert ours.means.dtype == jnp.float64
   assert int(n_iter) == 25 and not bool(converged)
   assert np.abs(sk.means_ - init.means).max() > 0.05  # the test is void if EM stood still
+  # float64, two programs (other formulas): per-iteration rounding ~ N * eps64 ~ 1e-13 of O(1) values; 1e-6
+  # leaves ~1e7 for 25 iterations of EM (a contraction near its fixed point) to amplify it. The bound: ~1e-14
+  # from N = 400 summed log-likelihoods plus the parameters' 1e-6 entering at second order (lb is stationary).
   _assert_gmm_close(ours, sk.weights_, sk.means_, sk.covariances_, atol=1e-6)
   np.testing.assert_allclose(float(lb), sk.lower_bound_, rtol=1e-10)
 
@@ -107,7 +110,12 @@ def test_default_tolerances_match_sklearn(tol):
                                     _as_jax(init, jnp.float32), tol, 200, 1e-6)
   assert ours.means.dtype == jnp.float32
   assert bool(converged) and sk.converged_
+  # float32 vs float64: the change of the mean log-likelihood (~-4, N = 400 terms) carries float32 rounding up
+  # to gamma(400) * 4 ~ 1e-4 (worst case) > tol 1e-5, so the stop may move; <= 1 rests on successive iterations
+  # rounding alike (same data, same order), not on a bound: judged at risk, not tuned further.
   assert abs(int(n_iter) - sk.n_iter_) <= 1
+  # float32 sums of N = 400 terms: <= gamma(400) * max|x| ~ 2.4e-5 * 15 ~ 4e-4 for means (sep 6), less for
+  # weights and centred covs; the slack to 1e-3 covers one EM step more or less at convergence (sep 6: fast rate).
   _assert_gmm_close(ours, sk.weights_, sk.means_, sk.covariances_, atol=1e-3)
 
 
@@ -125,6 +133,8 @@ def test_stopping_rule_matches_sklearn_iteration_counts(x64):
                                        1e-3)
     assert sk.converged_ and bool(converged)
     assert int(n_iter) == sk.n_iter_, tol
+    # float64, two programs: N * eps64 ~ 4e-14 relative for the N = 400-term mean log-likelihood (rtol 1e-12);
+    # parameters: ~1e-13 per iteration, 1e-9 leaves ~1e4 for up to 74 contracting iterations to amplify it.
     np.testing.assert_allclose(float(lb), sk.lower_bound_, rtol=1e-12)
     _assert_gmm_close(ours, sk.weights_, sk.means_, sk.covariances_, atol=1e-9)
     n_iters.append(int(n_iter))
@@ -137,6 +147,9 @@ def test_e_step_and_score_match_sklearn(x64):
   sk = _sklearn_fit(x, _perturbed_init(g, seed=9), tol=0, max_iter=5)
   fitted = em.GMM(weights=sk.weights_, means=sk.means_, covs=sk.covariances_)
   log_resp, mean_ll = _e_step(fitted, jnp.asarray(x), jnp.ones(len(x)))
+  # float64, same parameters, two formulas (Cholesky of cov vs of precision, d = 3, K = 3): per-row rounding is a
+  # few hundred eps64 of O(10) log-densities ~ 1e-13; 1e-10 / 1e-12 relative are >= 10x above that, and N = 400
+  # summed terms in the score add N * eps64 ~ 4e-14.
   np.testing.assert_allclose(np.exp(log_resp), sk.predict_proba(x), atol=1e-10)
   np.testing.assert_allclose(float(mean_ll), sk.score(x), rtol=1e-12)
   np.testing.assert_allclose(_log_prob(fitted, jnp.asarray(x)), sk.score_samples(x), rtol=1e-12)
@@ -158,6 +171,8 @@ def test_kmeans_init_then_fit_matches_sklearn_default():
   init = _kmeans_init(xj, w, 3, jax.random.key(0))
   ours, _, converged, _ = _fit(xj, w, init, 1e-3, 100, 1e-6)
   assert bool(converged)
+  # float32 (ours) vs float64 (sklearn), different programs: sums of N = 400 terms, <= gamma(400) * max|x| ~
+  # 2.4e-5 * 25 ~ 6e-4 worst case at sep 8 (<< 1e-3); the labels are discrete, so a flipped point would be O(1).
   for got, want in [(init, sk_init), (ours, sk)]:
     perm = np.array(_match_components(np.asarray(got.means), want.means_))
     _assert_gmm_close(jax.tree.map(lambda a: a[perm], got), want.weights_, want.means_, want.covariances_,
@@ -181,6 +196,7 @@ def test_lloyd_matches_sklearn_kmeans(x64, far_centre):
   assert km.n_iter_ > 2
   assert int(n_iter) == km.n_iter_
   np.testing.assert_array_equal(np.asarray(labels), km.labels_)
+  # float64, same labels: centres are means of <= 400 points, N * eps64 * max|x| ~ 400 * 1.1e-16 * 5 ~ 2e-13.
   np.testing.assert_allclose(np.asarray(c), km.cluster_centers_, atol=1e-10)
 
 
@@ -215,6 +231,8 @@ def test_padding_rows_have_no_influence(junk):
   key = jax.random.key(3)
   init_buf = _kmeans_init(jnp.asarray(buf), jnp.asarray(w), 3, key)
   init_ref = _kmeans_init(jnp.asarray(x), jnp.ones(_N), 3, key)
+  # float32, two programs (520 vs 400 rows: another reduction order): worst case 2 gamma(520) * max|x| ~ 6e-4 at
+  # sep 3, the random-walk estimate sqrt(N) * u * |x| ~ 5e-6. 1e-5 sits between: judged at risk (see the fit below).
   _assert_gmm_close(init_buf, init_ref.weights, init_ref.means, init_ref.covs, atol=1e-5)
   # Padding scattered through the buffer, not only trailing.
   perm = np.random.default_rng(18).permutation(cap)
@@ -222,6 +240,9 @@ def test_padding_rows_have_no_influence(junk):
   fit_buf, n_buf, _, lb_buf = _fit(xb, wb, init_ref, 0.0, 40, 1e-6)
   fit_ref, n_ref, _, lb_ref = _fit(jnp.asarray(x), jnp.ones(_N), init_ref, 0.0, 40, 1e-6)
   assert int(n_buf) == int(n_ref) == 40
+  # float32, rows permuted: the same sums in another order, 40 iterations. Worst case per iteration 2 gamma(520) *
+  # max|x| ~ 6e-4; 1e-5 is below it and holds only because rounding errors random-walk: judged at risk (a leak
+  # of junk or of a zero-weight row's count would be >= 1e-2). lb: 2 gamma(520) ~ 6e-5 worst, rtol 1e-6 likewise.
   _assert_gmm_close(fit_buf, fit_ref.weights, fit_ref.means, fit_ref.covs, atol=1e-5)
   np.testing.assert_allclose(float(lb_buf), float(lb_ref), rtol=1e-6)
   assert np.all(np.isfinite(np.asarray(_e_step(fit_ref, xb, wb)[0])))
@@ -234,6 +255,7 @@ def test_m_step_weights_equal_subsetting(x64):
   keep = rng.random(200) < 0.6
   got = _m_step(jnp.asarray(x), jnp.asarray(keep, jnp.float64), jnp.asarray(resp), 1e-6)
   want = _m_step(jnp.asarray(x[keep]), jnp.ones(keep.sum()), jnp.asarray(resp[keep]), 1e-6)
+  # float64 sums of <= 200 terms of O(1): N * eps64 ~ 2e-14 between orders (zero weights add exact zeros).
   _assert_gmm_close(got, np.asarray(want.weights), np.asarray(want.means), np.asarray(want.covs), atol=1e-12)
   # And sklearn's own (private) formula on the subset.
   nk, means, covs = _estimate_gaussian_parameters(x[keep], resp[keep], 1e-6, 'full')
@@ -250,6 +272,8 @@ def test_log_prob_matches_scipy(d):
   x = _draw(g, 50, seed=21)
   want = np.log(sum(wk * stats.multivariate_normal(m, c).pdf(x) for wk, m, c in zip(g.weights, g.means, g.covs)))
   got = _log_prob(_as_jax(g, jnp.float32), jnp.asarray(x, jnp.float32))
+  # float32 vs float64 scipy: a d <= 8 Cholesky and quadratic form, logsumexp of 3; log-densities O(10) with
+  # cancellation of O(d) terms: ~ gamma(64) * 10 / |logp| ~ 1e-5 relative worst case; rtol 2e-5.
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5)
 
 
@@ -262,6 +286,8 @@ def test_l2_distance_matches_grid_integral(x64):
   want = np.sqrt(np.sum((dens[0] - dens[1]) ** 2) * (grid[1] - grid[0]) ** 2)
   got = float(jax.jit(em.l2_distance)(_as_jax(p, jnp.float64), _as_jax(q, jnp.float64)))
   assert want > 0.05
+  # Discretisation, not rounding: a 961^2 Riemann sum of smooth, decaying densities on [-12, 12] (tails < 1e-20)
+  # converges spectrally, so its error is far below 1e-6; float64 rounding ~ 1e6 terms * eps64 ~ 1e-10.
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
@@ -275,6 +301,7 @@ def test_mixture_moments_closed_form(x64):
   mean, cov = jax.jit(em.mixture_moments)(_as_jax(g, jnp.float64))
   want_mean = g.weights @ g.means
   second = np.einsum('k,kij->ij', g.weights, g.covs + np.einsum('ki,kj->kij', g.means, g.means))
+  # float64 closed form: sums of K = 3 terms of O(10) values: ~10 * eps64 * 10 ~ 1e-14.
   np.testing.assert_allclose(np.asarray(mean), want_mean, atol=1e-12)
   np.testing.assert_allclose(np.asarray(cov), second - np.outer(want_mean, want_mean), atol=1e-12)
 
@@ -284,9 +311,11 @@ def test_sample_moments_and_component_frequencies():
   g = _as_jax(_mixture(seed=26, k=3, d=2, sep=1.5), jnp.float32)
   xs = np.asarray(_sample(g, n, jax.random.key(4)), np.float64)
   mean, cov = (np.asarray(a, np.float64) for a in jax.jit(em.mixture_moments)(g))
+  # Statistical, fixed key: 5 standard errors per coordinate (false alarm ~6e-7 each, were the key changed).
   np.testing.assert_array_less(np.abs(xs.mean(0) - mean), 5 * np.sqrt(np.diag(cov) / n))
   centred = xs - mean
   prods = centred[:, :, None] * centred[:, None, :]
+  # 5 standard errors again, the SE estimated from the products' own spread (n = 2e5: the estimate is exact to 1%).
   np.testing.assert_array_less(np.abs(prods.mean(0) - cov), 5 * prods.std(0) / np.sqrt(n))
   # Far-apart components make the generating component readable off the nearest mean.
   far = _as_jax(_mixture(seed=27, k=3, d=2, sep=30.0), jnp.float32)
@@ -294,6 +323,7 @@ def test_sample_moments_and_component_frequencies():
   comp = np.argmin(np.linalg.norm(xs[:, None] - np.asarray(far.means)[None], axis=-1), axis=1)
   freq = np.bincount(comp, minlength=3) / n
   wts = np.asarray(far.weights, np.float64)
+  # Binomial: 5 standard errors of a frequency (at sep 30 a misread component has odds far below 1e-100).
   np.testing.assert_array_less(np.abs(freq - wts), 5 * np.sqrt(wts * (1 - wts) / n))
 
 
@@ -318,6 +348,8 @@ def test_vmap_fit_equals_loop(x64):
   np.testing.assert_array_equal(np.asarray(batched[2]), [bool(r[2]) for r in looped])
   for i, r in enumerate(looped):
     got = jax.tree.map(lambda a: a[i], batched[0])
+    # float64, vmapped vs per-chain programs (batched dot products may reorder): N * eps64 ~ 4e-14 per iteration,
+    # 1e-10 leaves ~1e3 for up to 300 contracting iterations; the iteration counts themselves match exactly.
     _assert_gmm_close(got, np.asarray(r[0].weights), np.asarray(r[0].means), np.asarray(r[0].covs), atol=1e-10)
 
 
@@ -329,6 +361,8 @@ def test_vmap_kmeans_init_equals_loop():
   kb = jax.jit(jax.vmap(lambda x, key: em.kmeans_init(x, w, 3, key)))(xb, keys)
   for i in range(4):
     one = _kmeans_init(xb[i], w, 3, keys[i])
+    # float32, vmapped vs per-chain programs: as the padding test, worst case 2 gamma(400) * max|x| ~ 3e-4 (sep 2)
+    # vs random walk ~ 5e-6; 1e-5 judged at risk, kept (vmap usually keeps the per-row reduction order).
     _assert_gmm_close(jax.tree.map(lambda a: a[i], kb), np.asarray(one.weights), np.asarray(one.means),
                       np.asarray(one.covs), atol=1e-5)
 

@@ -26,6 +26,8 @@ def test_fit_moments_match_numpy_and_ignore_masked_rows():
   w = np.r_[np.ones(50), np.zeros(14)].astype(np.float32)
   for unbiased in (False, True):
     mu, cov = gaussian.fit_moments(jnp.asarray(np.r_[x, junk]), jnp.asarray(w), unbiased)
+    # float32 vs float64 numpy, 50 rows of O(1): gamma(50) ~ 3e-6 of sum|x| / n for the mean, a few times that
+    # for the centred squares, relative to entries that may be near 0 (hence atol); junk leaking would be O(1e3).
     np.testing.assert_allclose(mu, x.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(cov, np.cov(x.T, ddof=1 if unbiased else 0), rtol=1e-4, atol=1e-6)
 
@@ -33,7 +35,7 @@ def test_fit_moments_match_numpy_and_ignore_masked_rows():
 def test_w2_closed_form():
   # 1-D: W2 = sqrt((mu - mu0)^2 + (sigma - sigma0)^2).
   w2 = gaussian.w2_to_isotropic(jnp.array([0.3]), jnp.array([[0.25]]), 0.0, 1.0)
-  np.testing.assert_allclose(w2, np.sqrt(0.3**2 + 0.5**2), rtol=1e-6)
+  np.testing.assert_allclose(w2, np.sqrt(0.3**2 + 0.5**2), rtol=1e-6)  # float32, a handful of ops: ~8 u = 5e-7
   # d-D against the general formula with scipy's matrix square root.
   rng = np.random.default_rng(1)
   a = rng.normal(size=(3, 3))
@@ -42,6 +44,8 @@ def test_w2_closed_form():
   s0 = 1.7
   ref = np.sum((mu - 0.2) ** 2) + np.trace(cov) + 3 * s0**2 - 2 * np.trace(linalg.sqrtm(s0**2 * np.eye(3) @ cov).real)
   got = gaussian.w2_to_isotropic(jnp.asarray(mu, jnp.float32), jnp.asarray(cov, jnp.float32), 0.2, s0)
+  # float32 3x3 matrix square root (eigh / Newton) vs scipy's float64: ~gamma(9) * cond(cov) relative before the
+  # cancellation in tr + tr - 2 tr(sqrt); cov = aa^T + 0.1 I is mildly conditioned here, 1e-5 is ~20x gamma(9).
   np.testing.assert_allclose(got, np.sqrt(ref), rtol=1e-5)
 
 
@@ -57,6 +61,8 @@ def test_family_fit_honours_estimator_and_weights(estimator, ddof):
   buf = np.r_[x, np.full((9, 3), 1e3)].astype(np.float32)  # padding rows a fit must not see
   w = np.r_[np.ones(40), np.zeros(9)].astype(np.float32)
   model = jax.jit(fam.fit, static_argnums=(4,))(jnp.asarray(buf), jnp.asarray(w), jax.random.key(0), None, 0, None)
+  # float32 vs float64, 40 rows with |x| <= ~6: gamma(40) * max|x| ~ 1.4e-5 worst case for the mean, the random
+  # walk ~ sqrt(40) u * 3 ~ 1e-6; the cov's centred squares likewise, its rtol 1e-4 covers the mean's shift.
   np.testing.assert_allclose(model["mean"], x.mean(0), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(model["cov"], np.cov(x.T, ddof=ddof), rtol=1e-4, atol=1e-5)
 
@@ -84,7 +90,9 @@ def test_family_evaluate_metrics_against_numpy_and_scipy():
   }
   assert set(got) == set(want) == set(fam.metric_names)
   for k, v in want.items():
-    np.testing.assert_allclose(float(got[k]), v, rtol=2e-5, err_msg=k)  # float32 arithmetic on O(1) values
+    # float32 on O(1) values: a few tens of roundings (3x3 sqrtm, norms) ~ gamma(32) ~ 2e-6, before the w2
+    # cancellation (w2^2 ~ O(1) from terms ~ O(10)): 10x that, hence 2e-5.
+    np.testing.assert_allclose(float(got[k]), v, rtol=2e-5, err_msg=k)
 
 
 def test_family_init_chain_draws_n_real_rows_of_the_true_gaussian():
@@ -158,7 +166,7 @@ def test_variance_and_mean_walk_follow_exact_theory(tmp_path, estimator, m, n_re
   mean, var = mom[:, 1], mom[:, 2] - mom[:, 1] ** 2
   mu4 = mom[:, 4] - 4 * mom[:, 3] * mom[:, 1] + 6 * mom[:, 2] * mom[:, 1] ** 2 - 3 * mom[:, 1] ** 4
   if estimator == "unbiased":
-    np.testing.assert_allclose(mean, 1.0, rtol=1e-12)
+    np.testing.assert_allclose(mean, 1.0, rtol=1e-12)  # float64 closed form vs product of <= 20 factors: ~20 eps64
   else:
     np.testing.assert_allclose(mean[-1], ((n_real - 1) / n_real) * ((m - 1) / m) ** (gens - 1), rtol=1e-12)
   vr = hist["metrics"]["var_ratio"].astype(np.float64)  # columns: mean, std (ddof 0) over chains, quantiles
@@ -183,6 +191,10 @@ def test_accumulate_keeps_variance_far_above_replace(tmp_path):
                       regime__name=regime)
     out[regime] = loop.run(cfg, str(tmp_path / regime))["metrics"]["var_ratio"][-1, 0]
   # Accumulating n+1 sets of M samples: the variance estimate stays near 1 (it is bounded below, not a product).
+  # Fixed seed (threefry: the same draws on every machine). Accumulate shrinks by ~1/((g+1)M) per generation,
+  # prod ~ exp(-H_100 / 100) ~ 0.95, far above 0.85 at 200 chains. Replace: E = 0.99^100 = 0.366 with a chain
+  # s.d. of 0.925 (chi2 products), SE 0.029 over 1000 chains: 0.45 is only 2.9 SE, judged at risk were the seed
+  # or chain count changed (not widened: 5 SE = 0.51 would break the 2x check below).
   assert out["accumulate"] > 0.85, out
   assert out["replace"] < 0.45, out
   assert out["accumulate"] > 2 * out["replace"], out
@@ -227,6 +239,7 @@ def test_smallest_valid_settings_are_accepted():
 
 def test_expected_var_ratio_and_theory_figure(tmp_path):
   # Closed forms: (1 - 1/M)^(g+1) for a fixed M; a product over the generations' own sizes otherwise; 1 unbiased.
+  # float64 products of <= 5 factors vs closed forms: a few eps64, default rtol 1e-7 is far above.
   np.testing.assert_allclose(gaussian.expected_var_ratio([100] * 5, False), [(0.99) ** (g + 1) for g in range(5)])
   np.testing.assert_allclose(gaussian.expected_var_ratio([4, 2, 5], False), [3 / 4, 3 / 8, 3 / 10])
   assert gaussian.expected_var_ratio([4, 2, 5], True) == [1.0, 1.0, 1.0]

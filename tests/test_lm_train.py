@@ -63,6 +63,8 @@ def test_token_nll_shift_and_mask():
   nll, count = lm_train.token_nll(logits, ids, mask)
   want_nll, want_count = _hand_nll(logits, ids, mask)
   assert float(count) == 15 - 2 - 1 == float(want_count)
+  # float32, 13 terms of O(5) + logsumexp over V: gamma(13) ~ 8e-7 of sum|terms| / nll ~ 1: rtol 1e-6 is at the
+  # worst case (random walk ~2e-7); judged at risk.
   np.testing.assert_allclose(nll, want_nll, rtol=1e-6)
 
 
@@ -75,6 +77,7 @@ def test_token_nll_gradient_is_autodiffs():
   mask = jnp.ones((3, 6), jnp.int32).at[1, 4:].set(0).at[2, 0].set(0)
   got = jax.grad(lambda l: lm_train.token_nll(l, ids, mask)[0])(logits)
   want = jax.grad(lambda l: _hand_nll(l, ids, mask)[0])(logits)
+  # float32 softmax - onehot vs autodiff of logsumexp: a few roundings of values <= 1, ~4 u = 2.4e-7 relative.
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
   assert not np.asarray(got[:, -1]).any() and not np.asarray(got[1, 4:]).any()
   assert np.isfinite(np.asarray(got)).all()
@@ -90,6 +93,7 @@ def test_perplexity_batched_equals_one_pass():
   logits = jax.jit(functools.partial(opt.apply, cfg))(params, blocks["ids"], blocks["mask"])
   nll, count = jax.jit(_hand_nll)(logits, blocks["ids"], blocks["mask"])
   assert float(count) == 7 * 7 - 2
+  # float32 sums of 47 NLLs (~log V) in batches of 3 vs one pass: 2 gamma(47) ~ 6e-6 relative < 1e-5.
   np.testing.assert_allclose(ppl, math.exp(float(nll) / float(count)), rtol=1e-5)
 
 
@@ -113,9 +117,10 @@ def test_schedule_hand_values():
   tcfg = lm_train.TrainConfig(lr=2e-5, end_lr=1e-6, warmup_steps=10)
   s = lm_train.schedule(tcfg, 110)
   assert float(s(0)) == 0.0
-  np.testing.assert_allclose(float(s(5)), 1e-5, rtol=1e-6)
+  np.testing.assert_allclose(float(s(5)), 1e-5, rtol=1e-6)  # float32, a few ops: ~4 u = 2.4e-7
   for t in (10, 35, 60, 109, 110):
     want = 1e-6 + (2e-5 - 1e-6) * 0.5 * (1 + math.cos(math.pi * (t - 10) / 100))
+    # float32 cosine: its argument's rounding u * pi enters 1 + cos near t = 110 via the end_lr floor: <= 1e-5.
     np.testing.assert_allclose(float(s(t)), want, rtol=1e-5)
   assert lm_train.TrainConfig() == lm_train.TrainConfig(lr=2e-5, end_lr=1e-6, batch_size=128, epochs=5)
 
@@ -151,6 +156,8 @@ def test_two_steps_match_hand_adamw(weight_decay, clip):
   for t in range(2):
     g = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.grad(loss)(jax.tree.map(jnp.asarray, p)))
     if t == 0:
+      # float32, two programs: a mean of 31 NLLs (~log V), 2 gamma(31) ~ 4e-6 worst case > 1e-6, ~2 sqrt(31) u
+      # ~ 7e-7 as a random walk: judged at risk.
       np.testing.assert_allclose(m1["loss"], loss(params), rtol=1e-6)
     if clip:
       norm = math.sqrt(sum(float(np.sum(x**2)) for x in jax.tree.leaves(g)))
@@ -162,7 +169,10 @@ def test_two_steps_match_hand_adamw(weight_decay, clip):
                                                 + (weight_decay * w if w.ndim >= 2 else 0.0)), p, mu, nu)
   assert int(state2.step) == 2
   for got, want in zip(jax.tree.leaves(state2.params), jax.tree.leaves(p)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # 1e-4 of a step (lr 1e-2)
+    # 1e-4 of a step (lr 1e-2). An Adam step's sensitivity to g is lr eps / (|g| + eps)^2 <= lr / eps = 100, so
+    # this holds gradient differences (two float32 programs: 2 gamma(k) sum|terms|) to <~ 5e-9: true where terms are
+    # small, not derived per coordinate (helpers.grad_bound / adam_interval would): judged at risk.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_dropout_key_follows_step():
@@ -263,6 +273,7 @@ def test_ragged_buffer_trains_as_its_valid_rows_alone():
   want, want_loss = run(rows, E * lm_train.steps_per_epoch(n, B))
   got, got_loss = run(junk, E * lm_train.steps_per_epoch(C, B), jnp.arange(C) < n)
   assert int(got.step) == int(want.step) == E * 4
+  # Same-device, same batches: measured bit-identical (docstring); the tolerances are headroom for other backends.
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path((got.params, got.opt_state)),
                           jax.tree.leaves((want.params, want.opt_state))):
@@ -317,7 +328,7 @@ def test_keeps_the_epoch_best_on_validation():
   assert h["best_epoch"] == 1 + int(np.argmin(ppls)) and 1 < h["best_epoch"] < tcfg.epochs, ppls
   assert ppls[-1] > 1.03 * min(ppls)
   ppl = lm_train.perplexity(best, lm_train.as_blocks(valid_x), model_cfg=cfg, eval_batch=64)
-  np.testing.assert_allclose(ppl, min(ppls), rtol=1e-5)
+  np.testing.assert_allclose(ppl, min(ppls), rtol=1e-5)  # the same params and eval program: equal up to u
   # The caller's params are not consumed by the donated training state.
   fresh = opt.init_params(cfg, jax.random.key(0))
   assert float(jnp.sum(params0["embed_tokens"])) == float(jnp.sum(fresh["embed_tokens"]))

@@ -43,11 +43,12 @@ def _np(source):
 def test_rows_are_distributions_with_exactly_branching_successors(small):
   pi, P, succ, _ = _np(small)
   v, b = 48, 5
-  np.testing.assert_allclose(P.sum(1), 1, atol=1e-6)
+  np.testing.assert_allclose(P.sum(1), 1, atol=1e-6)  # float64 rows rounded to float32: 5 u + gamma(4) ~ 5e-7
   assert ((P > 0).sum(1) == b).all()
   np.testing.assert_array_equal(np.sort(np.nonzero(P)[1].reshape(v, b), axis=1), succ)
   # The self-loop and the rank neighbours are always in the support: they make it irreducible.
   assert (np.diag(P) > 0).all() and (np.diag(P, 1) > 0).all() and (np.diag(P, -1) > 0).all()
+  # float32 log p (|log p| <= ~10): u |log p| + u ~ 7e-7 relative after exp, and P's own rounding u; 1e-5 is 10x.
   np.testing.assert_allclose(np.exp(np.asarray(small.logp_VxB)), P[np.arange(v)[:, None], succ], rtol=1e-5)
 
 
@@ -55,6 +56,8 @@ def test_stationary_matches_eig_and_power_iteration(small):
   pi, P, _, _ = _np(small)
   w, vl = scipy.linalg.eig(P, left=True, right=False)
   left = np.real(vl[:, np.argmin(np.abs(w - 1))])
+  # pi: the float64 stationary of the float64 P, rounded to float32; eig sees the float32-rounded P, whose
+  # relative perturbation u moves pi by ~u / (spectral gap): 1e-6 on masses <= 0.22 is ~1e3 ulps of slack.
   np.testing.assert_allclose(pi, left / left.sum(), atol=1e-6)
   # The lazy chain (P + I) / 2 has the same stationary law and is aperiodic, so its powers converge to it:
   # 2^60 steps by repeated squaring leave every row equal to pi (rows renormalised: P's float32 row sums are
@@ -63,11 +66,17 @@ def test_stationary_matches_eig_and_power_iteration(small):
   for _ in range(60):
     lazy = lazy @ lazy
     lazy /= lazy.sum(1, keepdims=True)
+  # The gap to eig's vector is set by P's float32 row sums (1 +- 3e-8, the same on every machine): 2.2e-9 here,
+  # under the default rtol 1e-7 (the active bound; atol adds 1e-10); float64 BLAS order adds ~V eps64 / gap ~ 3e-14.
   np.testing.assert_allclose(lazy, np.broadcast_to(left / left.sum(), lazy.shape), atol=1e-10)
-  np.testing.assert_allclose(pi, lazy[0], atol=1e-6)
+  np.testing.assert_allclose(pi, lazy[0], atol=1e-6)  # as against eig above
   # The float64 solver on the same matrix (rows renormalised in float64, so that pi (P - I) = 0 is consistent).
   P64 = P / P.sum(1, keepdims=True)
-  np.testing.assert_allclose(markov.stationary(P64) @ P64, markov.stationary(P64), atol=1e-15)
+  # float64 on any BLAS/LAPACK: the LU solve's residual <= gamma_3V |L||U||pi| (Higham 9.4; <= 1.09 * gamma_144
+  # = 1.7e-14 for this matrix) plus the product's gamma_V * max pi = 1.2e-15. Was 1e-15, below that worst case
+  # (typical: 6e-17 here); any non-stationary pi is off by >> 1e-10.
+  np.testing.assert_allclose(markov.stationary(P64) @ P64, markov.stationary(P64), atol=2e-14)
+  # float64 eigenvector vs solve: ~eps64 / (spectral gap) ~ 1e-14; 1e-8 is loose on purpose (eig's sign/scale).
   np.testing.assert_allclose(markov.stationary(P64), left / left.sum(), atol=1e-8)
 
 
@@ -78,10 +87,10 @@ def test_stationary_is_zipf(s):
   # the rarest token keeps its full target mass V^-s / H.
   source = markov.make_source(vocab=600, branching=12, zipf_exponent=s, seed=1)
   pi = np.asarray(source.pi_V, np.float64)
-  np.testing.assert_allclose(pi, markov.zipf_target(600, s), rtol=1e-4)
+  np.testing.assert_allclose(pi, markov.zipf_target(600, s), rtol=1e-4)  # 1e-10 + u32 (6e-8) << 1e-4
   ranks = np.arange(1, 601)
   slope = np.polyfit(np.log(ranks), np.log(np.sort(pi)[::-1]), 1)[0]
-  assert abs(slope + s) < 1e-3, slope
+  assert abs(slope + s) < 1e-3, slope  # a relative error d in pi moves a least-squares slope by <~ d: 1e-4
 
 
 def test_sampled_transitions_and_first_tokens_match_the_source(small, blocks):
@@ -101,12 +110,12 @@ def test_sampled_transitions_and_first_tokens_match_the_source(small, blocks):
       e = n * P[i][P[i] > 0]
       stat += np.sum((counts[i][P[i] > 0] - e) ** 2 / e)
       dof += (P[i] > 0).sum() - 1
-  assert dof > 100 and stats.chi2.sf(stat, dof) > 1e-4, (stat, dof)
+  assert dof > 100 and stats.chi2.sf(stat, dof) > 1e-4, (stat, dof)  # statistical: false alarm 1e-4 (fixed key)
   # First tokens of independent blocks: i.i.d. from pi.
   first = np.bincount(x[:, 0], minlength=48)
   keep = 2048 * pi >= 5
   e = 2048 * pi[keep]
-  assert stats.chi2.sf(np.sum((first[keep] - e) ** 2 / e) + 0.0, keep.sum() - 1) > 1e-4
+  assert stats.chi2.sf(np.sum((first[keep] - e) ** 2 / e) + 0.0, keep.sum() - 1) > 1e-4  # false alarm 1e-4
 
 
 def test_true_loglik_matches_brute_force(small, blocks):
@@ -132,7 +141,10 @@ def test_true_loglik_matches_brute_force(small, blocks):
         total, n_ok = total + math.log(p), n_ok + 1
   out = _loglik(small, jnp.asarray(ids), jnp.asarray(mask))
   assert n_all - n_ok >= 3  # at least: the pad, the token after it, the off-support transition
+  # float32 sum of ~700 log-probabilities of one sign: gamma(700) ~ 4e-5 worst case, ~sqrt(700) u ~ 2e-6 as a
+  # random walk (the sum may be pairwise, gamma(log2 700) ~ 6e-7). rtol 1e-5 judged at risk on a sequential sum.
   np.testing.assert_allclose(float(out["loglik"]), total / n_ok, rtol=1e-5)
+  # A count ratio: integers exact in float32 below 2^24, one rounding in the division.
   np.testing.assert_allclose(float(out["impossible"]), (n_all - n_ok) / n_all, rtol=1e-6)
 
 
@@ -149,10 +161,13 @@ def test_kl_source_model_is_zero_for_the_truth_and_exact_for_a_perturbation(smal
   pi, P, _, off = _np(small)
   rng = np.random.default_rng(0)
   with np.errstate(divide="ignore"):
+    # q = P rounded to float32: KL ~ sum pi P (u)^2 plus the float32 sum's rounding ~ gamma(240) * |terms| ~ 1e-7.
     assert abs(float(_kl(small, jnp.asarray(_model_logq(P, off, rng, 0.0))))) < 1e-6
   logq = _model_logq(P, off, rng, 0.3)
   # rel_entr does not renormalise q over the language ids: mass a model puts on specials is lost, as it should.
   want = sum(pi[i] * special.rel_entr(P[i], np.exp(logq[i, off:off + 48])).sum() for i in range(48))
+  # float32 KL of 240 terms p (log p - log q) vs float64: cancellation of O(log V) terms into KL ~ O(0.1):
+  # gamma(240) * sum|terms| / KL ~ 1.4e-5 * 3 / 0.3 ~ 1.4e-4 worst case; see the measured ratio in the report.
   np.testing.assert_allclose(float(_kl(small, jnp.asarray(logq, jnp.float32))), want, rtol=1e-4)
 
 
@@ -164,7 +179,7 @@ def test_kl_on_text_matches_per_position_brute_force(small, blocks):
   want = np.mean([special.rel_entr(P[ids[n, t] - off], np.exp(logq[n, t, off:off + 48])).sum()
                   for n in range(4) for t in range(6)])
   got = _kl_text(small, jnp.asarray(ids), jnp.asarray(logq, jnp.float32))
-  np.testing.assert_allclose(float(got), want, rtol=1e-4)
+  np.testing.assert_allclose(float(got), want, rtol=1e-4)  # as above, 24 positions of 48 terms each
 
 
 def test_entropy_rate_closed_form_and_long_sample(small, blocks):
@@ -172,7 +187,7 @@ def test_entropy_rate_closed_form_and_long_sample(small, blocks):
   with np.errstate(divide="ignore", invalid="ignore"):
     want = -np.nansum(pi[:, None] * P * np.log(P))
   h = float(_entropy(small))
-  np.testing.assert_allclose(h, want, rtol=1e-5)
+  np.testing.assert_allclose(h, want, rtol=1e-5)  # float32, 240 terms of one sign: ~sqrt(240) u ~ 1e-6, gamma 1.4e-5
   # -log p per transition averages to H over stationary text. Blocks are independent, so the spread of the
   # 2048 block means gives the standard error honestly despite the dependence inside a block: 5 of them.
   per_block = -np.asarray(_logprobs(small, jnp.asarray(blocks)))[:, 1:].mean(1)
@@ -195,6 +210,7 @@ def test_tail_coverage_of_known_sets(small):
   flat = np.sort((pi[:, None] * np.take_along_axis(P, succ, 1)).ravel())
   cut = flat[math.ceil(0.25 * flat.size) - 1]  # the bigram tail: masses up to this (no ties in practice)
   tail_bigrams = [(a, c) for a, c in bigrams if bigram_mass[a, c] <= cut]
+  # float32 sums of <= 48 masses of one sign: gamma(48) ~ 3e-6 < 1e-5.
   np.testing.assert_allclose(float(out["token_mass"]), sum(pi[t] for t in tokens), rtol=1e-5)
   np.testing.assert_allclose(float(out["tail_token_mass"]), sum(pi[t] for t in tokens if t in tail), rtol=1e-5)
   np.testing.assert_allclose(float(out["tail_token_frac"]),
@@ -206,8 +222,10 @@ def test_tail_coverage_of_known_sets(small):
 
 def test_tail_coverage_full_and_empty(small, blocks):
   out = _tail(small, jnp.asarray(blocks), 0.5)
-  np.testing.assert_allclose(float(out["token_mass"]), 1, rtol=1e-5)  # 196,608 tokens see all 48
+  np.testing.assert_allclose(float(out["token_mass"]), 1, rtol=1e-5)  # 196,608 tokens see all 48; gamma(48) < 1e-5
   np.testing.assert_allclose(float(out["tail_token_frac"]), 1, rtol=1e-5)
+  # Fixed key, 194,560 transitions: expected present share of the tail bigrams 0.97 by count, 0.9998 by mass
+  # (sum m e^{-mn}); expected missing bigram mass 1.5e-5: both thresholds have wide slack.
   assert float(out["tail_bigram_frac"]) > 0.9 and float(out["bigram_mass"]) > 0.99
   none = _tail(small, jnp.asarray(blocks), 0.5, jnp.zeros(blocks.shape, bool))
   assert all(float(a) == 0 for a in none.values())
