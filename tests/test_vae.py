@@ -68,6 +68,8 @@ def test_conv_layers_match_flax_values_and_gradients(impl, n_in, n_out):
   for ours, theirs, x, shape in ((down, ref, x14, (2, 7, 7, n_out)), (up, ref_t, x7, (2, 14, 14, n_out))):
     theirs.kernel[...], theirs.bias[...] = flax_kernel(ours), ours.bias[...]
     assert ours(x).shape == shape
+    # Tolerances here (1e-5, kernel/bias gradients atol 1e-4, which sum over B x H x W positions) are headroom over
+    # the measured error, not a bound: two orders of K <= 512 products differ by <= 2 gamma_K sum|terms| ~ 1e-3.
     np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
     # The matmul forms have hand-written adjoints (_im2col / _col2im, UpConv's VJP); check both inputs'.
     dy = jax.random.normal(jax.random.key(2), shape)
@@ -89,7 +91,9 @@ def test_loss_matches_hand_computation():
   xn = np.asarray(x, np.float64)
   want_bce = -np.sum(xn * np.log(p) + (1 - xn) * np.log(1 - p), axis=(1, 2, 3))
   want_kl = 0.5 * np.sum(mu**2 + np.exp(logvar) - logvar - 1, axis=1)
+  # BCE: 784 positive terms summed in float32: <= gamma_784 = 4.7e-5 of it, about half of 1e-4.
   np.testing.assert_allclose(bce, want_bce, rtol=1e-4)
+  # KL: 20 terms mu^2 + e^lv - lv - 1 that cancel near the prior: atol 1e-6 is headroom (measured), not a bound.
   np.testing.assert_allclose(kl, want_kl, rtol=1e-4, atol=1e-6)
 
 
@@ -192,6 +196,7 @@ def test_training_improves_test_elbo(fresh):
   hist = np.asarray(after["latent_hist"])
   assert hist.shape == (HIST_BINS,)
   # A density over the bins: it integrates to the share of latent means inside the plotted range.
+  # 1e-5 ~ 2 gamma_80: the float32 sum of 80 densities; 0.9: the share in range is a property of the model.
   assert 0.9 < hist.sum() * 2 * HIST_RANGE / HIST_BINS <= 1 + 1e-5
 
 
@@ -411,11 +416,14 @@ def test_evaluate_metrics_match_hand_computation(fresh):
   mu0 = np.asarray(gen0.encode(jnp.asarray(x_gen, jnp.float32))[0], np.float64)
   mu_current = np.asarray(current.encode(jnp.asarray(x_gen, jnp.float32))[0], np.float64)
   assert abs(mu_current.std() - mu0.std()) > 0.5 * mu0.std() and np.mean(np.abs(mu0) > HIST_RANGE) > 0.05
+  # 1e-4: a float32 mean/std over 64 x 20 means (gamma_1280 = 7.6e-5), of means computed by the compiled vs the
+  # eager encoder (6272-term sums, cancelling): headroom over the measured error, not a bound.
   np.testing.assert_allclose(got["latent_std"], mu0.std(), rtol=1e-4)
   np.testing.assert_allclose(got["latent_mean"], mu0.mean(), atol=1e-4 * mu0.std())
   width = 2 * HIST_RANGE / HIST_BINS
   counts, _ = np.histogram(mu0.ravel(), HIST_BINS, (-HIST_RANGE, HIST_RANGE))
   got_counts = np.asarray(got["latent_hist"], np.float64) * mu0.size * width
+  # counts / (N width) * (N width): a few roundings of counts <= 1280, <= 1280 x 4u = 3e-4 off an integer.
   np.testing.assert_allclose(got_counts, np.round(got_counts), atol=1e-3)
   # At most one mean on the other side of a bin edge: the compiled and eager encoders round differently.
   assert np.abs(got_counts - counts).sum() <= 2 + 1e-3, (got_counts, counts)
@@ -426,6 +434,8 @@ def test_evaluate_metrics_match_hand_computation(fresh):
   x = test_x.reshape(len(z), -1)
   recon = np.mean(np.sum(np.logaddexp(0, logits) - x * logits, axis=1))
   kl = np.mean(0.5 * np.sum(mu**2 + np.exp(logvar) - logvar - 1, axis=1))
+  # 1e-4: means of 64 sums of 784 positive terms, float32 vs float64 (worst case 2 gamma_(64*784) = 6e-3, the
+  # sums being pairwise in practice): headroom over the measured error, not a bound.
   np.testing.assert_allclose(got["test_recon"], recon, rtol=1e-4)
   np.testing.assert_allclose(got["test_kl"], kl, rtol=1e-4)
   np.testing.assert_allclose(got["test_elbo"], -(recon + kl), rtol=1e-4)
@@ -450,6 +460,8 @@ def test_dataset_mode_masks_invalid_rows_and_sample_is_chunk_invariant():
   s = fam.sample(a, 100, jax.random.PRNGKey(4), shared)
   assert s.shape == (100, 28, 28, 1) and s.dtype == jnp.float32
   fam.eval_batch = 32  # another chunking of the same draw
+  # The same decode at another batch size (another loop order of its <= 1024-term sums), then a sigmoid whose
+  # slope is <= 1/4: headroom over the measured error, not a bound.
   np.testing.assert_allclose(fam.sample(a, 100, jax.random.PRNGKey(4), shared), s, rtol=1e-5, atol=1e-6)
 
 
