@@ -3,7 +3,6 @@
 Compiles are the cost here (tens of seconds each on 2 CPU cores), so each distinct program is compiled once per
 module (fixtures) and reused; training runs are a few small batches of the paper-size model.
 """
-import functools
 import math
 import os
 import re
@@ -12,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -21,7 +19,8 @@ from collapse_jax import metrics as metrics_lib
 from collapse_jax.config import ConfigError
 from collapse_jax.models import vae as vae_model
 from collapse_jax.vae import HIST_BINS, HIST_RANGE, VAEFamily
-from tests.helpers import load_config, sigkill_then_resume
+from tests import vae_checks as vc
+from tests.helpers import U32, gamma, load_config, sigkill_then_resume
 
 
 def _cfg(*args, **overrides):
@@ -173,7 +172,7 @@ def fresh():
   """The quick config (fresh samples per batch) with _HYPER, its jitted fit and evaluate, and generation 0."""
   cfg = _cfg(**_HYPER)
   fam = VAEFamily(cfg, sharding.make_mesh(1))
-  steps = _record_steps(fam)  # one compilation for all: the recording adds a host callback per step
+  steps = vc.record_steps(fam)  # one compilation for all: the recording adds a host callback per step
   shared = jax.device_put(fam.shared())
   x, aux = fam.init_chain(jax.random.PRNGKey(0), shared)
   w = jnp.ones((x.shape[0],), jnp.float32)
@@ -219,151 +218,6 @@ def test_fresh_samples_ignore_x_after_generation_0_and_compile_once(fresh):
   assert np.isfinite(float(g2["train_loss"]))
 
 
-def _sigmoid(a):
-  return 1.0 / (1.0 + np.exp(-np.asarray(a, np.float64)))
-
-
-U32 = 2.0 ** -24  # float32's unit roundoff
-
-
-def _gamma(n):
-  return n * U32 / (1 - n * U32)  # Higham's gamma_n: n float32 roundings of one sum, relative to its |terms|
-
-
-@functools.cache
-def _hand_loss_grad(graphdef, beta):
-  """Value and gradient of the loss summed over the rows given (cached: each batch size compiles once)."""
-  def loss(params, x_BxHxWxC, eps_BxL):
-    bce_B, kl_B = vae_model.per_example_loss(nnx.merge(graphdef, params), x_BxHxWxC, eps_BxL)
-    return jnp.sum(bce_B) + beta * jnp.sum(kl_B)
-
-  return jax.jit(jax.value_and_grad(loss))
-
-
-def _record_steps(fam):
-  """Wrap fam.tx (before fit is traced) so that each step taken hands (grads, params, opt state before and
-  after, updates) to the host: fit's trajectory, to check every step from the very state it started from."""
-  steps, tx = [], fam.tx
-
-  def update(grads, state, params):
-    updates, new = tx.update(grads, state, params)
-    jax.debug.callback(lambda *a: steps.append(jax.tree.map(np.array, a)), grads, params, state, new, updates)
-    return updates, new
-
-  fam.tx = optax.GradientTransformation(tx.init, update)
-  return steps
-
-
-def _adam(state):
-  return next(s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-              if isinstance(s, optax.ScaleByAdamState))
-
-
-def _inside(name, got, want, tol):
-  bad = ~(np.abs(np.asarray(got, np.float64) - want) <= tol)
-  assert not bad.any(), (f"{name}: {bad.sum()} of {bad.size} off, first at {np.argwhere(bad)[0]}: "
-                         f"{np.asarray(got)[bad][0]} vs {want[bad][0]} +- {np.broadcast_to(tol, bad.shape)[bad][0]}")
-
-
-def _grad_bound(loss_grad, params, x_b, eps_b):
-  """The loss and its gradient (leaves, float64) at `params` on the batch, and a per-coordinate bound tau on how
-  far another float32 order of the same sums may put the gradient.
-
-  The per-example gradients J_n are the terms the gradient sums. Summed in any order, the sum's error is
-  <= gamma_n sum_n |J_n| (Higham, Accuracy and Stability, 4.3), so two orders differ by <= 2 gamma_B sum_n |J_n|.
-  Each J_n is a float32 backprop whose own sums (the widest: fc_mu's 6272 features) cancel below what a
-  coordinate shows, so those add 2 gamma_6272 times the layer's largest sum_n |J_n| (as tests/test_sharding.py
-  bounds them). Measured here: the compiled gradients sit within 4e-4 tau of this one."""
-  value, want = loss_grad(params, x_b, eps_b)
-  abs_sum = [np.zeros(a.shape) for a in jax.tree.leaves(want)]
-  for i in range(len(x_b)):
-    for acc, j in zip(abs_sum, jax.tree.leaves(loss_grad(params, x_b[i:i + 1], eps_b[i:i + 1])[1])):
-      acc += np.abs(np.asarray(j, np.float64))
-  names = [jax.tree_util.keystr(p[:-1]) for p, _ in jax.tree_util.tree_leaves_with_path(want)]
-  layer_max = {n: max(float(a.max()) for m, a in zip(names, abs_sum) if m == n) for n in names}
-  taus = [2 * _gamma(len(x_b)) * a + 2 * _gamma(6272) * layer_max[n] for n, a in zip(names, abs_sum)]
-  return float(value), [np.asarray(w, np.float64) for w in jax.tree.leaves(want)], taus
-
-
-def _batch(c, fam, x_N, valid_N, k_train, e, s, g, prev_params):
-  """Step s of epoch e as the config draws it: keys k_train -> epochs -> fold_in(s) -> k_data, k_loss; the epoch's
-  valid rows in the order of their uniform keys (or decoded from generation g-1's model at g >= 1)."""
-  B, L = c.batch_size, vae_model.LATENT
-  k_perm, k_steps = jax.random.split(jax.random.split(k_train, c.epochs)[e])
-  order = [i for i in np.argsort(np.asarray(jax.random.uniform(k_perm, (len(x_N),)))) if valid_N[i]]
-  k_data, k_loss = jax.random.split(jax.random.fold_in(k_steps, s))
-  rows = order[s * B:(s + 1) * B]
-  eps_b = jax.random.normal(k_loss, (B, L))[:len(rows)]
-  if g == 0:
-    return x_N[rows], eps_b
-  decoder = nnx.merge(fam.graphdef, prev_params)
-  return _sigmoid(decoder.decode_logits(jax.random.normal(k_data, (B, L))))[:len(rows)].astype(np.float32), eps_b
-
-
-def _check_fit_steps(c, fam, steps, got, x_N, valid_N, key, prev_params, g):
-  """fit's recorded steps against the config, each from the state it started from (nothing after Adam is
-  reproducible across float32 orders: Adam's early steps are ~lr * sign(gradient), so a gradient that is rounding
-  noise moves its weight by +-lr either way, and the trajectories part). Step t of epoch e, step s must use the
-  keys k_init, k_train -> epochs -> fold_in(s) -> k_data, k_loss, the epoch's valid rows in the order of their
-  uniform keys, ceil(n_valid / batch) steps, the loss summed over only the valid rows; then
-  1. its gradient is the loss's gradient at its parameters, within a float32 summation bound;
-  2. its Adam state and update are PyTorch's Adam with coupled L2 applied to that gradient, within the
-     roundings of the rule; the next step starts from params + updates, and fit returns the last.
-  Returns the loss per image over the last epoch, evaluated at the recorded parameters."""
-  B, n_valid = c.batch_size, int(valid_N.sum())
-  S = math.ceil(n_valid / B)
-  k_init, k_train = jax.random.split(key)
-  init = jax.tree.map(np.asarray, fam.init_model(k_init, {})["params"])
-  steps = sorted(steps, key=lambda st: int(_adam(st[2]).count))
-  assert [int(_adam(st[2]).count) for st in steps] == list(range(c.epochs * S))
-  loss_grad, names = _hand_loss_grad(fam.graphdef, c.beta), [jax.tree_util.keystr(p) for p, _ in
-                                                     jax.tree_util.tree_leaves_with_path(init)]
-  # The rule's constants as optax's float32 arithmetic holds them (1 - b2 = 0.001 is 0.8u off in float32).
-  b1, b2, a1, a2, eps, lr, wd = (float(np.float32(z)) for z in (0.9, 0.999, 1 - 0.9, 1 - 0.999, 1e-8, c.lr,
-                                                                c.weight_decay))
-  prev, epoch_loss = jax.tree.leaves(init), 0.0
-  prev_tol = [2 * U32 * np.abs(a) for a in prev]
-  for t, (grads, params, state, new, updates) in enumerate(steps):
-    e, s = divmod(t, S)
-    x_b, eps_b = _batch(c, fam, x_N, valid_N, k_train, e, s, g, prev_params)
-    p = jax.tree.leaves(params)
-    # Step 0 starts from the model of k_init (compiled vs eager init: a scaled uniform, within 2 roundings);
-    # step t from step t-1's params + updates (one float32 add, or an FMA with the update's product: 2 roundings).
-    for name, a, b, tol in zip(names, p, prev, prev_tol):
-      _inside(f"params{name} entering step {t}", a, b, tol)
-    value, want, taus = _grad_bound(loss_grad, params, x_b, eps_b)
-    epoch_loss = epoch_loss + value if s else value
-    adam, adam_new = _adam(state), _adam(new)
-    # Bias corrections 1 - b^c: optax's float32 pow is off the exact b^c by up to an ulp or so (jit and eager
-    # differ by one at c = 3), allowed 2 ulp, which 1 - b^c magnifies (b2^3 = 0.997: 1 ulp is 2e-5 of 0.003).
-    c_new = int(adam.count) + 1
-    bc = [1 - b ** c_new for b in (b1, b2)]
-    bc_rel = [2 * float(np.spacing(np.float32(b ** c_new))) / z for b, z in zip((b1, b2), bc)]
-    for name, pp, gr, w, tau, m, v, m1, v1, u in zip(
-        names, p, jax.tree.leaves(grads), want, taus,
-        *(jax.tree.leaves(z) for z in (adam.mu, adam.nu, adam_new.mu, adam_new.nu, updates))):
-      _inside(f"grad{name} at step {t}", gr, w, tau)
-      pp, gr, m, v, m1, v1 = (np.asarray(z, np.float64) for z in (pp, gr, m, v, m1, v1))
-      # Coupled L2: Adam sees d = g + wd p, itself rounded (<= u |g| + 2u |wd p|, with an FMA or not).
-      d, dd = gr + wd * pp, U32 * (np.abs(gr) + 2 * wd * np.abs(pp))
-      # Moments: d's error, then <= 3 roundings (2 products, 1 sum) of terms no larger than these.
-      _inside(f"mu{name} at step {t}", m1, a1 * d + b1 * m, a1 * dd + 3 * U32 * (a1 * np.abs(d) + b1 * np.abs(m)))
-      _inside(f"nu{name} at step {t}", v1, a2 * d * d + b2 * v,
-              a2 * (2 * np.abs(d) * dd + dd * dd) + 3 * U32 * (a2 * d * d + b2 * v))
-      # The update from those moments: 2 divisions by the bias corrections, a sqrt, an add, a division, the
-      # product by -lr: positive quantities throughout, so within 7 roundings (<= 8u) of the float64 value, and
-      # the bias corrections' ulp (all of mu's, half of nu's through the sqrt).
-      want_u = -lr * (m1 / bc[0]) / (np.sqrt(v1 / bc[1]) + eps)
-      _inside(f"update{name} at step {t}", u, want_u, (8 * U32 + bc_rel[0] + bc_rel[1] / 2) * np.abs(want_u))
-    prev = [np.asarray(a, np.float64) + u for a, u in zip(p, jax.tree.leaves(updates))]
-    prev_tol = [2 * U32 * (np.abs(b) + np.abs(u)) for b, u in zip(prev, jax.tree.leaves(updates))]
-  for name, a, b, tol in zip(names, jax.tree.leaves(got["params"]), prev, prev_tol):
-    _inside(f"returned params{name}", a, b, tol)
-  return epoch_loss / n_valid
-
-
-# g = 0 reads the buffer: 40 valid rows of 64 make two steps per epoch, the second with 8 valid rows of 32.
-# g = 1 decodes every batch from the previous model: 8 valid rows make one masked step, the second is skipped.
 @pytest.mark.parametrize("g,n_valid", [(0, 40), (1, 8)])
 def test_fit_matches_hand_adam_on_a_ragged_buffer(fresh, g, n_valid):
   f = fresh
@@ -382,11 +236,11 @@ def test_fit_matches_hand_adam_on_a_ragged_buffer(fresh, g, n_valid):
       jax.effects_barrier()  # every step's record is on the host
   finally:
     progress.SINK = sink
-  want_loss = _check_fit_steps(f["cfg"].vae, f["fam"], f["steps"], got, x, valid, key, f["model0"]["params"], g)
+  want_loss = vc.check_fit_steps(f["cfg"].vae, f["fam"], f["steps"], got, x, valid, key, f["model0"]["params"], g)
   # Loss per image: a sum of B x 784 positive BCE terms and B x 20 positive KL terms, fed by the forward's
   # contractions (the widest 6272): two float32 orders differ by <= 2 gamma_(B*804+6272) of it.
   n = f["cfg"].vae.batch_size * 804 + 6272
-  np.testing.assert_allclose(got["train_loss"], want_loss, rtol=2 * _gamma(n))
+  np.testing.assert_allclose(got["train_loss"], want_loss, rtol=2 * gamma(n))
   # One progress line per step taken (every line with interval 0), none for the skipped steps.
   E, steps = f["cfg"].vae.epochs, math.ceil(n_valid / f["cfg"].vae.batch_size)
   counters = [tuple(map(int, m.groups())) for m in
@@ -412,7 +266,7 @@ def test_evaluate_metrics_match_hand_computation(fresh):
   got = f["evaluate"](model, {"params": params0, "train_loss": model["train_loss"]}, aux, f["shared"])
   k_sample, k_elbo = jax.random.split(aux["eval_key"])
   current, gen0 = nnx.merge(fam.graphdef, model["params"]), nnx.merge(fam.graphdef, params0)
-  x_gen = _sigmoid(current.decode_logits(jax.random.normal(k_sample, (fam.latent_eval_n, vae_model.LATENT))))
+  x_gen = vc.sigmoid(current.decode_logits(jax.random.normal(k_sample, (fam.latent_eval_n, vae_model.LATENT))))
   mu0 = np.asarray(gen0.encode(jnp.asarray(x_gen, jnp.float32))[0], np.float64)
   mu_current = np.asarray(current.encode(jnp.asarray(x_gen, jnp.float32))[0], np.float64)
   assert abs(mu_current.std() - mu0.std()) > 0.5 * mu0.std() and np.mean(np.abs(mu0) > HIST_RANGE) > 0.05
@@ -479,8 +333,8 @@ def test_sharded_fit_equals_unsharded():
   x = np.asarray(fam.init_chain(jax.random.PRNGKey(0), fam.shared())[0])
   k_init, k_train = jax.random.split(key)
   init = fam.init_model(k_init, {})["params"]
-  x_b, eps_b = _batch(c, fam, x, valid, k_train, 0, 0, 0, None)
-  value, want, taus = _grad_bound(_hand_loss_grad(fam.graphdef, c.beta), init, x_b, eps_b)
+  x_b, eps_b = vc.batch(c, fam, x, valid, k_train, 0, 0, 0, None)
+  value, want, taus = vc.grad_bound(vc.hand_loss_grad(fam.graphdef, c.beta), init, x_b, eps_b)
   lr, wd = float(np.float32(c.lr)), float(np.float32(c.weight_decay))
   a1, b1, a2, b2 = (float(np.float32(z)) for z in (1 - 0.9, 0.9, 1 - 0.999, 0.999))
 
@@ -495,7 +349,7 @@ def test_sharded_fit_equals_unsharded():
     # The step's loss: B x 784 positive BCE terms and B x 20 positive KL terms, fed by the forward's contractions
     # (the widest 6272): two float32 orders differ by <= 2 gamma_(B*804+6272) of it.
     np.testing.assert_allclose(float(got["train_loss"]), value / c.batch_size,
-                               rtol=2 * _gamma(c.batch_size * 804 + 6272))
+                               rtol=2 * gamma(c.batch_size * 804 + 6272))
     for (path, a), p, w, tau in zip(jax.tree_util.tree_leaves_with_path(got["params"]), jax.tree.leaves(init),
                                     want, taus):
       # The update the rule maps the gradient interval [g - tau, g + tau] to (d's own rounding added: <= u |g| +
@@ -504,7 +358,7 @@ def test_sharded_fit_equals_unsharded():
       dd = tau + U32 * (np.abs(w) + 2 * wd * np.abs(p))
       lo, hi = p + update(w + wd * p + dd), p + update(w + wd * p - dd)
       slack = 10 * U32 * lr + 2 * U32 * np.abs(p)
-      _inside(f"params{jax.tree_util.keystr(path)} on {n_dev} devices", a, (lo + hi) / 2, (hi - lo) / 2 + slack)
+      vc.inside_tol(f"params{jax.tree_util.keystr(path)} on {n_dev} devices", a, (lo + hi) / 2, (hi - lo) / 2 + slack)
 
 
 def test_plot_writes_grids_and_density(tmp_path):
