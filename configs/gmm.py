@@ -3,8 +3,11 @@
 A full-covariance GMM fitted by EM to 1000 samples of a 2-D standard normal blob, refitted on 1000 of its own
 samples each generation.
 
-Command (the README's main job; CPU, 30-40 s on 2 cores):
+Command (the README's main job; CPU: ~6 s on 2 idle cores, ~2-3 s of it compilation):
   collapse-jax --config=gmm --workdir=runs/gmm     (or python -m collapse_jax.main --config=configs/gmm.py ...)
+On a CPU, `--cpu_threads=1` runs the compiled generations ~1.8x faster (one chain's EM is many tiny kernels that
+XLA otherwise splits over threads for nothing; results are byte-identical), but compiles on one core: worth it
+for long runs or many generations, not for this 6 s job.
 Variants: gmm:chains=256 (many vmapped chains, split over all devices), gmm:quick (50 generations, a few seconds
 after compilation, for smoke tests), comma separated; any field by --config.FIELD=VALUE, e.g.
 --config.regime.name=accumulate.

@@ -72,31 +72,13 @@ def jax_runner(mods, ids_NxL, batch, options=None):
 
 
 def torch_runner(ids_NxL, batch):
-  import torch
-  import transformers
-  torch.manual_seed(0)
-  hf_cfg = transformers.OPTConfig(
-      vocab_size=MODEL["vocab_size"], hidden_size=MODEL["hidden_size"], num_hidden_layers=MODEL["num_layers"],
-      num_attention_heads=MODEL["num_heads"], ffn_dim=MODEL["ffn_dim"],
-      max_position_embeddings=MODEL["max_position_embeddings"], word_embed_proj_dim=MODEL["word_embed_proj_dim"],
-      dropout=0.1, attention_dropout=0.0)
-  model = transformers.OPTForCausalLM(hf_cfg).train()
-  optim = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.0)
-  sched = torch.optim.lr_scheduler.CosineAnnealingLR(optim, T_max=10**6, eta_min=1e-6)
-  data = torch.from_numpy(ids_NxL.astype(np.int64))
-  mask = torch.ones_like(data)
-
-  def run():
-    total = torch.zeros(())
-    for idx in torch.randperm(len(data)).split(batch):
-      loss = model(input_ids=data[idx], attention_mask=mask[idx], labels=data[idx]).loss
-      optim.zero_grad(set_to_none=True)
-      loss.backward()
-      optim.step()
-      sched.step()
-      total += loss.detach()
-    return total.item()
-
+  """The benchmark's own HF peer (benchmarks/lm_bench.py), same model, fp32, on the cores JAX uses."""
+  if _REPO not in sys.path:
+    sys.path.append(_REPO)
+  from benchmarks import lm_bench
+  (base, overrides), _ = lm_bench.SHAPES["cpu"]
+  run, _ = lm_bench.torch_runner(lm_bench.opt.get_size(base, **overrides), ids_NxL, batch, "cpu", False,
+                                 argparse.Namespace(threads=0))
   return run
 
 
