@@ -11,7 +11,7 @@ stand in for OPT in tests. Caches are pytrees of batch-leading arrays plus scala
 search expands a prompt cache to its beams and reorders rows through the LM's hooks, whose defaults copy the
 prompt's cache to every beam (`beam_cache`) and gather every batch-leading leaf (`reorder`). OPT's hooks
 (`opt_lm`) keep the prompt's K/V once per prompt, read in place by its beams (opt.share_prefix), and never move
-the beams' own K/V: reordering moves which beam's slots each row reads (opt.reorder_copies).
+the beams' own K/V: reordering moves which beam's slots each row reads (kv_cache.reorder_copies).
 
 HF details kept on purpose (tests/fixtures/decode_hf.json checks them token for token):
 - the repetition penalty sees the prompt's real tokens (not its left pads, as transformers 5.x) and the tokens
@@ -127,13 +127,13 @@ class LM:
 @functools.lru_cache(maxsize=None)
 def opt_lm(cfg) -> LM:
   """collapse_jax.models.opt as an LM (cached per OPTConfig, so jitted programs are reused)."""
-  from collapse_jax.models import opt
+  from collapse_jax.models import kv_cache, opt
 
   return LM(apply=lambda params, ids, mask, cache: opt.apply(cfg, params, ids, mask, cache=cache, last_only=True),
             init_cache=functools.partial(opt.init_cache, cfg), vocab_size=cfg.vocab_size,
             max_len=cfg.max_position_embeddings, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
-            beam_cache=functools.partial(opt.share_prefix, cfg), reorder=opt.reorder_copies, shares_prompt=True,
-            grow=opt.grow_cache)
+            beam_cache=functools.partial(opt.share_prefix, cfg), reorder=kv_cache.reorder_copies, shares_prompt=True,
+            grow=kv_cache.grow_cache)
 
 
 # --- logits processing (HF's LogitsProcessors, in HF's order) ---------------------------------------------------

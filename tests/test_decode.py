@@ -384,7 +384,7 @@ def test_opt_beams_read_one_shared_prompt_cache():
 
 
 def test_opt_beam_reorder_reads_ancestors():
-  """Beam reordering (opt.reorder_copies) moves only which copy's slots each row reads, never K/V: 3 copies of
+  """Beam reordering (kv_cache.reorder_copies) moves only which copy's slots each row reads, never K/V: 3 copies of
   each left-padded prompt, reordered after every step to parents drawn within their prompt (repeats allowed, as
   beam search does), get at every step the logits of the full uncached forward of prompt + their history."""
   from collapse_jax.models import opt
@@ -413,7 +413,7 @@ def test_opt_beam_reorder_reads_ancestors():
 
 
 def test_opt_grown_prompt_cache_decodes_as_full_cache():
-  """opt.grow_cache (greedy/sampling prefill the prompt's slots only, then grow the cache to prompt + new
+  """kv_cache.grow_cache (greedy/sampling prefill the prompt's slots only, then grow the cache to prompt + new
   tokens) decodes exactly as prefilling into the full cache: same greedy and sampled tokens, left-padded."""
   d, lm, params = hf_fixture()
   case = next(c for c in d["cases"] if c["name"] == "greedy_padded")

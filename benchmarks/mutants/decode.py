@@ -13,6 +13,7 @@ _SHARE = f"{_T}::test_opt_beams_read_one_shared_prompt_cache"
 _LEFT = f"{_T}::test_left_padding_changes_nothing"
 _REORDER = f"{_T}::test_opt_beam_reorder_reads_ancestors"
 D, OPT = "collapse_jax/decode.py", "collapse_jax/models/opt.py"
+KV = "collapse_jax/models/kv_cache.py"
 
 MUTANTS = [
     Mutant(name="decode_rep_penalty_sign_swapped", file=D,
@@ -97,11 +98,11 @@ MUTANTS = [
     Mutant(name="decode_validate_num_beams", file=D,
            old="self.num_beams < 1", new="self.num_beams < 0",
            tests=(_BAD,), why="num_beams = 0 accepted"),
-    Mutant(name="opt_prefix_pads_visible", file=OPT,
+    Mutant(name="opt_prefix_pads_visible", file=KV,
            old="jnp.where(pvalid_GxP[:, None, None, :], pre_GxHxQxP, -1e30)",
            new="jnp.where(True, pre_GxHxQxP, -1e30)",
            tests=(_SHARE,), why="beams attend to their prompt's left pads"),
-    Mutant(name="opt_prefix_rows_grouped_wrong", file=OPT,
+    Mutant(name="opt_prefix_rows_grouped_wrong", file=KV,
            old="x_BxLxHxD.reshape(g, c, l, h, d)", new="x_BxLxHxD.reshape(c, g, l, h, d).swapaxes(0, 1)",
            tests=(_SHARE,), why="a beam reads another prompt's cache"),
     Mutant(name="opt_prefix_dropped_from_new_cache", file=OPT,
@@ -117,10 +118,10 @@ MUTANTS = [
     Mutant(name="decode_topk_draw_skips_top_p", file=D,
            old="    if cfg.top_p < 1.0:\n      keep_BxK", new="    if False:\n      keep_BxK",
            tests=(_CHI,), why="top-p is ignored whenever top-k is on"),
-    Mutant(name="opt_beam_src_not_reordered", file=OPT,
+    Mutant(name="opt_beam_src_not_reordered", file=KV,
            old='for n in ("mask", "pos", "src")})', new='for n in ("mask", "pos")})',
            tests=(_REORDER, _PAPER), why="reordered beams read their own earlier slots, not their ancestors'"),
-    Mutant(name="opt_beam_reads_copy_zero", file=OPT,
+    Mutant(name="opt_beam_reads_copy_zero", file=KV,
            old="(src_BxS.reshape(g, 1, c, s, 1) == jnp.arange(c))", new="(0 * src_BxS.reshape(g, 1, c, s, 1) == jnp.arange(c))",
            tests=(_REORDER, _SHARE), why="every beam reads the first copy's slots"),
 ]
