@@ -159,11 +159,9 @@ def _nucleus_floor(kn, asc_RxV):
 
 
 def warp(cfg: DecodeConfig, kn, scores_RxV):
-  """Temperature, top-k, top-p (sampling only), as HF's warpers."""
+  """Temperature and top-p over the whole vocabulary, as HF's warpers, for sampling without top-k (with top-k on,
+  `_draw` warps the k best only)."""
   scores_RxV = scores_RxV / kn["temperature"]
-  if 0 < cfg.top_k < scores_RxV.shape[-1]:
-    kth_Rx1 = jax.lax.top_k(scores_RxV, cfg.top_k)[0][..., -1:]
-    scores_RxV = jnp.where(scores_RxV < kth_Rx1, -jnp.inf, scores_RxV)
   if cfg.top_p < 1.0:
     scores_RxV = jnp.where(scores_RxV < _nucleus_floor(kn, jnp.sort(scores_RxV, axis=-1)), -jnp.inf, scores_RxV)
   return scores_RxV
