@@ -20,7 +20,6 @@ or, on a CPU, the host's derived from cores, clock and ISA (collapse_jax/hardwar
 """
 import argparse
 import os
-import statistics
 import sys
 import time
 
