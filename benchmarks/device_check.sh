@@ -42,9 +42,9 @@ if [[ " ${only[*]} " == *" suite_short "* ]]; then  # only when named: a quick l
 fi
 # One paper-size LM generation (OPT-125m fine-tuned 5 epochs on 36,864 64-token blocks, then every block continued
 # by 64 tokens with 5-beam search; target <= 40 s on an H200 after compilation): needs a local facebook/opt-125m
-# folder and the wikitext-2-raw files on the machine (OPT_DIR, WIKI_DIR; configs/lm.py:opt125m_wikitext2).
+# folder and the wikitext-2-raw files on the machine (OPT_DIR, WIKI_DIR; configs/lm.py:opt_wikitext2).
 if [ -n "${OPT_DIR:-}" ] && [ -n "${WIKI_DIR:-}" ]; then
-  step lm_generation python3 -m collapse_jax.main --config=lm:opt125m_wikitext2 --config.generations=2 \
+  step lm_generation python3 -m collapse_jax.main --config=lm:opt_wikitext2 --config.generations=2 \
     --config.lm.hf_path="$OPT_DIR" --config.lm.text.path="$WIKI_DIR" --config.lm.dtype=bfloat16 \
     --workdir="$out/lm_generation"
 else

@@ -151,7 +151,7 @@ def main(argv=None):
     runs = [(runs[0][0], int(b)) for b in args.batches.split(",")]
   cfg = opt.get_size(base, **overrides)
   data = args.data or len(jax.devices()) // args.fsdp
-  mesh = sharding.make_mesh_2d(data, args.fsdp)
+  mesh = sharding.make_lm_mesh(data, args.fsdp)
   out = []
   for seq_len, batch in runs:
     rows, state = bench_one(cfg, seq_len, batch, args, mesh)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax import progress
+from collapse_jax import progress, sharding
 from collapse_jax.config import ConfigError
 
 METHODS = ("greedy", "sample", "beam")
@@ -132,7 +132,7 @@ def opt_lm(cfg) -> LM:
   return LM(apply=lambda params, ids, mask, cache: opt.apply(cfg, params, ids, mask, cache=cache, last_only=True),
             init_cache=functools.partial(opt.init_cache, cfg), vocab_size=cfg.vocab_size,
             max_len=cfg.max_position_embeddings, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
-            beam_cache=functools.partial(opt.share_prefix, cfg), reorder=kv_cache.reorder_copies, shares_prompt=True,
+            beam_cache=kv_cache.share_prefix, reorder=kv_cache.reorder_copies, shares_prompt=True,
             grow=kv_cache.grow_cache)
 
 
@@ -209,7 +209,7 @@ def _prefill(lm: LM, cfg: DecodeConfig, params, ids_BxP, mask_BxP, slots: int):
   return logits_BxPxV[:, -1].astype(jnp.float32), cache, seen_BxV  # left padding: the last slot is real
 
 
-def _sample_batch(lm: LM, cfg: DecodeConfig, kn, params, ids_BxP, mask_BxP, keys_B):
+def _sample_parts(lm: LM, cfg: DecodeConfig, kn, params, ids_BxP, mask_BxP, keys_B):
   """Greedy or sampling. Finished rows (after EOS) emit pad_token_id, as HF."""
   b, n, p = ids_BxP.shape[0], cfg.max_new_tokens, ids_BxP.shape[1]
   logits_BxV, cache, seen_BxV = _prefill(lm, cfg, params, ids_BxP, mask_BxP, p if lm.grow else p + n)
@@ -234,8 +234,8 @@ def _sample_batch(lm: LM, cfg: DecodeConfig, kn, params, ids_BxP, mask_BxP, keys
     tok_B, seen_BxV, done_B = choose(t, logits_Bx1xV[:, 0].astype(jnp.float32), seen_BxV, done_B)
     return t + 1, tok_B, cache, seen_BxV, done_B, jax.lax.dynamic_update_slice(out_BxN, tok_B[:, None], (0, t))
 
-  state = jax.lax.while_loop(lambda s: (s[0] < n) & ~jnp.all(s[4]), body, state)
-  return {"tokens": state[-1], "scores": jnp.zeros((b,), jnp.float32)}
+  return state, body, lambda s: (s[0] < n) & ~jnp.all(s[4]), lambda s: {"tokens": s[-1],
+                                                                          "scores": jnp.zeros((b,), jnp.float32)}
 
 
 def _take(x_BxK, idx_BxJ):
@@ -243,7 +243,7 @@ def _take(x_BxK, idx_BxJ):
   return jax.vmap(lambda x, i: x[i])(x_BxK, idx_BxJ)
 
 
-def _beam_batch(lm: LM, cfg: DecodeConfig, kn, params, ids_BxP, mask_BxP):
+def _beam_parts(lm: LM, cfg: DecodeConfig, kn, params, ids_BxP, mask_BxP):
   """HF's beam search (do_sample=False), one step per loop iteration; returns the best finished hypothesis."""
   b, k, n, v = ids_BxP.shape[0], cfg.num_beams, cfg.max_new_tokens, lm.vocab_size
   lp, es = kn["length_penalty"], kn["early_stopping"]
@@ -306,9 +306,8 @@ def _beam_batch(lm: LM, cfg: DecodeConfig, kn, params, ids_BxP, mask_BxP):
     return t + 1, s, lm.reorder(cache, rows_R), seen_RxV, go
 
   state = (jnp.ones((), jnp.int32), s, cache, seen_RxV, go)
-  state = jax.lax.while_loop(lambda st: (st[0] < n) & st[-1], body, state)
-  s = state[1]
-  return {"tokens": s["fin_seq"][:, 0], "scores": s["fin_score"][:, 0]}
+  return state, body, lambda st: (st[0] < n) & st[-1], lambda st: {"tokens": st[1]["fin_seq"][:, 0],
+                                                                   "scores": st[1]["fin_score"][:, 0]}
 
 
 def knobs(lm: LM, cfg: DecodeConfig, eos_token_id: int | None | str = "model") -> dict:
@@ -332,11 +331,19 @@ def generate_batch(lm: LM, cfg: DecodeConfig, params, ids_BxP, mask_BxP, keys_B=
   """One batch, traceable (call inside jit): {"tokens": [B, max_new_tokens] int32, "scores": [B] (beam search:
   HF's sequences_scores; else 0)}. keys_B: one key per row (sampling only); kn: `knobs(...)`, by default from
   cfg and the LM's EOS. Prompts are left-padded."""
+  state, body, cond, finish = loop_parts(lm, cfg, params, ids_BxP, mask_BxP, keys_B, kn)
+  return finish(jax.lax.while_loop(cond, body, state))
+
+
+def loop_parts(lm: LM, cfg: DecodeConfig, params, ids_BxP, mask_BxP, keys_B=None, kn=None):
+  """One batch's decoding as (state after the prefill and first token, body: one more token, cond, finish:
+  state -> generate_batch's result); generate_batch runs body in a while_loop. Apart, they let a planner cost
+  the prefill and one step (XLA's cost analysis counts a loop body once)."""
   kn = knobs(lm, cfg) if kn is None else kn
   cfg = static(cfg)
   if cfg.method == "beam":
-    return _beam_batch(lm, cfg, kn, params, ids_BxP, mask_BxP)
-  return _sample_batch(lm, cfg, kn, params, ids_BxP, mask_BxP, keys_B)
+    return _beam_parts(lm, cfg, kn, params, ids_BxP, mask_BxP)
+  return _sample_parts(lm, cfg, kn, params, ids_BxP, mask_BxP, keys_B)
 
 
 # --- a corpus ----------------------------------------------------------------------------------------------------
@@ -353,7 +360,6 @@ def check(lm: LM, cfg: DecodeConfig, ids_NxP, mask_NxP, batch_size: int, mesh=No
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
     raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
   if mesh is not None:
-    from collapse_jax import sharding
     if batch_size % sharding.batch_shards(mesh):
       raise ConfigError(f"batch_size={batch_size} is not a multiple of the mesh's {sharding.batch_shards(mesh)} "
                         "batch shards")
@@ -365,7 +371,6 @@ def check(lm: LM, cfg: DecodeConfig, ids_NxP, mask_NxP, batch_size: int, mesh=No
 def _program(lm: LM, cfg: DecodeConfig, mesh):
   constrain = lambda x: x  # noqa: E731
   if mesh is not None:
-    from collapse_jax import sharding
     constrain = functools.partial(jax.lax.with_sharding_constraint, shardings=sharding.batch_sharding(mesh))
 
   def run(params, ids_MxBxP, mask_MxBxP, key, kn):
@@ -383,7 +388,7 @@ def _program(lm: LM, cfg: DecodeConfig, mesh):
 
     return jax.lax.map(one, (jnp.arange(ids_MxBxP.shape[0]), ids_MxBxP, mask_MxBxP))
 
-  return jax.jit(run)
+  return jax.jit(run if mesh is None else sharding.on_mesh(run, mesh))
 
 
 def decode_corpus(lm: LM, params, ids_NxP, mask_NxP, cfg: DecodeConfig, key=None, *, batch_size: int,
@@ -400,7 +405,6 @@ def decode_corpus(lm: LM, params, ids_NxP, mask_NxP, cfg: DecodeConfig, key=None
   mask = jnp.pad(jnp.asarray(mask_NxP, jnp.int32), ((0, fill), (0, 0)))
   ids, mask = ids.reshape(m, batch_size, p), mask.reshape(m, batch_size, p)
   if mesh is not None:
-    from collapse_jax import sharding
     where = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.batch_axes(mesh)))
     ids, mask = jax.device_put(ids, where), jax.device_put(mask, where)
   key = jax.random.key(0) if key is None else key

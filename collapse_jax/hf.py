@@ -82,35 +82,37 @@ def config_to_hf(cfg: opt.OPTConfig) -> dict:
 
 # --- tensor names and layouts --------------------------------------------------------------------------------
 def _spec(cfg: opt.OPTConfig) -> dict:
-  """HF name (no prefix) -> (our param path, HF shape, HF -> ours, ours -> HF)."""
+  """HF name (no prefix) -> (our param path, layer index or None, HF shape, HF -> ours, ours -> HF). Our layers are
+  stacked: layer i of a "layers" path is slice i of its leading axis."""
   e, h, d, f, p = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.ffn_dim, cfg.word_embed_proj_dim
   same = (lambda a: a, lambda a: a)
   transpose = (lambda a: a.T, lambda a: a.T)
-  spec = {"embed_tokens.weight": (("embed_tokens",), (cfg.vocab_size, p)) + same,
-          "embed_positions.weight": (("embed_positions",), (cfg.max_position_embeddings + opt.POS_OFFSET, e)) + same}
+  spec = {"embed_tokens.weight": (("embed_tokens",), None, (cfg.vocab_size, p)) + same,
+          "embed_positions.weight": (("embed_positions",), None, (cfg.max_position_embeddings + opt.POS_OFFSET, e))
+          + same}
   if p != e:
-    spec["project_in.weight"] = (("project_in",), (e, p)) + transpose
-    spec["project_out.weight"] = (("project_out",), (p, e)) + transpose
+    spec["project_in.weight"] = (("project_in",), None, (e, p)) + transpose
+    spec["project_out.weight"] = (("project_out",), None, (p, e)) + transpose
   if cfg.do_layer_norm_before:
-    spec["final_layer_norm.weight"] = (("final_layer_norm", "scale"), (e,)) + same
-    spec["final_layer_norm.bias"] = (("final_layer_norm", "bias"), (e,)) + same
+    spec["final_layer_norm.weight"] = (("final_layer_norm", "scale"), None, (e,)) + same
+    spec["final_layer_norm.bias"] = (("final_layer_norm", "bias"), None, (e,)) + same
   qkv_w = (lambda a: a.T.reshape(e, h, d), lambda a: a.reshape(e, e).T)
   heads_b = (lambda a: a.reshape(h, d), lambda a: a.reshape(e))
   out_w = (lambda a: a.T.reshape(h, d, e), lambda a: a.reshape(e, e).T)
   for i in range(cfg.num_layers):
     L = f"layers.{i}."
     for n in ("q_proj", "k_proj", "v_proj"):
-      spec[f"{L}self_attn.{n}.weight"] = (("layers", i, "self_attn", n, "kernel"), (e, e)) + qkv_w
-      spec[f"{L}self_attn.{n}.bias"] = (("layers", i, "self_attn", n, "bias"), (e,)) + heads_b
-    spec[f"{L}self_attn.out_proj.weight"] = (("layers", i, "self_attn", "out_proj", "kernel"), (e, e)) + out_w
-    spec[f"{L}self_attn.out_proj.bias"] = (("layers", i, "self_attn", "out_proj", "bias"), (e,)) + same
+      spec[f"{L}self_attn.{n}.weight"] = (("layers", "self_attn", n, "kernel"), i, (e, e)) + qkv_w
+      spec[f"{L}self_attn.{n}.bias"] = (("layers", "self_attn", n, "bias"), i, (e,)) + heads_b
+    spec[f"{L}self_attn.out_proj.weight"] = (("layers", "self_attn", "out_proj", "kernel"), i, (e, e)) + out_w
+    spec[f"{L}self_attn.out_proj.bias"] = (("layers", "self_attn", "out_proj", "bias"), i, (e,)) + same
     for n in ("self_attn_layer_norm", "final_layer_norm"):
-      spec[f"{L}{n}.weight"] = (("layers", i, n, "scale"), (e,)) + same
-      spec[f"{L}{n}.bias"] = (("layers", i, n, "bias"), (e,)) + same
-    spec[f"{L}fc1.weight"] = (("layers", i, "fc1", "kernel"), (f, e)) + transpose
-    spec[f"{L}fc1.bias"] = (("layers", i, "fc1", "bias"), (f,)) + same
-    spec[f"{L}fc2.weight"] = (("layers", i, "fc2", "kernel"), (e, f)) + transpose
-    spec[f"{L}fc2.bias"] = (("layers", i, "fc2", "bias"), (e,)) + same
+      spec[f"{L}{n}.weight"] = (("layers", n, "scale"), i, (e,)) + same
+      spec[f"{L}{n}.bias"] = (("layers", n, "bias"), i, (e,)) + same
+    spec[f"{L}fc1.weight"] = (("layers", "fc1", "kernel"), i, (f, e)) + transpose
+    spec[f"{L}fc1.bias"] = (("layers", "fc1", "bias"), i, (f,)) + same
+    spec[f"{L}fc2.weight"] = (("layers", "fc2", "kernel"), i, (e, f)) + transpose
+    spec[f"{L}fc2.bias"] = (("layers", "fc2", "bias"), i, (e,)) + same
   return spec
 
 
@@ -134,7 +136,7 @@ def params_from_hf(cfg: opt.OPTConfig, tensors: dict, source: str = "checkpoint"
       raise ConfigError(f"{source}: unexpected tensor {name!r} (not in an OPT model of this config.json)")
     if short in found:
       raise ConfigError(f"{source}: tensor {name!r} appears twice (under two name prefixes)")
-    want = spec[short][1]
+    want = spec[short][2]
     if tuple(a.shape) != want:
       raise ConfigError(f"{source}: tensor {name!r} has shape {tuple(a.shape)}, config.json implies {want}")
     found[short] = a
@@ -144,26 +146,39 @@ def params_from_hf(cfg: opt.OPTConfig, tensors: dict, source: str = "checkpoint"
   if head is not None and (head.shape != found["embed_tokens.weight"].shape
                            or not np.array_equal(head, found["embed_tokens.weight"])):
     raise ConfigError(f"{source}: {_HEAD} {tuple(head.shape)} differs from the embed_tokens.weight it is tied to")
-  params: dict = {}
-  for short, (path, _, to_ours, _) in spec.items():
-    node = params
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = jnp.asarray(to_ours(np.asarray(found[short], np.float32)))
+  params, stacks = {}, {}
+  for short, (path, layer, _, to_ours, _) in spec.items():
+    value = to_ours(np.asarray(found[short], np.float32))
+    if layer is not None:  # stacked below, in layer order
+      stacks.setdefault(path, []).append(value)
+      continue
+    _put(params, path, jnp.asarray(value))
+  for path, values in stacks.items():
+    _put(params, path, jnp.asarray(np.stack(values)))
   return params
+
+
+def _put(tree: dict, path, value) -> None:
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
 
 
 def params_to_hf(cfg: opt.OPTConfig, params) -> dict:
   """Our params -> {HF OPTForCausalLM name: float32 array} (lm_head left to the tie, as save_pretrained does)."""
   out = {}
-  for short, (path, want, _, to_hf) in _spec(cfg).items():
+  for short, (path, layer, want, _, to_hf) in _spec(cfg).items():
     node = params
     for k in path:
-      k = k if k in node else str(k)  # layer indices may come back from a checkpoint as strings
       if k not in node:
         raise ConfigError(f"params lack {'/'.join(map(str, path))} (HF {short}) for this OPTConfig")
       node = node[k]
-    a = np.ascontiguousarray(to_hf(np.asarray(node, np.float32)))
+    node = np.asarray(node, np.float32)
+    if layer is not None:
+      if node.shape[:1] != (cfg.num_layers,):
+        raise ConfigError(f"params {'/'.join(path)} of shape {node.shape} do not stack {cfg.num_layers} layers")
+      node = node[layer]
+    a = np.ascontiguousarray(to_hf(node))
     if a.shape != want:
       raise ConfigError(f"params {'/'.join(map(str, path))} gives shape {a.shape} for {short}, expected {want}")
     out["model.decoder." + short] = a

@@ -96,6 +96,7 @@ class LMFamily:
     if not _is_int(c.block_len) or c.block_len < 2:
       _fail("block_len", "an integer >= 2", c.block_len)
     for field, lo in (("epochs", 1), ("batch_size", 1), ("eval_batch", 1), ("decode_batch", 1), ("mesh_fsdp", 1),
+                      ("mesh_tensor", 1),
                       ("text_samples", 0), ("warmup_steps", 0), ("init_seed", 0)):
       if not _is_int(c[field]) or c[field] < lo:
         _fail(field, "a positive integer" if lo else "a non-negative integer", c[field])
@@ -104,11 +105,12 @@ class LMFamily:
         _fail(field, "> 0" if field == "lr" else ">= 0", c[field])
     if c.dtype not in opt_model.DTYPES:
       _fail("dtype", f"one of {', '.join(opt_model.DTYPES)}", c.dtype)
+    if c.remat not in opt_model.REMAT:
+      _fail("remat", f"one of {', '.join(opt_model.REMAT)}", c.remat)
+    if not isinstance(c.scan_layers, bool):
+      _fail("scan_layers", "True or False", c.scan_layers)
     if c.init == "scratch" and c.model not in opt_model.SIZES:
       _fail("model", f"an OPT size ({', '.join(opt_model.SIZES)}) for init='scratch'", c.model)
-    if c.init == "hf" and not c.hf_path:
-      _fail("hf_path", "the local Hugging Face OPT folder for init='hf' (e.g. from `huggingface-cli download "
-            "facebook/opt-125m`)", c.hf_path)
     if c.data == "text" and c.text.tokenizer not in ("hf", "bytes", "bpe"):
       _fail("text.tokenizer", "one of hf, bytes, bpe", c.text.tokenizer)
     if c.data == "markov":  # known without drawing the data
@@ -119,8 +121,10 @@ class LMFamily:
     except ConfigError as e:
       raise ConfigError(f"config.lm.decode: {e}") from None
 
-  def __init__(self, cfg, mesh):
+  def __init__(self, cfg, mesh, abstract: bool = False):
+    """abstract (plan mode): shapes only; no weights are read, nor data where lm_plan.block_counts can say."""
     c = self.c = cfg.lm
+    self.abstract = abstract
     self.mesh, self.cfg_samples, self.cfg_n_real = mesh, cfg.samples.n, cfg.n_real
     shards = sharding.batch_shards(mesh)
     for field in ("batch_size", "eval_batch", "decode_batch"):
@@ -149,7 +153,10 @@ class LMFamily:
 
   def _model_config(self) -> opt_model.OPTConfig:
     c = self.c
-    if c.init == "hf":  # only config.json is read here; the weights are read by `shared`
+    if c.init == "hf" and not c.hf_path and not (self.abstract and c.model in opt_model.SIZES):
+      _fail("hf_path", "the local Hugging Face OPT folder for init='hf' (e.g. from `huggingface-cli download "
+            "facebook/opt-125m`)", c.hf_path)
+    if c.init == "hf" and c.hf_path:  # only config.json is read here; the weights are read by `shared`
       from collapse_jax import hf
       path = os.path.join(hf.resolve_dir(c.hf_path), hf.CONFIG_JSON)
       try:
@@ -157,13 +164,14 @@ class LMFamily:
           mc = hf.config_from_hf(json.load(fh), path, c.dtype)
       except (OSError, ValueError) as e:
         raise ConfigError(f"config.lm.hf_path: {path} is unreadable ({type(e).__name__})") from None
-      return dataclasses.replace(mc, dropout=float(c.dropout))
+      return dataclasses.replace(mc, dropout=float(c.dropout), scan_layers=c.scan_layers, remat=c.remat)
     over = dict(c.model_overrides)
     if c.data == "markov":  # the vocabulary is the language's plus OPT's four specials
       over["vocab_size"] = c.markov.vocab + 4
     elif "vocab_size" not in over:  # from scratch on text: the tokenizer's size (a trained BPE may use fewer)
       over["vocab_size"] = {"bytes": 258, "bpe": c.text.bpe_vocab}.get(c.text.tokenizer, 50272)
-    return opt_model.get_size(c.model, dtype=c.dtype, dropout=float(c.dropout), **over)
+    return opt_model.get_size(c.model, dtype=c.dtype, dropout=float(c.dropout), scan_layers=c.scan_layers,
+                              remat=c.remat, **over)
 
   # --- data (host side, loaded once, before anything is compiled) -----------------------------------------------
   def _load(self) -> dict:
@@ -226,7 +234,20 @@ class LMFamily:
 
   @property
   def n_real(self) -> int:
+    if self.abstract:
+      from collapse_jax import lm_plan
+      n = lm_plan.block_counts(self)[0]
+      _check_samples_n(self.cfg_samples, n)
+      return n
     return len(self._load()["train"])
+
+  def abstract_shared(self) -> dict:  # plan mode (collapse_jax/plan.py): lm_plan.py
+    from collapse_jax import lm_plan
+    return lm_plan.abstract_shared(self)
+
+  def step_programs(self, exp) -> list:
+    from collapse_jax import lm_plan
+    return lm_plan.step_programs(self, exp)
 
   def shared(self):
     d = self._load()
@@ -240,11 +261,15 @@ class LMFamily:
 
   # --- shardings (loop hooks: family.py) -------------------------------------------------------------------------
   @staticmethod
-  def make_mesh(cfg):
-    n = cfg.num_devices or len(jax.devices())
-    if n % cfg.lm.mesh_fsdp:
-      raise ConfigError(f"config.lm.mesh_fsdp={cfg.lm.mesh_fsdp} does not divide the {n} devices")
-    return sharding.make_mesh_2d(n // cfg.lm.mesh_fsdp, cfg.lm.mesh_fsdp)
+  def make_mesh(cfg, devices=None):
+    """('data', 'fsdp', 'tensor') over the devices (default: config.num_devices of the visible ones); 'data'
+    takes what fsdp x tensor leaves."""
+    devices = list(jax.devices()[:cfg.num_devices or None] if devices is None else devices)
+    n, split = len(devices), cfg.lm.mesh_fsdp * cfg.lm.mesh_tensor
+    if n % split:
+      raise ConfigError(f"config.lm.mesh_fsdp={cfg.lm.mesh_fsdp} x config.lm.mesh_tensor={cfg.lm.mesh_tensor} "
+                        f"does not divide the {n} devices")
+    return sharding.make_lm_mesh(n // split, cfg.lm.mesh_fsdp, cfg.lm.mesh_tensor, devices)
 
   def _param_sh(self, params):
     return sharding.param_shardings(params, opt_model.logical_axes(params), self.mesh)

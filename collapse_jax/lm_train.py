@@ -349,14 +349,15 @@ def epoch_program(tcfg: TrainConfig, model_cfg, tx, state_sh, mesh):
   rep = sharding.replicated(mesh)
   fn = functools.partial(train_epoch, model_cfg=model_cfg, tx=tx, batch_size=tcfg.batch_size,
                          batch_sharding=sharding.batch_sharding(mesh), state_shardings=state_sh, epochs=tcfg.epochs)
-  return jax.jit(fn, in_shardings=(state_sh, rep, rep), out_shardings=(state_sh, rep), donate_argnums=0)
+  return jax.jit(sharding.on_mesh(fn, mesh), in_shardings=(state_sh, rep, rep), out_shardings=(state_sh, rep),
+                 donate_argnums=0)
 
 
 def perplexity_program(tcfg: TrainConfig, model_cfg, params_sh, mesh):
   rep = sharding.replicated(mesh)
   fn = functools.partial(perplexity, model_cfg=model_cfg, eval_batch=tcfg.eval_batch,
                          batch_sharding=sharding.batch_sharding(mesh))
-  return jax.jit(fn, in_shardings=(params_sh, rep), out_shardings=rep)
+  return jax.jit(sharding.on_mesh(fn, mesh), in_shardings=(params_sh, rep), out_shardings=rep)
 
 
 def train(tcfg: TrainConfig, model_cfg, params, train_blocks, valid_blocks, key, mesh=None, log=print):
@@ -365,7 +366,7 @@ def train(tcfg: TrainConfig, model_cfg, params, train_blocks, valid_blocks, key,
   history: 'epochs' (per epoch: train_loss, valid_ppl, seconds, tokens_per_s, mfu), 'best_epoch' (1-based),
   'best_valid_ppl', 'initial_valid_ppl', 'compile_s', 'steps_per_epoch'.
   """
-  mesh = sharding.make_mesh_2d(1, 1) if mesh is None else mesh
+  mesh = sharding.make_lm_mesh(1, 1) if mesh is None else mesh
   train_b, valid_b = as_blocks(train_blocks, "train_blocks"), as_blocks(valid_blocks, "valid_blocks")
   validate(tcfg, model_cfg, train_b, valid_b, mesh)
   n, seq_len = train_b["ids"].shape

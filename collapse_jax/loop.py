@@ -37,7 +37,8 @@ _RESUMABLE_CHANGES = {"plots", "num_devices", "keep_checkpoints", "checkpoint_ev
 class Experiment:
   """Everything static about one run: config, family, mesh, shapes, shardings and the compiled chunk."""
 
-  def __init__(self, cfg, mesh=None):
+  def __init__(self, cfg, mesh=None, abstract: bool = False):
+    """abstract: for plan mode, a family that can (`abstract_shared`) reads neither weights nor data."""
     config_lib.validate(cfg)
     family_cls = registry.family_class(cfg.family)
     family_cls.validate(cfg)
@@ -47,7 +48,8 @@ class Experiment:
     # A family may build its own mesh (the LM: ('data', 'fsdp')); the default is the 1-D 'data' mesh.
     make_mesh = getattr(family_cls, "make_mesh", None)
     self.mesh = mesh or (make_mesh(cfg) if make_mesh else sharding.make_mesh(cfg.num_devices or None))
-    self.family = family_cls(cfg, self.mesh)
+    self.abstract = abstract and hasattr(family_cls, "abstract_shared")
+    self.family = family_cls(cfg, self.mesh, abstract=True) if self.abstract else family_cls(cfg, self.mesh)
     fam = self.family
     if not fam.vmap_chains and cfg.chains != 1:
       raise ConfigError(f"config.chains must be 1 for family {fam.name!r} (it shards batches, not chains)")
@@ -189,8 +191,8 @@ class Experiment:
 
   def chunk_fn(self, shared_shardings):
     if self._chunk is None:
-      self._chunk = jax.jit(self._chunk_body, in_shardings=(self.carry_shardings, None, shared_shardings),
-                            out_shardings=(self.carry_shardings, None), donate_argnums=0)
+      self._chunk = jax.jit(sharding.on_mesh(self._chunk_body, self.mesh),
+                            in_shardings=(self.carry_shardings, None, shared_shardings), out_shardings=(self.carry_shardings, None), donate_argnums=0)
     return self._chunk
 
 

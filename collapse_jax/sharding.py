@@ -1,7 +1,7 @@
 """Device mesh and shardings. The 1-D mesh axis 'data' serves the Gaussian, GMM and VAE families: independent
-chains (Gaussian, GMM) are split over it, or the VAE's batch is. The LM uses a 2-D ('data', 'fsdp') mesh: the
-batch is split over both axes, parameters and optimizer state over 'fsdp' by logical-axis rules (ZeRO-3 style:
-XLA gathers each weight where it is used and reduce-scatters its gradient)."""
+chains (Gaussian, GMM) are split over it, or the VAE's batch is. The LM uses a 3-D ('data', 'fsdp', 'tensor')
+mesh with logical-axis rules (below)."""
+import functools
 import math
 
 import jax
@@ -34,26 +34,35 @@ def pad_to_mesh(n: int, mesh) -> int:
   return int(math.ceil(n / size) * size)
 
 
-# --- 2-D mesh for the LM: batch over ('data', 'fsdp'), parameters and optimizer state split over 'fsdp' ---------
-FSDP = "fsdp"
+# --- the LM's mesh: ('data', 'fsdp', 'tensor') ------------------------------------------------------------------
+# The batch is split over 'data' and 'fsdp'; parameters and optimizer state over 'fsdp' (ZeRO-3: XLA gathers each
+# weight where it is used and reduce-scatters its gradient) and 'tensor' (Megatron: attention heads, the MLP's
+# hidden units and the vocabulary; XLA all-reduces the partial sums of the row-parallel projections). 'data' holds
+# replicas (the axis to put across slices, where gathering weights would be slow).
+FSDP, TENSOR = "fsdp", "tensor"
 BATCH = (AXIS, FSDP)
+PARAM_AXES = (FSDP, TENSOR)
 
-# maxtext-style rules: (logical name, mesh axis), tried in order for each dimension. A name may have several
-# entries; a mesh axis is used at most once per array, and only where it divides the dimension, so "embed" takes
-# 'fsdp' in a [embed, mlp] kernel while an [mlp] bias, having no "embed", gets it through "mlp".
+# maxtext-style rules (logical name, mesh axis), applied in this order to each array: a rule gives its mesh axis
+# to the array's first dimension of that name if the axis is still free and divides what is left of the dimension
+# (a dimension may take several axes). So a kernel [embed, heads, kv] gets embed -> fsdp and heads -> tensor, and
+# an [mlp] bias mlp -> (tensor, fsdp).
 LOGICAL_RULES = (
     ("batch", AXIS), ("batch", FSDP),
+    ("heads", TENSOR), ("mlp", TENSOR), ("vocab", TENSOR),
     ("embed", FSDP), ("mlp", FSDP), ("heads", FSDP), ("vocab", FSDP), ("position", FSDP), ("proj", FSDP),
-    ("kv", None),
 )
 
 
-def make_mesh_2d(data: int, fsdp: int, devices=None) -> jax.sharding.Mesh:
+def make_lm_mesh(data: int, fsdp: int, tensor: int = 1, devices=None) -> jax.sharding.Mesh:
   devices = jax.devices() if devices is None else list(devices)
-  if data < 1 or fsdp < 1 or data * fsdp > len(devices):
-    raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, {len(devices)} are visible")
-  return jax.make_mesh((data, fsdp), (AXIS, FSDP), axis_types=(AxisType.Auto,) * 2,
-                       devices=devices[:data * fsdp])
+  n = data * fsdp * tensor
+  if min(data, fsdp, tensor) < 1 or n > len(devices):
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} needs {n} devices, {len(devices)} are "
+                     "visible")
+  # 'tensor' last: jax.make_mesh puts the last axis on the closest devices (its collectives are per layer).
+  return jax.make_mesh((data, fsdp, tensor), (AXIS, FSDP, TENSOR), axis_types=(AxisType.Auto,) * 3,
+                       devices=devices[:n])
 
 
 def _axis_size(mesh, name: str) -> int:
@@ -61,7 +70,7 @@ def _axis_size(mesh, name: str) -> int:
 
 
 def batch_axes(mesh) -> tuple[str, ...]:
-  """The mesh axes the batch is split over: ('data', 'fsdp') on the 2-D mesh, ('data',) on the 1-D one."""
+  """The mesh axes the batch is split over: ('data', 'fsdp') on the LM's mesh, ('data',) on the 1-D one."""
   return tuple(a for a in BATCH if a in mesh.axis_names)
 
 
@@ -74,24 +83,47 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
-def logical_spec(names, shape, mesh, rules=LOGICAL_RULES) -> P:
-  """PartitionSpec for one array from its logical dimension names; a dimension no rule can split evenly (e.g. an
-  odd vocabulary) stays replicated instead of failing."""
+def logical_spec(names, shape, mesh, rules=LOGICAL_RULES, fill=()) -> P:
+  """PartitionSpec for one array from its logical dimension names (rules above); a dimension no rule can split
+  evenly (e.g. an odd vocabulary) stays replicated instead of failing. `fill`: mesh axes the array should be split
+  over wherever a dimension can take them (parameters: no byte replicated over 'fsdp' x 'tensor' that could be
+  split, e.g. a LayerNorm scale [embed] takes both)."""
   if len(names) != len(shape):
     raise ValueError(f"logical axes {names} do not match shape {shape}")
-  used, spec = set(), []
-  for name, dim in zip(names, shape):
-    pick = None
-    for logical, axis in rules:
-      if logical != name or axis is None or axis in used or axis not in mesh.axis_names:
-        continue
-      if dim % _axis_size(mesh, axis) == 0:
-        pick = axis
-        break
-    if pick is not None:
-      used.add(pick)
-    spec.append(pick)
-  return P(*spec)
+  used, parts = set(), [[] for _ in shape]
+
+  def give(d, axis):
+    size = _axis_size(mesh, axis) * math.prod(_axis_size(mesh, a) for a in parts[d])
+    if axis not in used and _axis_size(mesh, axis) > 1 and shape[d] % size == 0:
+      parts[d].append(axis)
+      used.add(axis)
+
+  for logical, axis in rules:
+    if logical in names:
+      give(names.index(logical), axis)
+  for axis in fill:  # the largest dimension first, never the stacked layers' axis (the scan walks it)
+    for d in sorted(range(len(shape)), key=lambda d: -shape[d]):
+      if names[d] != "layers" and axis not in used:
+        give(d, axis)
+  return P(*(None if not p else p[0] if len(p) == 1 else tuple(p) for p in parts))
+
+
+def constrain(x, names):
+  """with_sharding_constraint by logical names on the current mesh (`on_mesh`), a no-op without one: models call
+  it where XLA's propagation needs a hint (activations under tensor parallelism)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or not set(mesh.axis_names) & {FSDP, TENSOR}:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_spec(names, x.shape, mesh))
+
+
+def on_mesh(fn, mesh):
+  """fn traced with `mesh` as the current mesh, so that sharding.constrain inside it (the models') applies."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def _is_names(x) -> bool:
@@ -100,7 +132,7 @@ def _is_names(x) -> bool:
 
 def param_shardings(params, axes, mesh, rules=LOGICAL_RULES):
   """NamedSharding per leaf of `params` (arrays or ShapeDtypeStructs) from the same-structure `axes` tree."""
-  return jax.tree.map(lambda names, p: NamedSharding(mesh, logical_spec(names, p.shape, mesh, rules)),
+  return jax.tree.map(lambda names, p: NamedSharding(mesh, logical_spec(names, p.shape, mesh, rules, PARAM_AXES)),
                       axes, params, is_leaf=_is_names)
 
 

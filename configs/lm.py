@@ -13,19 +13,25 @@ exact against the true source (true log-likelihood of generated text, KL(source 
 Variants (comma separated, e.g. configs/lm.py:scratch_wikitext2,real_fraction):
   markov             the offline default above
   ci                 the same, much smaller (tests: 8-token blocks, 2 beams, 2 epochs, 3 generations)
-  opt125m_wikitext2  the paper's setting: a local facebook/opt-125m folder (`huggingface-cli download
+  opt_wikitext2      the paper's setting: a local facebook/opt-125m folder (`huggingface-cli download
                      facebook/opt-125m --local-dir DIR`, or its HF cache models--facebook--opt-125m folder) and the
                      wikitext-2-raw-v1 files wiki.{train,valid,test}.raw in one directory (from the
                      wikitext-2-raw-v1.zip of the WikiText release, or `datasets.load_dataset("wikitext",
                      "wikitext-2-raw-v1")` written out line by line); 64+64 tokens, 5 epochs, batch 128, lr 2e-5,
                      5 beams, repetition penalty 3.0; a GPU/TPU is needed (36,864 blocks x 5 beams per generation):
-                       --config=configs/lm.py:opt125m_wikitext2 --config.lm.hf_path=OPT_DIR \
+                       --config=configs/lm.py:opt_wikitext2 --config.lm.hf_path=OPT_DIR \
                        --config.lm.text.path=WIKITEXT_DIR
                      Trains on the first 36,864 blocks of the training split (a multiple of the batch; the split
                      has about 37.5k): to use every block, set lm.text.train_blocks=0 and samples.n to the count
                      the run's first error message gives. Expected: generation 0 (fine-tuned from the pretrained
                      model) reaches a real test perplexity near 34; it rises over the generations, and the data
                      of later generations score lower perplexity under generation 0 with a long tail (paper Fig. 1).
+  size=NAME          with opt_wikitext2: the recursion at OPT size NAME (opt-125m, opt-1.3b, opt-6.7b, opt-13b, opt-30b,
+                     opt-66b; lm.hf_path = facebook/NAME's folder) with the mesh and remat found to fit by the plan
+                     (WORKSPACE.md "Scale"; the slice each was planned for is in SCALE below). Plan first, no
+                     weights needed: `collapse-jax --config=lm:opt_wikitext2,size=opt-1.3b --plan=v5e-8`; then on
+                     the slice: `launch/run_tpu.sh lm:opt_wikitext2,size=opt-1.3b gs://.../run
+                     --config.lm.hf_path=... --config.lm.text.path=...`.
   scratch_wikitext2  a tiny OPT from scratch on the wikitext-2 files of ../shared/data/wikitext-2 (valid.txt as the
                      training text, its last 5% of blocks held out for validation, test.txt as the test set) with a
                      byte-level BPE trained on the training text (3,859 training blocks, 4,928 test blocks).
@@ -54,7 +60,7 @@ import ml_collections
 
 from collapse_jax.config import base_config
 
-VARIANTS = ("markov", "ci", "opt125m_wikitext2", "scratch_wikitext2", "real_fraction", "accumulate")
+VARIANTS = ("markov", "ci", "opt_wikitext2", "size=NAME", "scratch_wikitext2", "real_fraction", "accumulate")
 
 _WIKI = "../shared/data/wikitext-2"
 
@@ -78,7 +84,10 @@ def _lm_fields() -> ml_collections.ConfigDict:
                   temperature=1.0, top_k=0, top_p=1.0, length_penalty=1.0, early_stopping=False),
       decode_batch=64,             # prompts per decoding batch (a multiple of the mesh's batch shards)
       text_samples=8,              # fixed real test prompts continued by each generation -> samples/gen_NNNN.txt
-      mesh_fsdp=1,                 # devices per 'fsdp' group; the rest of the devices form the 'data' axis
+      mesh_fsdp=1,                 # devices per 'fsdp' group (parameters split over them, ZeRO-3)
+      mesh_tensor=1,               # devices per 'tensor' group (heads, MLP, vocabulary split); the rest: 'data'
+      remat="none",                # activations recomputed in the backward pass: none | dots (matmuls kept) | full
+      scan_layers=True,            # layers as one lax.scan (compile time flat in depth) | False: unrolled
       markov=dict(vocab=256, branching=8, zipf_exponent=1.0, seed=0, concentration=1.0, data_seed=0,
                   train_blocks=512, valid_blocks=64, test_blocks=128, tail_fraction=0.5),
       text=dict(kind="files",      # wikitext: wiki.{train,valid,test}.raw in `path` | files: the *_files below
@@ -86,7 +95,9 @@ def _lm_fields() -> ml_collections.ConfigDict:
                 tokenizer="bytes",   # hf (the OPT folder's) | bytes | bpe (trained on the training text)
                 tokenizer_path="", bpe_vocab=8192, cache_dir="",
                 holdout=0.05,        # without a valid split: this share of the training blocks validates
-                train_blocks=0),     # the first N training blocks only (0: all)
+                train_blocks=0,      # the first N training blocks only (0: all)
+                # --plan without the files: the valid/test block counts to assume (0: read the files)
+                valid_blocks=0, test_blocks=0),
   ))
 
 
@@ -110,11 +121,16 @@ def get_config(arg: str | None = None):
       c.lm.model_overrides.update(hidden_size=32, num_layers=1, num_heads=2, ffn_dim=64, max_position_embeddings=16)
       c.lm.decode.num_beams = 2
       c.lm.markov.update(vocab=48, branching=4, train_blocks=28, valid_blocks=8, test_blocks=8)
-    elif part == "opt125m_wikitext2":
+    elif part == "opt_wikitext2":
       c.generations = 10
-      c.lm.update(data="text", block_len=64, init="hf", epochs=5, batch_size=128, eval_batch=128, lr=2e-5,
-                  end_lr=1e-6, decode_batch=128, text_samples=16)
-      c.lm.text.update(kind="wikitext", tokenizer="hf", train_blocks=36864)
+      c.lm.update(data="text", block_len=64, init="hf", model="opt-125m", epochs=5, batch_size=128,
+                  eval_batch=128, lr=2e-5, end_lr=1e-6, decode_batch=128, text_samples=16)
+      c.lm.text.update(kind="wikitext", tokenizer="hf", train_blocks=36864, **_WIKITEXT2_EVAL_BLOCKS)
+    elif part.startswith("size="):
+      size = part[len("size="):]
+      if size not in SCALE:
+        raise ValueError(f"configs/lm.py:size= takes one of {', '.join(SCALE)}; got {size!r}")
+      c.lm.update(model=size, **SCALE[size])
     elif part == "scratch_wikitext2":
       c.lm.update(data="text", block_len=64, epochs=5, batch_size=32, eval_batch=64, decode_batch=64, lr=1e-3)
       c.lm.model_overrides.update(hidden_size=128, num_layers=2, num_heads=4, ffn_dim=512,
@@ -126,7 +142,7 @@ def get_config(arg: str | None = None):
     elif part == "accumulate":
       c.regime.name = "accumulate"
     else:
-      raise ValueError("configs/lm.py:ARG takes markov, ci, opt125m_wikitext2, scratch_wikitext2, real_fraction "
+      raise ValueError("configs/lm.py:ARG takes markov, ci, opt_wikitext2, size=NAME, scratch_wikitext2, real_fraction "
                        f"and/or accumulate (comma separated); got {part!r}")
   if real_fraction:  # after the data variant, whose epochs it overrides
     c.regime.name, c.regime.real_fraction = "real_fraction", 0.1
@@ -138,6 +154,23 @@ def get_config(arg: str | None = None):
     c.samples.n = c.lm.text.train_blocks or _SCRATCH_WIKITEXT2_BLOCKS
   return c
 
+
+# opt_wikitext2 under --plan without the files: wikitext-2-raw's validation and test splits in 64-token blocks of
+# OPT's (GPT-2's) BPE, about 255k and 288k tokens (the test split's 287,644 tokens as HF's perplexity guide counts
+# them; the validation split scaled by its word count), rounded up to whole batches of 128.
+_WIKITEXT2_EVAL_BLOCKS = dict(valid_blocks=3968, test_blocks=4608)
+
+# size=NAME: the paper's recursion at another OPT size (init='hf' from facebook/NAME's folder, lm.hf_path), with
+# the mesh and remat that `collapse-jax --plan` finds to fit the slice named (WORKSPACE.md, "Scale"); on other
+# slices override lm.mesh_fsdp / lm.mesh_tensor / lm.remat from the plan there.
+SCALE = {
+    "opt-125m": dict(dtype="float32"),
+    "opt-1.3b": dict(dtype="bfloat16", mesh_fsdp=8),                                   # v5e-8
+    "opt-6.7b": dict(dtype="bfloat16", mesh_fsdp=8, remat="full"),                     # v5p-8
+    "opt-13b": dict(dtype="bfloat16", mesh_fsdp=16, mesh_tensor=4, remat="full"),      # v5e-64
+    "opt-30b": dict(dtype="bfloat16", mesh_fsdp=16, mesh_tensor=4, remat="full"),      # v5p-64
+    "opt-66b": dict(dtype="bfloat16", mesh_fsdp=64, mesh_tensor=4, remat="full"),      # v5e-256
+}
 
 # 64-token blocks of ../shared/data/wikitext-2/valid.txt under its 8192-id BPE (4,062), less the 5% held out for
 # validation (203); measured with collapse_jax.data.text on 2026-11-27.

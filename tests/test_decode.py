@@ -275,7 +275,7 @@ def test_samples_do_not_depend_on_batching_or_mesh():
   for cfg in (decode.DecodeConfig(method="sample", max_new_tokens=6, top_k=3, repetition_penalty=1.2),
               decode.DecodeConfig(method="beam", max_new_tokens=6, num_beams=3, repetition_penalty=1.5)):
     runs = [decode.decode_corpus(lm, params, ids, mask, cfg, key, batch_size=bs, mesh=mesh)["tokens"]
-            for bs, mesh in ((8, sharding.make_mesh(8)), (2, None), (4, sharding.make_mesh_2d(2, 2)))]
+            for bs, mesh in ((8, sharding.make_mesh(8)), (2, None), (4, sharding.make_lm_mesh(2, 2)))]
     for r in runs[1:]:
       np.testing.assert_array_equal(np.asarray(r), np.asarray(runs[0]))
     if cfg.method == "sample":
@@ -358,7 +358,7 @@ def test_bad_call_is_refused_before_compiling():
 # --- OPT: beams share their prompt's cache -------------------------------------------------------------------------
 
 def test_opt_beams_read_one_shared_prompt_cache():
-  """opt.share_prefix keeps each prompt's K/V once (batch G, not G x beams) and the copies attend over it plus
+  """kv_cache.share_prefix keeps each prompt's K/V once (batch G, not G x beams) and the copies attend over it plus
   their own slots: two copies of each left-padded prompt, fed different tokens for 3 steps, get the logits of
   the full uncached forward of prompt + their own tokens."""
   from collapse_jax.models import opt
@@ -369,8 +369,8 @@ def test_opt_beams_read_one_shared_prompt_cache():
   g, p = ids.shape
   _, cache = jax.jit(lambda c: opt.apply(cfg, params, ids, mask, cache=c))(opt.init_cache(cfg, g, p))
   beams = lm.beam_cache(cache, 2, 3)
-  assert beams["prefix"]["layers"][0]["k"].shape[0] == g
-  assert beams["layers"][0]["k"].shape == (g, cfg.num_heads, 3 * 2, cfg.head_dim)  # per prompt: 3 slots x 2 copies
+  assert beams.prefix_k.shape[:2] == (cfg.num_layers, g)
+  assert beams.k.shape == (cfg.num_layers, g, cfg.num_heads, 3 * 2, cfg.head_dim)  # per prompt: 3 slots x 2 copies
   new = np.array([[5, 9, 14], [7, 7, 3], [11, 30, 2], [40, 41, 42], [8, 6, 4], [60, 1, 99]], np.int32)
   step = jax.jit(lambda c, tok: opt.apply(cfg, params, tok, jnp.ones_like(tok), cache=c))
   got = []
@@ -408,7 +408,7 @@ def test_opt_beam_reorder_reads_ancestors():
     np.testing.assert_allclose(np.asarray(logits)[:, 0], want, rtol=0, atol=1e-5 * np.abs(want).max())
     rows = (np.arange(g)[:, None] * k + rng.integers(0, k, (g, k))).reshape(-1)
     moved = lm.reorder(beams, jnp.asarray(rows))  # eager: K/V pass through as the same arrays
-    assert all(moved["layers"][i][n] is beams["layers"][i][n] for i in range(cfg.num_layers) for n in ("k", "v"))
+    assert moved.k is beams.k and moved.v is beams.v
     beams, hist = moved, hist[rows]
 
 

@@ -52,10 +52,10 @@ def test_configs_validate_and_combine():
   for arg in ("markov", "ci", "scratch_wikitext2", "real_fraction", "accumulate", "scratch_wikitext2,real_fraction"):
     LMFamily.validate(load_config("lm", arg))
   # The paper's setting needs the two local folders, named on the command line.
-  LMFamily.validate(load_config("lm", "opt125m_wikitext2", lm__hf_path="OPT", lm__text__path="WIKI"))
+  LMFamily.validate(load_config("lm", "opt_wikitext2", lm__hf_path="OPT", lm__text__path="WIKI"))
   c = load_config("lm", "scratch_wikitext2,real_fraction")
   assert (c.regime.name, c.regime.real_fraction, c.lm.epochs, c.lm.data) == ("real_fraction", 0.1, 10, "text")
-  p = load_config("lm", "opt125m_wikitext2")
+  p = load_config("lm", "opt_wikitext2")
   assert (p.lm.epochs, p.lm.batch_size, p.lm.lr, p.lm.block_len) == (5, 128, 2e-5, 64)
   assert (p.lm.decode.num_beams, p.lm.decode.repetition_penalty, p.samples.n) == (5, 3.0, p.lm.text.train_blocks)
   with pytest.raises(ValueError, match="configs/lm.py:ARG"):
@@ -73,7 +73,7 @@ def test_configs_validate_and_combine():
     (dict(lm__data="text", lm__text__train_files="/nope/train.txt", lm__text__test_files="/nope/test.txt"),
      r"^cannot read text file /nope/train\.txt"),
     (dict(lm__data="text"), r"^config\.lm\.text\.train_files must be comma-separated text files"),
-    (dict(num_devices=8, lm__mesh_fsdp=3), r"^config\.lm\.mesh_fsdp=3 does not divide the 8 devices"),
+    (dict(num_devices=8, lm__mesh_fsdp=3), r"^config\.lm\.mesh_fsdp=3 x config\.lm\.mesh_tensor=1 does not divide the 8 devices"),
     (dict(num_devices=8, lm__batch_size=12), r"^config\.lm\.batch_size=12 must be a multiple of the 8 batch"),
     (dict(lm__start="middle"), r"^config\.lm\.start must be one of initial, previous, got 'middle'"),
 ])

@@ -140,7 +140,7 @@ def test_two_steps_match_hand_adamw(weight_decay, clip):
   tcfg = lm_train.TrainConfig(lr=1e-2, end_lr=1e-3, weight_decay=weight_decay, grad_clip=clip, batch_size=4,
                               epochs=2, eps=1e-4)
   # 12 blocks in batches of 4 for 2 epochs: the cosine runs over 6 steps.
-  state, _, tx = lm_train.setup(tcfg, cfg, params, 12, jax.random.key(0), sharding.make_mesh_2d(1, 1))
+  state, _, tx = lm_train.setup(tcfg, cfg, params, 12, jax.random.key(0), sharding.make_lm_mesh(1, 1))
   step = jax.jit(functools.partial(lm_train.train_step, model_cfg=cfg, tx=tx))
   state1, m1 = step(state, batch)
   state2, _ = step(state1, batch)
@@ -181,7 +181,7 @@ def test_dropout_key_follows_step():
   batch = {"ids": jnp.asarray(np.random.default_rng(3).integers(0, V, (4, 8)), jnp.int32),
            "mask": jnp.ones((4, 8), jnp.int32)}
   tcfg = lm_train.TrainConfig(lr=1e-3, batch_size=4, epochs=1)
-  state, _, tx = lm_train.setup(tcfg, cfg, params, 40, jax.random.key(0), sharding.make_mesh_2d(1, 1))
+  state, _, tx = lm_train.setup(tcfg, cfg, params, 40, jax.random.key(0), sharding.make_lm_mesh(1, 1))
   step = jax.jit(functools.partial(lm_train.train_step, model_cfg=cfg, tx=tx))
   loss = lambda s: float(step(s, batch)[1]["loss"])
   # Same state, same masks; the same state at another step count, other masks.
@@ -355,4 +355,4 @@ def test_bad_input_refused_before_compiling(monkeypatch, change, blocks, match):
   monkeypatch.setattr(lm_train, "setup", lambda *a, **k: pytest.fail("got past validation"))
   tcfg = dataclasses.replace(lm_train.TrainConfig(batch_size=8, epochs=2, eval_batch=8), **change)
   with pytest.raises(ConfigError, match=match):
-    lm_train.train(tcfg, _cfg(), {}, blocks, _ok, jax.random.key(0), sharding.make_mesh_2d(4, 2))
+    lm_train.train(tcfg, _cfg(), {}, blocks, _ok, jax.random.key(0), sharding.make_lm_mesh(4, 2))

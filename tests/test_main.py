@@ -116,8 +116,8 @@ def test_variants_listed_are_the_ones_accepted(name):
   assert summary and variants
   with open(os.path.join(main.configs_dir(), f"{name}.py")) as fh:
     doc = fh.read().split('"""')[1]
-  for v in variants:
-    load_config(name, v.replace("=N", "=4"))
+  for v in variants:  # placeholders: =N a count, =NAME an OPT size
+    load_config(name, v.replace("=NAME", "=opt-1.3b").replace("=N", "=4"))
     assert v.split("=")[0] in doc, f"configs/{name}.py's docstring does not mention variant {v}"
   with pytest.raises(ValueError):
     load_config(name, "no_such_variant")

@@ -55,7 +55,7 @@ ALL_STEPS = [(e, 2, s, 3) for e in (1, 2) for s in (1, 2, 3)]
 @functools.lru_cache(maxsize=None)
 def _epoch_program(mesh_shape):
   """lm_train's jitted epoch for the mesh, built once so the tests share its compilation."""
-  mesh = sharding.make_mesh_2d(*mesh_shape)
+  mesh = sharding.make_lm_mesh(*mesh_shape)
   cfg, params, train_x, _ = _tiny()
   _, state_sh, tx = lm_train.setup(TCFG, cfg, params, len(train_x), jax.random.key(1), mesh)
   return mesh, cfg, lm_train.epoch_program(TCFG, cfg, tx, state_sh, mesh)

@@ -24,32 +24,43 @@ def test_1d_mesh_unchanged():
   assert sharding.logical_spec(("embed", "mlp"), (32, 64), mesh) == P(None, None)
 
 
-def test_2d_mesh_and_batch_sharding():
-  mesh = sharding.make_mesh_2d(4, 2)
-  assert mesh.axis_names == ("data", "fsdp") and dict(mesh.shape) == {"data": 4, "fsdp": 2}
-  assert mesh.axis_types == (AxisType.Auto, AxisType.Auto)
-  assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp")) and sharding.batch_shards(mesh) == 8
+def test_lm_mesh_and_batch_sharding():
+  mesh = sharding.make_lm_mesh(2, 2, 2)
+  assert mesh.axis_names == ("data", "fsdp", "tensor") and dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert mesh.axis_types == (AxisType.Auto,) * 3
+  # The batch never splits over 'tensor': its devices hold the same rows (and different heads).
+  assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp")) and sharding.batch_shards(mesh) == 4
   x = jax.device_put(jnp.arange(16.0).reshape(8, 2), sharding.batch_sharding(mesh))
-  assert {s.data.shape for s in x.addressable_shards} == {(1, 2)}
+  assert {s.data.shape for s in x.addressable_shards} == {(2, 2)}
   with pytest.raises(ValueError, match="needs 16 devices"):
-    sharding.make_mesh_2d(8, 2)
+    sharding.make_lm_mesh(4, 2, 2)
 
 
-@pytest.mark.parametrize("names,shape,want", [
-    (("vocab", "embed"), (50272, 768), P("fsdp", None)),   # 50272 = 2^5 * 1571: splits over 2
-    (("vocab", "embed"), (50273, 768), P(None, "fsdp")),   # an odd vocabulary leaves the split to "embed"
-    (("embed", "mlp"), (32, 64), P("fsdp", None)),         # one mesh axis per array: "mlp" stays whole
-    (("mlp",), (64,), P("fsdp")),                           # a bias without "embed" still gets split
-    (("embed",), (5,), P(None)),                            # not divisible: replicated, not an error
-    (("heads", "kv"), (3, 4), P(None, None)),               # "kv" is never split
-    (("embed", "heads", "kv"), (7, 4, 8), P(None, "fsdp", None)),
+@pytest.mark.parametrize("mesh_shape,names,shape,fill,want", [
+    ((4, 2, 1), ("vocab", "embed"), (50272, 768), (), P(None, "fsdp")),  # size-1 axes are never named
+    ((4, 2, 1), ("vocab", "embed"), (50272, 767), (), P("fsdp", None)),  # an odd width leaves it to "vocab"
+    ((4, 2, 1), ("embed", "mlp"), (32, 64), (), P("fsdp", None)),        # one use of a mesh axis per array
+    ((4, 2, 1), ("mlp",), (64,), (), P("fsdp")),                          # a bias without "embed" still splits
+    ((4, 2, 1), ("embed",), (5,), (), P(None)),                           # not divisible: replicated, no error
+    ((4, 2, 1), ("heads", "kv"), (3, 4), (), P(None, None)),              # "kv" is never split
+    ((4, 2, 1), ("embed", "heads", "kv"), (7, 4, 8), (), P(None, "fsdp", None)),
+    # Megatron's layout under 'tensor': q/k/v column-parallel by heads, out_proj row-parallel, FSDP on embed.
+    ((2, 2, 2), ("embed", "heads", "kv"), (2048, 32, 64), (), P("fsdp", "tensor", None)),
+    ((2, 2, 2), ("heads", "kv", "embed"), (32, 64, 2048), (), P("tensor", None, "fsdp")),
+    ((2, 2, 2), ("embed", "mlp"), (2048, 8192), (), P("fsdp", "tensor")),
+    ((2, 2, 2), ("vocab", "embed"), (8192, 2048), (), P("tensor", "fsdp")),
+    ((2, 2, 2), ("batch", None, "heads", "kv"), (8, 5, 32, 64), (), P(("data", "fsdp"), None, "tensor", None)),
+    # Parameters fill: no byte left replicated over fsdp x tensor where a dimension divides (never "layers").
+    ((2, 2, 2), ("layers", "mlp"), (2, 8192), sharding.PARAM_AXES, P(None, ("tensor", "fsdp"))),
+    ((2, 2, 2), ("layers", "embed"), (8, 2048), sharding.PARAM_AXES, P(None, ("fsdp", "tensor"))),
+    ((1, 4, 2), ("position", "embed"), (130, 2048), sharding.PARAM_AXES, P(None, ("fsdp", "tensor"))),
 ])
-def test_logical_spec_rules(names, shape, want):
-  assert sharding.logical_spec(names, shape, sharding.make_mesh_2d(4, 2)) == want
+def test_logical_spec_rules(mesh_shape, names, shape, fill, want):
+  assert sharding.logical_spec(names, shape, sharding.make_lm_mesh(*mesh_shape), fill=fill) == want
 
 
 def test_opt_state_mirrors_param_shardings():
-  mesh = sharding.make_mesh_2d(2, 2)
+  mesh = sharding.make_lm_mesh(2, 2)
   params = {"w": jax.ShapeDtypeStruct((4, 6), jnp.float32), "b": jax.ShapeDtypeStruct((5,), jnp.float32)}
   axes = {"w": ("embed", "mlp"), "b": ("embed",)}
   p_sh = sharding.param_shardings(params, axes, mesh)
@@ -93,9 +104,9 @@ def setting():
   blocks = lm_train.as_blocks(_markov_blocks(N_BLOCKS, L, 64, 0))
   blocks["mask"][3, 5:] = 0
   tcfg = lm_train.TrainConfig(lr=1e-3, end_lr=1e-4, batch_size=B, epochs=2, weight_decay=0.01, verbose=False)
-  state0, _, _ = lm_train.setup(tcfg, cfg, params, N_BLOCKS, jax.random.key(7), sharding.make_mesh_2d(1, 1))
+  state0, _, _ = lm_train.setup(tcfg, cfg, params, N_BLOCKS, jax.random.key(7), sharding.make_lm_mesh(1, 1))
   # Epoch 0 from the fresh state (Adam's moments 0), epoch 1 from the single-device state after it (moments not 0).
-  single = sharding.make_mesh_2d(1, 1)
+  single = sharding.make_lm_mesh(1, 1)
   states = [jax.tree.map(np.asarray, state0)]
   states.append(jax.tree.map(np.asarray, _epoch(tcfg, cfg, states[0], blocks, 0, single)[0]))
   refs = []
@@ -150,7 +161,7 @@ def _per_token_grads(cfg, state, blocks, e):
 def test_sharded_step_equals_single_device(setting, data, fsdp, epoch):
   tcfg, cfg, blocks, states, refs = setting
   state, ref = states[epoch], refs[epoch]
-  mesh = sharding.make_mesh_2d(data, fsdp)
+  mesh = sharding.make_lm_mesh(data, fsdp)
   # 1. Loss and gradient before the optimizer: the same within float32 summation bounds.
   g, m = _epoch(tcfg, cfg, state, blocks, epoch, mesh, CAPTURE)
   # The token count is a sum of 0/1 weights, exact in float32 far past these sizes.

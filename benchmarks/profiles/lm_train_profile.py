@@ -53,7 +53,7 @@ def import_tree(root):
 def jax_runner(mods, ids_NxL, batch, options=None):
   lm_train, opt, sharding = mods
   cfg = opt.get_size("tiny", **MODEL)
-  mesh = sharding.make_mesh_2d(1, 1)
+  mesh = sharding.make_lm_mesh(1, 1)
   tcfg = lm_train.TrainConfig(batch_size=batch, epochs=1000, verbose=False)
   params = opt.init_params(cfg, jax.random.key(0))
   state, state_sh, tx = lm_train.setup(tcfg, cfg, params, ids_NxL.shape[0], jax.random.key(1), mesh)

@@ -6,12 +6,17 @@ with a cached graphdef inside whatever jitted code calls it. Parameter layout (p
   embed_tokens            [vocab, proj]          tied: also the LM head (logits = h @ embed_tokens.T)
   embed_positions         [max_pos + 2, embed]   OPT's learned positions with their offset of 2
   project_in / project_out [proj, embed] / [embed, proj]   only when word_embed_proj_dim != hidden (opt-350m)
-  layers/<i>/self_attn/{q,k,v}_proj/{kernel [embed, heads, kv], bias [heads, kv]}
-  layers/<i>/self_attn/out_proj/{kernel [heads, kv, embed], bias [embed]}
-  layers/<i>/{self_attn_layer_norm, final_layer_norm}/{scale, bias}, fc1, fc2/{kernel [in, out], bias}
+  layers/self_attn/{q,k,v}_proj/{kernel [L, embed, heads, kv], bias [L, heads, kv]}
+  layers/self_attn/out_proj/{kernel [L, heads, kv, embed], bias [L, embed]}
+  layers/{self_attn_layer_norm, final_layer_norm}/{scale, bias} [L, embed], fc1, fc2/{kernel [L, in, out], bias}
   final_layer_norm        pre-LN models only (HF has none when do_layer_norm_before is False)
 
-Heads are their own axis so sharding rules can name them (`logical_axes`); hf.py reshapes HF's [out, in].
+Every layer's parameters are stacked on a leading axis of num_layers: the layers run as one lax.scan (compile time
+does not grow with depth) or, with scan_layers=False, a loop over the slices; `remat` rematerialises each layer's
+activations in the backward pass (jax.checkpoint: none, dots saved, nothing saved). Heads are their own axis so
+sharding rules can name them (`logical_axes`): under tensor parallelism heads, the MLP's hidden units and the
+vocabulary split over 'tensor' (Megatron's layout) and the activations are constrained to match
+(sharding.constrain: a no-op outside a mesh). hf.py reshapes HF's [out, in] per layer and stacks the layers.
 
 Positions come from the attention mask as HF does: cumsum(mask) * mask - 1, so a left-padded row gives its real
 tokens the positions 0, 1, ... of the unpadded row, and pads get -1 (table row 1, as in HF; their outputs are
@@ -32,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from collapse_jax import sharding
 from collapse_jax.config import ConfigError
 from collapse_jax.models import kv_cache
 from collapse_jax.models.dense import lm_head, project
@@ -58,6 +64,8 @@ class OPTConfig:
   bos_token_id: int = 2
   eos_token_id: int = 2
   dtype: str = "bfloat16"
+  scan_layers: bool = True     # layers as one lax.scan over stacked parameters: compile time flat in depth
+  remat: str = "none"          # activation rematerialisation per layer in training: none | dots | full
 
   @property
   def head_dim(self) -> int:
@@ -78,7 +86,10 @@ SIZES: dict[str, OPTConfig] = {
     "opt-2.7b": _published(2560, 32, 32),
     "opt-6.7b": _published(4096, 32, 32),
     "opt-13b": _published(5120, 40, 40),
+    "opt-30b": _published(7168, 48, 56),
+    "opt-66b": _published(9216, 64, 72),
 }
+REMAT = ("none", "dots", "full")
 
 
 def validate(cfg: OPTConfig) -> None:
@@ -95,8 +106,11 @@ def validate(cfg: OPTConfig) -> None:
       raise ConfigError(f"OPTConfig.{f} must be in [0, 1), got {v!r}")
   if cfg.dtype not in DTYPES:
     raise ConfigError(f"OPTConfig.dtype={cfg.dtype!r} is not one of {', '.join(DTYPES)}")
-  if not isinstance(cfg.do_layer_norm_before, bool):
-    raise ConfigError(f"OPTConfig.do_layer_norm_before must be a bool, got {cfg.do_layer_norm_before!r}")
+  for f in ("do_layer_norm_before", "scan_layers"):
+    if not isinstance(getattr(cfg, f), bool):
+      raise ConfigError(f"OPTConfig.{f} must be a bool, got {getattr(cfg, f)!r}")
+  if cfg.remat not in REMAT:
+    raise ConfigError(f"OPTConfig.remat={cfg.remat!r} is not one of {', '.join(REMAT)}")
 
 
 def get_size(name: str, **overrides) -> OPTConfig:
@@ -116,17 +130,18 @@ def _normal(key, shape):
 
 
 class _Proj(nnx.Module):
-  """A kernel (any rank, contracted by einsum at the call site) and its bias, HF's nn.Linear init."""
+  """A kernel (any rank, contracted by einsum at the call site) and its bias, HF's nn.Linear init; `lead` stacks
+  one per layer."""
 
-  def __init__(self, kernel_shape, bias_shape, rngs: nnx.Rngs):
-    self.kernel = nnx.Param(_normal(rngs.params(), kernel_shape))
-    self.bias = nnx.Param(jnp.zeros(bias_shape, jnp.float32))
+  def __init__(self, kernel_shape, bias_shape, rngs: nnx.Rngs, lead=()):
+    self.kernel = nnx.Param(_normal(rngs.params(), (*lead, *kernel_shape)))
+    self.bias = nnx.Param(jnp.zeros((*lead, *bias_shape), jnp.float32))
 
 
 class _Norm(nnx.Module):
-  def __init__(self, n: int):
-    self.scale = nnx.Param(jnp.ones((n,), jnp.float32))
-    self.bias = nnx.Param(jnp.zeros((n,), jnp.float32))
+  def __init__(self, n: int, lead=()):
+    self.scale = nnx.Param(jnp.ones((*lead, n), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((*lead, n), jnp.float32))
 
   def __call__(self, x):
     # Statistics in float32 whatever the compute dtype: bf16 variance of a 768-wide row loses most of its bits.
@@ -145,28 +160,27 @@ def _dropout(x, rate, key):
 
 
 class _Attention(nnx.Module):
-  def __init__(self, cfg: OPTConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: OPTConfig, rngs: nnx.Rngs, lead=()):
     e, h, d = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-    self.q_proj = _Proj((e, h, d), (h, d), rngs)
-    self.k_proj = _Proj((e, h, d), (h, d), rngs)
-    self.v_proj = _Proj((e, h, d), (h, d), rngs)
-    self.out_proj = _Proj((h, d, e), (e,), rngs)
+    self.q_proj = _Proj((e, h, d), (h, d), rngs, lead)
+    self.k_proj = _Proj((e, h, d), (h, d), rngs, lead)
+    self.v_proj = _Proj((e, h, d), (h, d), rngs, lead)
+    self.out_proj = _Proj((h, d, e), (e,), rngs, lead)
     self.scaling = d**-0.5
     self.attention_dropout = cfg.attention_dropout
 
-  def __call__(self, x_BxLxE, allowed_Bx1xLxS, layer_cache, index, drop_key, prefix=None):
+  def __call__(self, x_BxLxE, allowed_Bx1xLxS, cache, drop_key):
     dt = x_BxLxE.dtype
 
-    def proj(p):
-      return project(x_BxLxE, p.kernel[...].astype(dt), p.bias[...].astype(dt), 1)
+    def proj(p):  # heads split over 'tensor' (Megatron's column-parallel q/k/v)
+      y = project(x_BxLxE, p.kernel[...].astype(dt), p.bias[...].astype(dt), 1)
+      return sharding.constrain(y, ("batch", None, "heads", "kv"))
 
     # HF scales q (bias included) before the dot product, then attends with scale 1.
     q_BxLxHxD = proj(self.q_proj) * jnp.asarray(self.scaling, dt)
     k_BxLxHxD, v_BxLxHxD = proj(self.k_proj), proj(self.v_proj)
-    new_cache = None
-    if layer_cache is not None:
-      o_BxLxHxD, new_cache = kv_cache.attend(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, allowed_Bx1xLxS, layer_cache, index,
-                                            prefix)
+    if cache is not None:
+      o_BxLxHxD, cache = cache.attend(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, allowed_Bx1xLxS)
     elif drop_key is not None and self.attention_dropout > 0.0:
       logits = jnp.einsum("blhd,bshd->bhls", q_BxLxHxD, k_BxLxHxD, preferred_element_type=jnp.float32)
       probs = jax.nn.softmax(jnp.where(allowed_Bx1xLxS, logits, -1e30), axis=-1)
@@ -176,35 +190,42 @@ class _Attention(nnx.Module):
       o_BxLxHxD = jax.nn.dot_product_attention(q_BxLxHxD, k_BxLxHxD.astype(dt), v_BxLxHxD.astype(dt),
                                                mask=allowed_Bx1xLxS, scale=1.0)
     out = project(o_BxLxHxD, self.out_proj.kernel[...].astype(dt), self.out_proj.bias[...].astype(dt), 2)
-    return out, new_cache
+    return out, cache
 
 
 class _Block(nnx.Module):
-  def __init__(self, cfg: OPTConfig, rngs: nnx.Rngs):
+  """One decoder layer; built with `lead=(num_layers,)` it holds every layer's parameters stacked, and OPT
+  calls it on one layer's slice at a time (nnx.split / merge, as in a scan)."""
+
+  def __init__(self, cfg: OPTConfig, rngs: nnx.Rngs, lead=()):
     e = cfg.hidden_size
-    self.self_attn = _Attention(cfg, rngs)
-    self.self_attn_layer_norm = _Norm(e)
-    self.fc1 = _Proj((e, cfg.ffn_dim), (cfg.ffn_dim,), rngs)
-    self.fc2 = _Proj((cfg.ffn_dim, e), (e,), rngs)
-    self.final_layer_norm = _Norm(e)
+    self.self_attn = _Attention(cfg, rngs, lead)
+    self.self_attn_layer_norm = _Norm(e, lead)
+    self.fc1 = _Proj((e, cfg.ffn_dim), (cfg.ffn_dim,), rngs, lead)
+    self.fc2 = _Proj((cfg.ffn_dim, e), (e,), rngs, lead)
+    self.final_layer_norm = _Norm(e, lead)
     self.pre_ln = cfg.do_layer_norm_before
     self.dropout = cfg.dropout
 
-  def __call__(self, x_BxLxE, allowed, layer_cache, index, key, prefix=None):
+  def __call__(self, x_BxLxE, allowed, cache, key):
     dt = x_BxLxE.dtype
     keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
     h = self.self_attn_layer_norm(x_BxLxE) if self.pre_ln else x_BxLxE
-    h, new_cache = self.self_attn(h, allowed, layer_cache, index, keys[0], prefix)
+    h, cache = self.self_attn(h, allowed, cache, keys[0])
     x_BxLxE = x_BxLxE + _dropout(h, self.dropout, keys[1])
     if not self.pre_ln:  # opt-350m: post-LN
       x_BxLxE = self.self_attn_layer_norm(x_BxLxE)
     h = self.final_layer_norm(x_BxLxE) if self.pre_ln else x_BxLxE
     h = jax.nn.relu(project(h, self.fc1.kernel[...].astype(dt), self.fc1.bias[...].astype(dt), 1))
+    h = sharding.constrain(h, ("batch", None, "mlp"))  # the MLP's hidden units split over 'tensor'
     h = project(h, self.fc2.kernel[...].astype(dt), self.fc2.bias[...].astype(dt), 1)
     x_BxLxE = x_BxLxE + _dropout(h, self.dropout, keys[2])
     if not self.pre_ln:
       x_BxLxE = self.final_layer_norm(x_BxLxE)
-    return x_BxLxE, new_cache
+    return sharding.constrain(x_BxLxE, ("batch", None, None)), cache
+
+
+_POLICIES = {"dots": jax.checkpoint_policies.dots_saveable, "full": jax.checkpoint_policies.nothing_saveable}
 
 
 class OPT(nnx.Module):
@@ -219,21 +240,47 @@ class OPT(nnx.Module):
     self.embed_positions = nnx.Param(_normal(rngs.params(), (cfg.max_position_embeddings + POS_OFFSET, e)))
     self.project_in = nnx.Param(_normal(rngs.params(), (p, e))) if p != e else None
     self.project_out = nnx.Param(_normal(rngs.params(), (e, p))) if p != e else None
-    self.layers = nnx.List([_Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.layers = _Block(cfg, rngs, lead=(cfg.num_layers,))
     self.final_layer_norm = _Norm(e) if cfg.do_layer_norm_before else None
+
+  def _run_layers(self, x_BxLxE, allowed, cache, dropout_key):
+    """Every layer over x: one lax.scan over the stacked parameters (cfg.scan_layers) or a Python loop over
+    their slices, the same function either way; training rematerialises each layer's activations as
+    cfg.remat says. The cache (kv_cache.Cache) rides in the carry: each layer writes its slice in place."""
+    cfg = self.cfg
+    gdef, stacked = nnx.split(self.layers)
+
+    def layer(x_BxLxE, cache, i, params_i):
+      key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+      return nnx.merge(gdef, params_i)(x_BxLxE, allowed, None if cache is None else cache.at_layer(i), key)
+
+    if cfg.remat != "none" and cache is None:
+      layer = jax.checkpoint(layer, policy=_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+    def body(carry, xs):
+      x_BxLxE, cache = layer(*carry, *xs)
+      return (x_BxLxE, cache), None
+
+    carry = (x_BxLxE, cache)
+    if cfg.scan_layers:
+      carry, _ = jax.lax.scan(body, carry, (jnp.arange(cfg.num_layers), stacked))
+    else:
+      for i in range(cfg.num_layers):
+        carry, _ = body(carry, (i, jax.tree.map(lambda a, i=i: a[i], stacked)))
+    return carry
 
   def __call__(self, ids_BxL, mask_BxL, positions_BxL=None, cache=None, dropout_key=None, last_only=False):
     dt = DTYPES[self.cfg.dtype]
     b, l = ids_BxL.shape
     mask_BxL = mask_BxL.astype(jnp.int32)
-    index = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
-    start_B = jnp.zeros((b,), jnp.int32) if cache is None else cache["pos"]
+    start_B = jnp.zeros((b,), jnp.int32) if cache is None else cache.pos
     if positions_BxL is None:
       positions_BxL = (start_B[:, None] + jnp.cumsum(mask_BxL, axis=1)) * mask_BxL - 1
     if cache is None:
-      key_valid_BxS = mask_BxL > 0
+      key_valid_BxS, index = mask_BxL > 0, jnp.zeros((), jnp.int32)
     else:
-      key_valid_BxS = jax.lax.dynamic_update_slice_in_dim(cache["mask"], mask_BxL > 0, index, axis=1)
+      cache = cache.begin(mask_BxL)
+      key_valid_BxS, index = cache.mask, cache.index
     s = key_valid_BxS.shape[1]
     q_slot_L = index + jnp.arange(l)
     k_slot_S = jnp.arange(s)
@@ -245,35 +292,22 @@ class OPT(nnx.Module):
     if self.project_in is not None:
       x = x @ self.project_in[...].astype(dt)
     x_BxLxE = x + self.embed_positions[...][positions_BxL + POS_OFFSET].astype(dt)
-    new_layers = []
-    shared = None if cache is None else cache.get("prefix")
-    if shared is not None:  # this step's slots are each row's own
-      copy_BxL = jnp.broadcast_to((jnp.arange(b) % (b // shared["mask"].shape[0]))[:, None], (b, l))
-      src_BxS = jax.lax.dynamic_update_slice_in_dim(cache["src"], copy_BxL.astype(jnp.int32), index, axis=1)
-    for i, layer in enumerate(self.layers):
-      key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-      prefix = None if shared is None else (src_BxS, shared["layers"][i]["k"], shared["layers"][i]["v"],
-                                            shared["mask"])
-      x_BxLxE, lc = layer(x_BxLxE, allowed_Bx1xLxS, None if cache is None else cache["layers"][i], index, key,
-                          prefix)
-      new_layers.append(lc)
+    x_BxLxE = sharding.constrain(x_BxLxE, ("batch", None, None))
+    x_BxLxE, cache = self._run_layers(x_BxLxE, allowed_Bx1xLxS, cache, dropout_key)
     if last_only:  # decoding reads the last position's logits only (as HF generate's logits_to_keep=1)
       x_BxLxE = x_BxLxE[:, -1:]
     if self.final_layer_norm is not None:
       x_BxLxE = self.final_layer_norm(x_BxLxE)
     if self.project_out is not None:
       x_BxLxE = x_BxLxE @ self.project_out[...].astype(dt)
-    rows = x_BxLxE.shape[:2]  # (b, 1) with last_only: l stays the input length for the cache index below
+    rows = x_BxLxE.shape[:2]  # (b, 1) with last_only
     with jax.named_scope("lm_head"):  # names its ops in profiles
       logits_BxLxV = lm_head(x_BxLxE.reshape(-1, x_BxLxE.shape[-1]),
                              self.embed_tokens[...].astype(dt)).reshape(*rows, -1)
+    logits_BxLxV = sharding.constrain(logits_BxLxV, ("batch", None, "vocab"))
     if cache is None:
       return logits_BxLxV
-    new_cache = {"layers": new_layers, "mask": key_valid_BxS, "index": index + l,
-                 "pos": start_B + mask_BxL.sum(axis=1).astype(jnp.int32)}
-    if shared is not None:
-      new_cache["prefix"], new_cache["src"] = shared, src_BxS
-    return logits_BxLxV, new_cache
+    return logits_BxLxV, cache.end(l, mask_BxL)
 
 
 @functools.lru_cache(maxsize=None)
@@ -311,34 +345,14 @@ def init_params(cfg: OPTConfig, key) -> dict:
   return _init(cfg, key)
 
 
-def init_cache(cfg: OPTConfig, batch: int, max_len: int) -> dict:
-  """Preallocated K/V per layer ([batch, heads, max_len, head_dim], head-major: see kv_cache.attend) in the compute
-  dtype, the key mask of the slots written so far, the write index, and per row the number of real tokens seen
-  (the next position)."""
+def init_cache(cfg: OPTConfig, batch: int, max_len: int) -> kv_cache.Cache:
+  """Preallocated K/V of every layer ([layers, batch, heads, max_len, head_dim]: see kv_cache) in the compute dtype,
+  the key mask of the slots written so far, the write index, and per row the next position."""
   validate(cfg)
   if max_len > cfg.max_position_embeddings:
     raise ConfigError(f"cache max_len={max_len} exceeds OPTConfig.max_position_embeddings="
                       f"{cfg.max_position_embeddings}")
-  shape = (batch, cfg.num_heads, max_len, cfg.head_dim)
-  dt = DTYPES[cfg.dtype]
-  return {"layers": [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.num_layers)],
-          "mask": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32),
-          "pos": jnp.zeros((batch,), jnp.int32)}
-
-
-def share_prefix(cfg: OPTConfig, cache: dict, copies: int, max_len: int) -> dict:
-  """A cache for `copies` continuations of each prompt in a prefilled `cache` (beam search: rows b * copies + j):
-  the prompts' K/V stay once per prompt under "prefix", read in place by all their copies, and every copy gets
-  max_len fresh slots of its own ([prompts, heads, max_len * copies, head_dim], slot-major), which
-  `kv_cache.reorder_copies` never moves: "src" says which copy's slot each row reads (see kv_cache)."""
-  g = cache["mask"].shape[0]
-  fresh = init_cache(cfg, g * copies, max_len)
-  shape = (g, cfg.num_heads, max_len * copies, cfg.head_dim)
-  fresh["layers"] = [{n: jnp.zeros(shape, x.dtype) for n, x in lc.items()} for lc in fresh["layers"]]
-  fresh["pos"] = jnp.repeat(cache["pos"], copies)
-  fresh["prefix"] = {"layers": cache["layers"], "mask": cache["mask"]}
-  fresh["src"] = jnp.zeros((g * copies, max_len), jnp.int32)
-  return fresh
+  return kv_cache.empty(cfg.num_layers, batch, cfg.num_heads, max_len, cfg.head_dim, DTYPES[cfg.dtype])
 
 
 def apply(cfg: OPTConfig, params, ids_BxL, mask_BxL, *, deterministic=True, dropout_key=None,
@@ -350,7 +364,7 @@ def apply(cfg: OPTConfig, params, ids_BxL, mask_BxL, *, deterministic=True, drop
     raise ConfigError(f"ids_BxL {ids_BxL.shape} must be 2-D with mask_BxL of the same shape, got {mask_BxL.shape}")
   if positions_BxL is not None and positions_BxL.shape != ids_BxL.shape:
     raise ConfigError(f"positions_BxL {positions_BxL.shape} must have ids_BxL's shape {ids_BxL.shape}")
-  limit = cfg.max_position_embeddings if cache is None else cache["mask"].shape[1]
+  limit = cfg.max_position_embeddings if cache is None else cache.mask.shape[1]
   if ids_BxL.shape[1] > limit:
     raise ConfigError(f"ids_BxL length {ids_BxL.shape[1]} exceeds {'max_position_embeddings' if cache is None else 'the cache length'} {limit}")
   if not deterministic and dropout_key is None and (cfg.dropout > 0 or cfg.attention_dropout > 0):
@@ -381,6 +395,8 @@ def logical_axes(params):
     if names[-1] == "embed_tokens":
       return ("vocab", "proj" if has_proj else "embed")
     found = _AXES.get(tuple(names[-2:])) or _AXES.get(names[-1])
+    if found is not None and names[0] == "layers":  # stacked: one slice per layer (never split: the scan's axis)
+      found = ("layers", *found)
     if found is None or len(found) != leaf.ndim:
       raise ConfigError(f"no logical axes for parameter {'/'.join(names)} of shape {leaf.shape}")
     return found

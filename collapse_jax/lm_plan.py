@@ -1,0 +1,107 @@
+"""The LM's side of plan mode (collapse_jax/plan.py): its inputs as abstract shapes (no weights, no data read when
+the config gives the block counts) and its one-step programs, each with how often a generation runs it.
+
+XLA's cost analysis counts a loop body once (an epoch's scan reports one step, decoding its prefill and one
+token), so the planner compiles single steps and counts them: a training step of batch_size blocks (epochs x
+steps per epoch, over the generation with the largest training set), an evaluation chunk of eval_batch blocks
+(validation perplexity each epoch, test perplexity, the training blocks scored by generation 0), and per decoding
+batch the prefill with the first token and one more token (max_new_tokens - 1 times). Textbook FLOPs per call
+(for the MFU) from opt.flops_per_token: training 6N + attention per token, a forward pass a third of that.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+
+from collapse_jax import decode, lm_train, plan, regimes, sharding
+from collapse_jax.models import opt as opt_model
+
+
+def block_counts(fam) -> tuple[int, int, int]:
+  """(train, valid, test) blocks: from the config where it says (the Markov language; text with
+  lm.text.train_blocks/valid_blocks/test_blocks all set), else by reading the data."""
+  c = fam.c
+  if fam.markov:
+    return c.markov.train_blocks, c.markov.valid_blocks, c.markov.test_blocks
+  t = c.text
+  if t.train_blocks and t.valid_blocks and t.test_blocks:
+    return t.train_blocks, t.valid_blocks, t.test_blocks
+  d = fam._load()
+  return len(d["train"]), len(d["valid"]), len(d["test"])
+
+
+def abstract_shared(fam) -> dict:
+  """`fam.shared()` as ShapeDtypeStructs: the initial parameters' shapes (no weights read) and the blocks."""
+  n_train, n_valid, n_test = block_counts(fam)
+  L, i32 = fam.c.block_len, jnp.int32
+  out = {"init": jax.eval_shape(lambda: opt_model.init_params(fam.model_cfg, jax.random.PRNGKey(0))),
+         "train": jax.ShapeDtypeStruct((n_train, L), i32), "valid": jax.ShapeDtypeStruct((n_valid, L), i32),
+         "test": jax.ShapeDtypeStruct((n_test, L), i32), "prompts": jax.ShapeDtypeStruct((fam.c.text_samples, L), i32)}
+  if fam.markov:
+    from collapse_jax.data import markov
+    m = fam.c.markov
+    out["source"] = jax.eval_shape(lambda: markov.make_source(m.vocab, m.branching, m.zipf_exponent, m.seed,
+                                                              m.concentration))
+  return out
+
+
+def _placed(shape_tree, sharding_tree):
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shape_tree, sharding_tree)
+
+
+def step_programs(fam, exp) -> list:
+  """plan.Step per program of one generation (the one with the largest training set)."""
+  c, mcfg, mesh, L = fam.c, fam.model_cfg, fam.mesh, fam.c.block_len
+  n_train, n_valid, n_test = block_counts(fam)
+  rep, bs = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  params = jax.eval_shape(lambda: opt_model.init_params(mcfg, jax.random.PRNGKey(0)))
+  p_sh = sharding.param_shardings(params, opt_model.logical_axes(params), mesh)
+  per_token = opt_model.flops_per_token(mcfg, L)
+  steps = []
+
+  # Training: the largest training set of the run, its valid rows batched.
+  rows = max(regimes.train_sizes(exp.spec, exp.counts))
+  B = fam.tcfg.batch_size
+  tx = lm_train.make_optimizer(fam.tcfg, 1)
+  state = jax.eval_shape(lambda p: lm_train.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p),
+                                                       jax.random.PRNGKey(0)), params)
+  state_sh = lm_train.TrainState(rep, p_sh, sharding.opt_state_shardings(state.opt_state, params, p_sh, mesh), rep)
+  batch = {k: jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=bs) for k in ("ids", "mask")}
+  train = jax.jit(sharding.on_mesh(lambda s, b: lm_train.train_step(s, b, model_cfg=mcfg, tx=tx), mesh),
+                  out_shardings=(state_sh, rep), donate_argnums=0)
+  steps.append(plan.Step("train step", "train", train, (_placed(state, state_sh), batch),
+                         c.epochs * lm_train.steps_per_epoch(rows, B), per_token * B * L))
+
+  # Evaluation: validation each epoch, test once, this generation's training blocks under generation 0.
+  E = min(c.eval_batch, -(-max(n_valid, n_test) // sharding.batch_shards(mesh)) * sharding.batch_shards(mesh))
+  chunk = {k: jax.ShapeDtypeStruct((E, L), jnp.int32, sharding=bs) for k in ("ids", "mask")}
+  evaluate = jax.jit(sharding.on_mesh(lambda p, b: lm_train.eval_step(p, b, model_cfg=mcfg), mesh),
+                     out_shardings=rep)
+  chunks = c.epochs * math.ceil(n_valid / E) + math.ceil(n_test / E) + math.ceil(rows / E)
+  steps.append(plan.Step("eval chunk", "eval", evaluate, (_placed(params, p_sh), chunk), chunks,
+                         per_token / 3 * E * L))
+
+  # Decoding: every prompt (samples.n of them, and the fixed text prompts) in batches of decode_batch.
+  D, dcfg = c.decode_batch, fam.dcfg
+  n_batches = math.ceil((exp.cfg.samples.n + c.text_samples) / D)
+  kn = decode.knobs(fam.lm, dcfg)
+  ids = jax.ShapeDtypeStruct((D, L), jnp.int32, sharding=bs)
+  keys = jax.ShapeDtypeStruct((D,), jax.random.key_data(jax.random.PRNGKey(0)).dtype, sharding=bs)
+
+  def parts(p, i, m, k):
+    return decode.loop_parts(fam.lm, dcfg, p, i, m, jax.vmap(jax.random.wrap_key_data)(k), kn)
+
+  start = jax.jit(sharding.on_mesh(lambda p, i, m, k: parts(p, i, m, k)[0], mesh))
+  start_args = (_placed(params, p_sh), ids, ids, keys)
+  state_sh = start.lower(*start_args).compile().output_shardings
+  state = _placed(jax.eval_shape(start, *start_args), state_sh)
+  body = jax.jit(sharding.on_mesh(lambda p, i, m, k, s: parts(p, i, m, k)[1](s), mesh), donate_argnums=4,
+                 out_shardings=state_sh)
+  rows_d = D * (dcfg.num_beams if dcfg.method == "beam" else 1)
+  new = dcfg.max_new_tokens
+  fwd = opt_model.flops_per_token(mcfg, L + new // 2) / 3  # a token's forward at the mean context length
+  steps.append(plan.Step("decode prefill + token 1", "decode", start, start_args, n_batches,
+                         per_token / 3 * D * L))
+  steps.append(plan.Step("decode token", "decode", body, (*start_args, state), n_batches * (new - 1),
+                         fwd * rows_d))
+  return steps
