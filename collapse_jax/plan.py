@@ -171,7 +171,8 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(\w+)\[([\d,]*)\](\{[^}]*\})?\s+([\w-]+)\(")
 _OP_NAME = re.compile(r'op_name="((?:[^"\\]|\\.)*)"')
 # No buffer of their own (views, tuples' pieces).
-_NO_BUFFER = {"bitcast", "get-tuple-element", "tuple", "copy-done", "all-gather-done", "all-reduce-done",
+# (copy-done is kept: its result is the copy's destination, e.g. an output moved out of VMEM.)
+_NO_BUFFER = {"bitcast", "get-tuple-element", "tuple", "all-gather-done", "all-reduce-done",
               "collective-permute-done", "async-done"}
 
 

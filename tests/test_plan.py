@@ -82,6 +82,26 @@ def test_memory_and_flops_hand_count(name):
     assert 2 * n * m * k / c <= st["flops"] <= 2 * n * m * k / c + n * m / c
 
 
+def test_biggest_buffers_are_the_hbm_arrays():
+  """(2 a, tanh(a @ b) @ b^T) on v5e:2x2: HBM holds the two arguments and the two outputs, named by argument path
+  and JAX op; the [64, 256] intermediate lives inside a fusion / in VMEM and is not listed."""
+  tgt = plan.target("v5e:2x2")
+  mesh = _mesh(tgt)
+  a = jax.ShapeDtypeStruct((256, 512), jnp.float32, sharding=NamedSharding(mesh, P("x")))
+  b = jax.ShapeDtypeStruct((512, 256), jnp.float32, sharding=NamedSharding(mesh, P()))
+  f = jax.jit(lambda a, b: (a * 2, jnp.tanh(a @ b) @ b.T))
+  got = plan.biggest_buffers(plan.compile_for(f.lower(a, b), tgt), k=20)
+  assert got == [(512 * 256 * 4, "f32[512,256]", "argument b"), (64 * 512 * 4, "f32[64,512]", "jit(<lambda>)/mul"),
+                 (64 * 512 * 4, "f32[64,512]", "jit(<lambda>)/dot_general"), (64 * 512 * 4, "f32[64,512]", "argument a")]
+  # A scan: XLA keeps the loop's bf16 copy of w and the carry in VMEM (S(1)), and copies the result out to HBM.
+  w = jax.ShapeDtypeStruct((1024, 512), jnp.float32, sharding=NamedSharding(mesh, P("x")))
+  x = jax.ShapeDtypeStruct((64, 512), jnp.float32, sharding=NamedSharding(mesh, P()))
+  scan = jax.jit(lambda w, x: jax.lax.scan(lambda c, _: (jnp.tanh(c @ w.T) @ w, None), x, None, length=3)[0])
+  got = plan.biggest_buffers(plan.compile_for(scan.lower(w, x), tgt), k=3)
+  assert got == [(256 * 512 * 4, "f32[256,512]", "argument w"), (64 * 512 * 4, "f32[64,512]", "argument x"),
+                 (64 * 512 * 4, "f32[64,512]", "%copy-done")]
+
+
 def test_roofline():
   p = hardware.Peak("toy", 100e12, None, 1e12, 16 * GiB)
   assert plan.roofline(1e12, 1e9, p) == (pytest.approx(0.01), "compute")
