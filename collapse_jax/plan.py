@@ -290,10 +290,6 @@ def _default_mesh(cfg, devices) -> jax.sharding.Mesh:
   return jax.make_mesh((n,), (sharding.AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n])
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
-
-
 def run(cfg, target_name: str, out_path: str | None = None, blocks: int | None = None,
         workdir: str | None = None, dtype: str | None = None) -> dict:
   """Compile the run's generation chunk (and the family's per-step programs, where it has them) for the target;
@@ -319,7 +315,8 @@ def run(cfg, target_name: str, out_path: str | None = None, blocks: int | None =
   else:  # real host arrays (small: a dataset): only their shapes travel
     shared_host = fam.shared()
     shared_sh = exp.shared_shardings(shared_host)
-    shared_abs = _abstract(shared_host, shared_sh)
+    shared_abs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), shared_host,
+                              shared_sh)
   carry_abs = exp.carry_shapes(shared_abs)
   gs = jax.ShapeDtypeStruct((cfg.checkpoint_every,), np.int32)
   compiled = compile_for(exp.chunk_fn(shared_sh).lower(carry_abs, gs, shared_abs), tgt)
@@ -341,6 +338,9 @@ def run(cfg, target_name: str, out_path: str | None = None, blocks: int | None =
   }
   try:
     report["fits"] = check_fits(stats, tgt, getattr(fam, "plan_suggestions", None), buffers)
+  except ConfigError as e:
+    report["refused"] = str(e)
+    raise
   finally:
     _emit(report, out_path)
   return report

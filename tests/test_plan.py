@@ -182,7 +182,15 @@ def test_cli_plan_and_refusal(tmp_path, repo):
   assert json.loads((tmp_path / "w" / "plan.json").read_text())["target"]["topology"] == "v5e:2x2"
   assert "per chip" in ok.stdout and not (tmp_path / "w" / "checkpoints").exists()
   # 450M held-out points per chain: the log-likelihood's [2, 2, N] temporaries pass 16 GiB.
-  bad = subprocess.run(cmd + ["--config.gmm.heldout=450000000"], env=env, capture_output=True, text=True, cwd=repo)
+  bad = subprocess.run(cmd + ["--config.gmm.heldout=450000000", f"--plan_out={tmp_path / 'bad.json'}"], env=env,
+                       capture_output=True, text=True, cwd=repo)
   assert bad.returncode == 2
   err = bad.stderr.strip().splitlines()[-1]
   assert err.startswith("error: does not fit v5e:2x2") and "argument carry['aux']['heldout']" in err
+  assert json.loads((tmp_path / "bad.json").read_text())["refused"] == err[len("error: "):]
+
+
+def test_help_lists_the_plan_flags():
+  from collapse_jax import main
+  text = main.help_text()
+  assert "\n  --plan:" in text and "\n  --plan_out:" in text
