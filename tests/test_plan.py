@@ -48,6 +48,13 @@ def test_bad_target_names(name):
     plan.target(name)
 
 
+def test_missing_libtpu_names_the_fix(monkeypatch):
+  real = plan.importlib.util.find_spec
+  monkeypatch.setattr(plan.importlib.util, "find_spec", lambda n, *a: None if n == "libtpu" else real(n, *a))
+  with pytest.raises(ConfigError, match=r"needs libtpu: pip install -e '\.\[tpu\]'$"):
+    plan.target("v5e-8")
+
+
 def test_local_target():
   tgt = plan.target("local")
   assert (tgt.chips, tgt.platform, tgt.topology) == (8, "cpu", None)
