@@ -32,6 +32,11 @@ _DISTRIBUTED_FLAGS = (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _LOCAL_DEVICE_I
 _CPU_THREADS = flags.DEFINE_integer("cpu_threads", 0, "Cores for XLA's CPU compute (0: all). 1 speeds up runs of "
                                     "many tiny ops on a CPU, e.g. the single-chain GMM; results are unchanged.",
                                     lower_bound=0)
+_PLAN = flags.DEFINE_string("plan", None, "Run nothing: compile the run's programs for a target (local, a TPU slice "
+                            "like v5e-8 / v5p-64, or a topology like v5e:2x2 / v5e-16x16) and report per-chip memory "
+                            "and roofline time; a run that does not fit is refused (exit 2). Needs libtpu for TPUs.")
+_PLAN_OUT = flags.DEFINE_string("plan_out", None, "With --plan: where the JSON report goes (default: "
+                                "<workdir>/plan.json with --workdir, else stdout).")
 # absl's own short help lists only the flags of the __main__ module, which under the console script is the
 # generated wrapper (none): these are answered here instead. --helpfull still goes to absl.
 _HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
@@ -188,6 +193,12 @@ def main(argv):
   try:
     # After flag parsing, so --help and flag errors do not pay JAX's import; inside the try, since importing
     # reads COLLAPSE_JAX_PROGRESS_EVERY (progress.py), whose bad value is a one-line error too.
+    if _PLAN.value:
+      from collapse_jax import plan
+      plan.run(_CONFIG.value, _PLAN.value, out_path=_PLAN_OUT.value, workdir=_WORKDIR.value)
+      return
+    if _PLAN_OUT.value:
+      _fail("--plan_out is only used with --plan")
     from collapse_jax import loop
     loop.run(_CONFIG.value, _WORKDIR.value)
   except ConfigError as e:

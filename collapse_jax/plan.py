@@ -1,0 +1,381 @@
+"""Plan mode: compile a run's real programs ahead of time for a target (a Cloud TPU slice, or the local devices) and
+report per-chip memory, XLA's FLOPs and bytes, and a roofline time per generation, without running anything.
+
+TPU targets need no TPU: `jax.experimental.topologies.get_topology_desc` (libtpu) gives compile-only devices of any
+topology on any machine. Parameters enter as abstract shapes (ShapeDtypeStructs with shardings), so no weights are
+read. A run whose program does not fit a chip's HBM is refused before anything runs (check_fits).
+
+Figures are per chip: XLA compiles one SPMD program per chip, and its memory_analysis / cost_analysis describe that
+program. Two traps (issue 15): cost_analysis counts a while-loop (scan) body once, and on 8+ chips the windowed
+collective matmuls are loops too; so per-step costs come from programs compiled for one step (`Step`), multiplied
+by how many times a generation runs them, never from the whole chunk's count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+from typing import Any, Callable, NamedTuple
+
+import jax
+import numpy as np
+
+from collapse_jax import hardware
+from collapse_jax.config import ConfigError
+
+GiB = 2**30
+PHASES = ("train", "decode", "eval")
+DEFAULT_SUGGESTIONS = ("split the parameters over more chips (a larger fsdp or tensor axis)",
+                       "turn on activation rematerialisation (remat)", "a smaller batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  name: str                 # as given, e.g. "v5p-64"
+  topology: str | None      # the get_topology_desc name, e.g. "v5p:2x4x4"; None for "local"
+  devices: list             # one jax device per chip (flat)
+  chips: int
+  peak: hardware.Peak       # per chip
+  platform: str             # "tpu", "gpu", "cpu"
+
+
+# Cloud's slice names count TensorCores for v4 and v5p (2 per chip, run as one "megacore" device), chips for the
+# lite generations v5e and v6e. 3-D tori for v4/v5p, 2-D for v5e/v6e.
+_GENERATIONS = {"v4": (2, 3), "v5p": (2, 3), "v5e": (1, 2), "v5litepod": (1, 2), "v6e": (1, 2)}
+
+
+def _torus(chips: int, ndim: int, name: str = "") -> str:
+  """Cloud's default slice shape for a chip count: double the smallest side until the count is reached
+  (v5p: 4 -> 2x2x1, 32 -> 2x4x4; v5e: 8 -> 2x4, 256 -> 16x16)."""
+  if chips < 1 or chips & (chips - 1):
+    raise ConfigError(f"--plan={name!r}: a TPU slice has a power-of-two number of chips, got {chips}")
+  dims = [1] * ndim
+  while math.prod(dims) < chips:
+    dims[dims.index(min(dims))] *= 2
+  dims.sort()
+  return "x".join(str(d) for d in [d for d in dims if d > 1] + [d for d in dims if d == 1])
+
+
+def _host_memory() -> float | None:
+  try:
+    return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def _local() -> Target:
+  devices = jax.devices()
+  d = devices[0]
+  p = hardware.peak(d)
+  if d.platform == "cpu":
+    # Simulated CPU devices share the host's cores and memory: each gets 1/n of the FLOPs (so chips x peak is the
+    # host's) and may use all the memory (nothing is refused on a CPU: check_fits only reports).
+    c = p or hardware.Peak("CPU", 0.0, 0.0, None, None)
+    n = len(devices)
+    p = hardware.Peak(c.name, c.bf16_flops / n, (c.fp32_flops or 0.0) / n, None, _host_memory())
+  elif p is None:
+    raise ConfigError(f"--plan=local: no peak figures for device kind {d.device_kind!r} (collapse_jax/hardware.py)")
+  return Target("local", None, list(devices), len(devices), p, d.platform)
+
+
+def target(name: str) -> Target:
+  """"local", a Cloud slice name ("v5e-8", "v5p-64", "v6e-8", "v4-8"), or a topology ("v5e:2x2", "v5e-16x16",
+  "v5p:2x2x2")."""
+  if name == "local":
+    return _local()
+  m = re.fullmatch(r"(v4|v5e|v5p|v5litepod|v6e)[-:](\d+(?:x\d+)+|\d+)", name.strip().lower())
+  if not m:
+    raise ConfigError(f"--plan={name!r}: expected 'local', a TPU slice like v5e-8 / v5p-64 / v6e-8, or a topology "
+                      f"like v5e:2x2 / v5e-16x16 / v5p:2x2x2")
+  gen, size = m.groups()
+  per_chip, ndim = _GENERATIONS[gen]
+  gen = "v5e" if gen == "v5litepod" else gen
+  if "x" in size:
+    topo = size
+    if len(topo.split("x")) != ndim:
+      raise ConfigError(f"--plan={name!r}: a {gen} topology has {ndim} sides, e.g. {_torus(2**ndim, ndim)}")
+  else:
+    n = int(size)
+    if n % per_chip:
+      raise ConfigError(f"--plan={name!r}: {gen} slice names count TensorCores ({per_chip} per chip): use an even size")
+    topo = _torus(n // per_chip, ndim, name)
+  chips = math.prod(int(s) for s in topo.split("x"))
+  if importlib.util.find_spec("libtpu") is None:
+    raise ConfigError(f"--plan={name}: compiling for a TPU needs libtpu: pip install -e '.[tpu]'")
+  from jax.experimental import topologies
+  # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) when it loads, so a second process (another plan, a
+  # test's subprocess) would fail; compile-only devices touch no TPU, so sharing is safe. Must be set before the
+  # first load.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  # v4's default describes each TensorCore as a device; JAX's meshes want one device per chip ("megacore").
+  kw = {"chip_config_name": "megacore"} if gen == "v4" else {}
+  try:
+    devices = list(topologies.get_topology_desc(topology_name=f"{gen}:{topo}", platform="tpu", **kw).devices)
+  except Exception as e:  # libtpu's errors are long C++ messages: keep one line
+    raise ConfigError(f"--plan={name}: libtpu cannot describe topology {gen}:{topo}: "
+                      f"{' '.join(str(e).split())[:200]}") from None
+  if len(devices) != chips:
+    raise ConfigError(f"--plan={name}: topology {gen}:{topo} gave {len(devices)} devices for {chips} chips")
+  p = hardware.accelerator_peak(devices[0].device_kind)
+  if p is None:
+    raise ConfigError(f"--plan={name}: no peak figures for {devices[0].device_kind!r} (collapse_jax/hardware.py)")
+  return Target(name, f"{gen}:{topo}", devices, chips, p, "tpu")
+
+
+def compile_for(lowered, tgt: Target):
+  """lowered.compile() for the target. On a TPU, XLA itself stops at a program that exceeds HBM (RESOURCE_EXHAUSTED,
+  naming no buffer); xla_tpu_no_crash_on_oom makes it finish, so that check_fits can say what is large. Where a
+  libtpu does not take that option, the OOM becomes a one-line ConfigError."""
+  if tgt.platform == "tpu":
+    try:
+      return lowered.compile(compiler_options={"xla_tpu_no_crash_on_oom": True})
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" in str(e):
+        raise ConfigError(f"does not fit {tgt.name}: {' '.join(str(e).split())[:300]}") from None
+      if "no_crash_on_oom" not in str(e):
+        raise
+  return lowered.compile()
+
+
+# --- what XLA says about one compiled program -----------------------------------------------------------------
+def compile_stats(compiled) -> dict:
+  """Per-chip bytes of a compiled program and XLA's cost figures.
+
+  total = arguments + outputs - aliased + temporaries + generated code. Verified (tests/test_plan.py, v5e:2x2 and
+  CPU): a donated argument whose buffer an output reuses is counted in both argument_size and output_size, and
+  alias_size is that buffer's bytes once (f(a) -> a * 2 with a donated: alias = a's per-chip bytes; without
+  donation alias = 0), so it is subtracted once. XLA's own peak_memory (TPU only; 0 on CPU) is reported beside:
+  on v5e it adds ~1 MiB of the runtime's reserve to this sum.
+  """
+  m = compiled.memory_analysis()
+  out = {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
+         "alias_bytes": int(m.alias_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes),
+         "code_bytes": int(m.generated_code_size_in_bytes)}
+  out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+                        + out["code_bytes"])
+  out["xla_peak_bytes"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if cost else {}) if isinstance(cost, (list, tuple)) else (cost or {})
+  out["flops"] = float(cost.get("flops", 0.0))
+  out["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
+  return out
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+# `%name = f32[256,512]{1,0:T(8,128)S(1)} opcode(`: one array-shaped instruction (tuples start with '(').
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(\w+)\[([\d,]*)\](\{[^}]*\})?\s+([\w-]+)\(")
+_OP_NAME = re.compile(r'op_name="((?:[^"\\]|\\.)*)"')
+# No buffer of their own (views, tuples' pieces).
+# (copy-done is kept: its result is the copy's destination, e.g. an output moved out of VMEM.)
+_NO_BUFFER = {"bitcast", "get-tuple-element", "tuple", "all-gather-done", "all-reduce-done",
+              "collective-permute-done", "async-done"}
+
+
+def biggest_buffers(compiled, k: int = 6) -> list[tuple[int, str, str]]:
+  """The k largest per-chip HBM buffers of a compiled program as (bytes, shape, name), named by the JAX op or
+  argument path that made them (HLO metadata op_name; arguments carry their pytree path, e.g. "carry['prev']").
+
+  Read from the optimized HLO text: instructions of the entry computation and of loop bodies (not of fusions,
+  whose intermediates live in registers/VMEM), arrays in memory space 0 (S(1) is the TPU's on-chip VMEM). One
+  entry per (name, shape): a scan body's op appears once. An estimate of what buffer assignment holds, good for
+  naming what is large.
+  """
+  text = compiled.as_text()
+  fused = set(re.findall(r"calls=%([\w.\-]+)", text)) | set(re.findall(r"to_apply=%([\w.\-]+)", text))
+  seen: dict[tuple[str, str], int] = {}
+  skip = False
+  for line in text.splitlines():
+    head = re.match(r"^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$", line)
+    if head and not line.startswith(" "):
+      skip = head.group(1) in fused
+      continue
+    m = _INSTR.match(line)
+    if skip or not m:
+      continue
+    name, dtype, dims, layout, opcode = m.groups()
+    if opcode in _NO_BUFFER or dtype not in _DTYPE_BYTES or (layout and re.search(r"S\([1-9]", layout)):
+      continue
+    if opcode == "parameter" and "sharding=" not in line:  # a loop body's parameter: the carry's own buffers
+      continue
+    shape = f"{dtype}[{dims}]"
+    n = _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    op = _OP_NAME.search(line)
+    src = op.group(1).replace("\\'", "'") if op else f"%{name}"
+    if opcode == "parameter":
+      src = f"argument {src}"
+    seen[(src, shape)] = max(seen.get((src, shape), 0), n)
+  ranked = sorted(((n, shape, src) for (src, shape), n in seen.items()), reverse=True)
+  return ranked[:k]
+
+
+def roofline(flops: float, bytes_: float, peak: hardware.Peak, dtype: str = "bfloat16") -> tuple[float, str]:
+  """Seconds one chip needs at best: compute-bound at the peak FLOP/s of `dtype` (TPUs publish bf16 only: their
+  f32 matmuls run as bf16 passes, so bf16's rate is the bound) or memory-bound at the HBM bandwidth."""
+  f = peak.flops(dtype) or peak.bf16_flops
+  t_compute = flops / f if f else math.inf
+  t_memory = bytes_ / peak.hbm_bytes_per_s if peak.hbm_bytes_per_s else 0.0
+  return (t_compute, "compute") if t_compute >= t_memory else (t_memory, "memory")
+
+
+# --- per-step programs -------------------------------------------------------------------------------------
+class Step(NamedTuple):
+  name: str
+  phase: str                   # one of PHASES
+  fn: Callable                 # a jitted function
+  args: tuple                  # abstract args: ShapeDtypeStructs with shardings
+  count: int                   # how many times one generation runs it
+  model_flops: float | None    # textbook FLOPs of one call (all chips), for MFU
+
+
+def step_costs(steps: list[Step], tgt: Target, dtype: str = "bfloat16") -> dict:
+  """Each step compiled alone (a scan body would be counted once in the chunk's cost_analysis), its per-chip
+  flops and bytes times its count, summed per phase; roofline minutes per generation and the MFU it implies."""
+  rows, phases = [], {}
+  for s in steps:
+    if s.phase not in PHASES:
+      raise ValueError(f"step {s.name!r}: phase {s.phase!r} is not one of {PHASES}")
+    st = compile_stats(compile_for(s.fn.lower(*s.args), tgt))
+    t, bound = roofline(st["flops"], st["bytes_accessed"], tgt.peak, dtype)
+    rows.append({"name": s.name, "phase": s.phase, "count": s.count, "flops": st["flops"],
+                 "bytes_accessed": st["bytes_accessed"], "seconds": t, "bound": bound,
+                 "model_flops": s.model_flops, "memory": st})
+    p = phases.setdefault(s.phase, {"flops": 0.0, "bytes_accessed": 0.0, "seconds": 0.0, "model_flops": 0.0,
+                                    "steps_counted": 0, "model_flops_known": True})
+    p["flops"] += st["flops"] * s.count
+    p["bytes_accessed"] += st["bytes_accessed"] * s.count
+    p["seconds"] += t * s.count  # each step's own bound: a memory-bound decode step is not hidden by training
+    p["steps_counted"] += s.count
+    if s.model_flops is None:
+      p["model_flops_known"] = False
+    else:
+      p["model_flops"] += s.model_flops * s.count
+  peak_flops = tgt.peak.flops(dtype) or tgt.peak.bf16_flops
+  for p in phases.values():
+    p["minutes"] = p["seconds"] / 60
+    p["mfu"] = (p["model_flops"] / (p["seconds"] * tgt.chips * peak_flops)
+                if p["model_flops_known"] and p["seconds"] > 0 and peak_flops else None)
+  return {"note": "per-step figures from programs compiled for one step (XLA's cost_analysis counts a "
+                  "while/scan body once), times the steps one generation runs", "steps": rows, "phases": phases}
+
+
+# --- fitting ---------------------------------------------------------------------------------------------
+def check_fits(stats: dict, tgt: Target, suggestions=None, buffers=None) -> str:
+  """A one-line verdict; raises ConfigError when the program's per-chip total exceeds the chip's HBM (CPU targets
+  are reported, never refused: host memory is shared and swappable)."""
+  hbm = tgt.peak.hbm_bytes
+  total = stats["total_bytes"]
+  if hbm is None:
+    return f"{total / GiB:.2f} GiB per device (no memory figure for {tgt.peak.name})"
+  verdict = f"{total / GiB:.2f} GiB per chip of {hbm / GiB:.1f} GiB ({100 * total / hbm:.0f}%)"
+  if total <= hbm or tgt.platform == "cpu":
+    return verdict + ("" if total <= hbm else ": more than the host's memory")
+  big = ", ".join(f"{n / GiB:.2f} GiB {shape} {src}" for n, shape, src in (buffers or [])[:5])
+  helps = "; ".join(suggestions or DEFAULT_SUGGESTIONS)
+  raise ConfigError(f"does not fit {tgt.name} ({tgt.peak.name}): {verdict}; biggest buffers: {big or 'unknown'}; "
+                    f"would help: {helps}")
+
+
+# --- the plan of a run ----------------------------------------------------------------------------------
+def _default_mesh(cfg, devices) -> jax.sharding.Mesh:
+  """sharding.make_mesh's 1-D 'data' mesh, over the target's devices instead of jax.devices()."""
+  from collapse_jax import sharding
+  n = cfg.num_devices or len(devices)
+  if not 1 <= n <= len(devices):
+    raise ConfigError(f"config.num_devices={n} but the target has {len(devices)} chips")
+  return jax.make_mesh((n,), (sharding.AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n])
+
+
+def run(cfg, target_name: str, out_path: str | None = None, blocks: int | None = None,
+        workdir: str | None = None, dtype: str | None = None) -> dict:
+  """Compile the run's generation chunk (and the family's per-step programs, where it has them) for the target;
+  print a short report, write it as JSON (out_path; else <workdir>/plan.json with a workdir; else stdout only),
+  and return it. Raises ConfigError when the chunk does not fit a chip. `blocks`: how many training blocks the
+  family should assume (the LM's corpus size) where it takes that; `dtype`: the FLOP rate the roofline uses
+  (default: the family's `dtype` attribute, else bfloat16)."""
+  from collapse_jax import config as config_lib, loop, paths, registry
+  if out_path is None and workdir:
+    config_lib.check_workdir(workdir)  # made and checked writable before anything compiles
+    out_path = os.path.join(workdir, "plan.json")
+  elif out_path and not paths.is_remote(out_path):
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  tgt = target(target_name)
+  fam_cls = registry.family_class(cfg.family)
+  make_mesh = getattr(fam_cls, "make_mesh", None)
+  mesh = make_mesh(cfg, tgt.devices) if make_mesh else _default_mesh(cfg, tgt.devices)
+  exp = loop.Experiment(cfg, mesh)
+  fam = exp.family
+  if hasattr(fam, "abstract_shared"):
+    shared_abs = fam.abstract_shared(**({"blocks": blocks} if blocks is not None else {}))
+    shared_sh = jax.tree.map(lambda s: s.sharding, shared_abs)
+  else:  # real host arrays (small: a dataset): only their shapes travel
+    shared_host = fam.shared()
+    shared_sh = exp.shared_shardings(shared_host)
+    shared_abs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), shared_host,
+                              shared_sh)
+  carry_abs = exp.carry_shapes(shared_abs)
+  gs = jax.ShapeDtypeStruct((cfg.checkpoint_every,), np.int32)
+  compiled = compile_for(exp.chunk_fn(shared_sh).lower(carry_abs, gs, shared_abs), tgt)
+  stats = compile_stats(compiled)
+  buffers = biggest_buffers(compiled)
+  dtype = dtype or str(getattr(fam, "dtype", "bfloat16"))
+  steps = fam.step_programs(shared_abs) if hasattr(fam, "step_programs") else []
+  costs = step_costs(steps, tgt, dtype) if steps else None
+  report = {
+      "target": {"name": tgt.name, "topology": tgt.topology, "chips": tgt.chips, "chip": tgt.peak.name,
+                 "hbm_bytes": tgt.peak.hbm_bytes, "peak_flops": tgt.peak.flops(dtype) or tgt.peak.bf16_flops,
+                 "hbm_bytes_per_s": tgt.peak.hbm_bytes_per_s, "dtype": dtype},
+      "config": {"family": cfg.family, "mesh": dict(mesh.shape), "generations": cfg.generations,
+                 "checkpoint_every": cfg.checkpoint_every, "blocks": blocks},
+      "chunk": {**stats, "note": f"one compiled chunk of {cfg.checkpoint_every} generations; its flops/bytes count "
+                                 "each loop body once (a lower bound)",
+                "biggest_buffers": [{"bytes": n, "shape": s, "name": src} for n, s, src in buffers]},
+      "steps": costs,
+  }
+  try:
+    report["fits"] = check_fits(stats, tgt, getattr(fam, "plan_suggestions", None), buffers)
+  except ConfigError as e:
+    report["refused"] = str(e)
+    raise
+  finally:
+    _emit(report, out_path)
+  return report
+
+
+def _b(n: float) -> str:
+  for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= size:
+      return f"{n / size:.3g} {unit}"
+  return f"{n:.0f} B"
+
+
+def _emit(report: dict, out_path: str | None) -> None:
+  t, c = report["target"], report["chunk"]
+  lines = [f"plan: {report['config']['family']} on {t['name']} ({t['chips']} x {t['chip']}, mesh "
+           f"{report['config']['mesh']})",
+           f"  per chip: arguments {_b(c['argument_bytes'])}, outputs {_b(c['output_bytes'])}, aliased "
+           f"{_b(c['alias_bytes'])}, temporaries {_b(c['temp_bytes'])}, code {_b(c['code_bytes'])}; total "
+           f"{_b(c['total_bytes'])}" + (f" -> {report['fits']}" if "fits" in report else " -> REFUSED"),
+           "  biggest buffers per chip:"]
+  lines += [f"    {_b(b['bytes']):>10}  {b['shape']:<24} {b['name'][:90]}" for b in c["biggest_buffers"]]
+  if report["steps"]:
+    lines.append(f"  roofline per generation ({report['steps']['note']}):")
+    for ph, p in report["steps"]["phases"].items():
+      mfu = f", MFU {100 * p['mfu']:.0f}%" if p["mfu"] is not None else ""
+      lines.append(f"    {ph}: {p['minutes']:.3g} min over {p['steps_counted']} steps, {p['flops']:.3g} FLOPs and "
+                   f"{p['bytes_accessed']:.3g} bytes per chip{mfu}")
+  else:
+    lines.append(f"  chunk as XLA counts it (loop bodies once): {c['flops']:.3g} FLOPs, {c['bytes_accessed']:.3g} "
+                 "bytes per chip; the family gives no per-step programs for a roofline")
+  print("\n".join(lines), flush=True)
+  text = json.dumps(report, indent=2, default=float)
+  if out_path:
+    from collapse_jax import paths
+    paths.write_atomic(out_path, text)
+    print(f"  written to {out_path}", flush=True)
+  else:
+    sys.stdout.write(text + "\n")
