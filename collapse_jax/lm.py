@@ -132,6 +132,7 @@ class LMFamily:
         raise ConfigError(f"config.lm.{field}={c[field]} must be a multiple of the {shards} batch shards "
                           f"({' x '.join(sharding.batch_axes(mesh))})")
     self.model_cfg = self._model_config()
+    self.dtype = self.model_cfg.dtype  # plan mode's FLOP rate
     self.dcfg = decode_config(c)
     try:
       self.dcfg.validate(prompt_len=c.block_len, cache_len=self.model_cfg.max_position_embeddings)
@@ -165,13 +166,15 @@ class LMFamily:
       except (OSError, ValueError) as e:
         raise ConfigError(f"config.lm.hf_path: {path} is unreadable ({type(e).__name__})") from None
       return dataclasses.replace(mc, dropout=float(c.dropout), scan_layers=c.scan_layers, remat=c.remat)
+    run = dict(dtype=c.dtype, dropout=float(c.dropout), scan_layers=c.scan_layers, remat=c.remat)
+    if c.init == "hf":  # planning without the folder: the published size has HF's config.json's shapes
+      return opt_model.get_size(c.model, **run)
     over = dict(c.model_overrides)
     if c.data == "markov":  # the vocabulary is the language's plus OPT's four specials
       over["vocab_size"] = c.markov.vocab + 4
     elif "vocab_size" not in over:  # from scratch on text: the tokenizer's size (a trained BPE may use fewer)
       over["vocab_size"] = {"bytes": 258, "bpe": c.text.bpe_vocab}.get(c.text.tokenizer, 50272)
-    return opt_model.get_size(c.model, dtype=c.dtype, dropout=float(c.dropout), scan_layers=c.scan_layers,
-                              remat=c.remat, **over)
+    return opt_model.get_size(c.model, **run, **over)
 
   # --- data (host side, loaded once, before anything is compiled) -----------------------------------------------
   def _load(self) -> dict:
@@ -240,6 +243,14 @@ class LMFamily:
       _check_samples_n(self.cfg_samples, n)
       return n
     return len(self._load()["train"])
+
+  @property
+  def plan_suggestions(self) -> list[str]:  # plan mode's refusal: what would make the run fit
+    c = self.c
+    return [f"more chips per weight: config.lm.mesh_fsdp (now {c.mesh_fsdp}) or config.lm.mesh_tensor (now "
+            f"{c.mesh_tensor})", f"config.lm.remat=full (now {c.remat})",
+            f"smaller config.lm.batch_size / eval_batch / decode_batch (now {c.batch_size} / {c.eval_batch} / "
+            f"{c.decode_batch})", "or a chip with more HBM"]
 
   def abstract_shared(self) -> dict:  # plan mode (collapse_jax/plan.py): lm_plan.py
     from collapse_jax import lm_plan

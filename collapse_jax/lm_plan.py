@@ -8,13 +8,14 @@ steps per epoch, over the generation with the largest training set), an evaluati
 batch the prefill with the first token and one more token (max_new_tokens - 1 times). Textbook FLOPs per call
 (for the MFU) from opt.flops_per_token: training 6N + attention per token, a forward pass a third of that.
 """
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 
 from collapse_jax import decode, lm_train, plan, regimes, sharding
-from collapse_jax.models import opt as opt_model
+from collapse_jax.models import kv_cache, opt as opt_model
 
 
 def block_counts(fam) -> tuple[int, int, int]:
@@ -45,18 +46,37 @@ def abstract_shared(fam) -> dict:
   return out
 
 
+def _decode_spec(x, mesh):
+  if x.ndim == len(kv_cache.KV_AXES):
+    return sharding.logical_spec(kv_cache.KV_AXES, x.shape, mesh)
+  if x.ndim and x.shape[0] % sharding.batch_shards(mesh) == 0:
+    return jax.sharding.PartitionSpec(sharding.batch_axes(mesh))
+  return jax.sharding.PartitionSpec()
+
+
 def _placed(shape_tree, sharding_tree):
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shape_tree, sharding_tree)
 
 
 def step_programs(fam, exp) -> list:
-  """plan.Step per program of one generation (the one with the largest training set)."""
-  c, mcfg, mesh, L = fam.c, fam.model_cfg, fam.mesh, fam.c.block_len
+  """plan.Step per program of one generation (the one with the largest training set); a scanned model's steps
+  carry 1- and 2-layer unrolled probes for XLA's counts."""
+  real = _programs(fam, exp, fam.model_cfg)
+  if not fam.model_cfg.scan_layers:
+    return [plan.Step(*s) for s in real]
+  probes = [_programs(fam, exp, dataclasses.replace(fam.model_cfg, num_layers=n, scan_layers=False)) for n in (1, 2)]
+  return [plan.Step(*s, probes=((p1[2], p1[3]), (p2[2], p2[3]), fam.model_cfg.num_layers))
+          for s, p1, p2 in zip(real, *probes)]
+
+
+def _programs(fam, exp, mcfg) -> list[tuple]:
+  """(name, phase, jitted fn, abstract args, count, model FLOPs per call) of each step, for model config mcfg."""
+  c, mesh, L = fam.c, fam.mesh, fam.c.block_len
   n_train, n_valid, n_test = block_counts(fam)
   rep, bs = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   params = jax.eval_shape(lambda: opt_model.init_params(mcfg, jax.random.PRNGKey(0)))
   p_sh = sharding.param_shardings(params, opt_model.logical_axes(params), mesh)
-  per_token = opt_model.flops_per_token(mcfg, L)
+  per_token = opt_model.flops_per_token(fam.model_cfg, L)
   steps = []
 
   # Training: the largest training set of the run, its valid rows batched.
@@ -69,8 +89,8 @@ def step_programs(fam, exp) -> list:
   batch = {k: jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=bs) for k in ("ids", "mask")}
   train = jax.jit(sharding.on_mesh(lambda s, b: lm_train.train_step(s, b, model_cfg=mcfg, tx=tx), mesh),
                   out_shardings=(state_sh, rep), donate_argnums=0)
-  steps.append(plan.Step("train step", "train", train, (_placed(state, state_sh), batch),
-                         c.epochs * lm_train.steps_per_epoch(rows, B), per_token * B * L))
+  steps.append(("train step", "train", train, (_placed(state, state_sh), batch),
+                c.epochs * lm_train.steps_per_epoch(rows, B), per_token * B * L))
 
   # Evaluation: validation each epoch, test once, this generation's training blocks under generation 0.
   E = min(c.eval_batch, -(-max(n_valid, n_test) // sharding.batch_shards(mesh)) * sharding.batch_shards(mesh))
@@ -78,30 +98,30 @@ def step_programs(fam, exp) -> list:
   evaluate = jax.jit(sharding.on_mesh(lambda p, b: lm_train.eval_step(p, b, model_cfg=mcfg), mesh),
                      out_shardings=rep)
   chunks = c.epochs * math.ceil(n_valid / E) + math.ceil(n_test / E) + math.ceil(rows / E)
-  steps.append(plan.Step("eval chunk", "eval", evaluate, (_placed(params, p_sh), chunk), chunks,
-                         per_token / 3 * E * L))
+  steps.append(("eval chunk", "eval", evaluate, (_placed(params, p_sh), chunk), chunks, per_token / 3 * E * L))
 
   # Decoding: every prompt (samples.n of them, and the fixed text prompts) in batches of decode_batch.
   D, dcfg = c.decode_batch, fam.dcfg
+  lm = decode.opt_lm(mcfg)
   n_batches = math.ceil((exp.cfg.samples.n + c.text_samples) / D)
-  kn = decode.knobs(fam.lm, dcfg)
+  kn = decode.knobs(lm, dcfg)
   ids = jax.ShapeDtypeStruct((D, L), jnp.int32, sharding=bs)
-  keys = jax.ShapeDtypeStruct((D,), jax.random.key_data(jax.random.PRNGKey(0)).dtype, sharding=bs)
+  keys = jax.ShapeDtypeStruct((D, 2), jnp.uint32, sharding=bs)  # threefry key data, one per row
 
   def parts(p, i, m, k):
-    return decode.loop_parts(fam.lm, dcfg, p, i, m, jax.vmap(jax.random.wrap_key_data)(k), kn)
+    return decode.loop_parts(lm, dcfg, p, i, m, jax.random.wrap_key_data(k), kn)
 
   start = jax.jit(sharding.on_mesh(lambda p, i, m, k: parts(p, i, m, k)[0], mesh))
   start_args = (_placed(params, p_sh), ids, ids, keys)
-  state_sh = start.lower(*start_args).compile().output_shardings
-  state = _placed(jax.eval_shape(start, *start_args), state_sh)
+  # The loop state placed as decoding places it: K/V split over heads and rows, per-row arrays over the batch axes.
+  shapes = jax.eval_shape(start, *start_args)
+  state_sh = jax.tree.map(lambda x: jax.sharding.NamedSharding(mesh, _decode_spec(x, mesh)), shapes)
+  state = _placed(shapes, state_sh)
   body = jax.jit(sharding.on_mesh(lambda p, i, m, k, s: parts(p, i, m, k)[1](s), mesh), donate_argnums=4,
                  out_shardings=state_sh)
   rows_d = D * (dcfg.num_beams if dcfg.method == "beam" else 1)
   new = dcfg.max_new_tokens
-  fwd = opt_model.flops_per_token(mcfg, L + new // 2) / 3  # a token's forward at the mean context length
-  steps.append(plan.Step("decode prefill + token 1", "decode", start, start_args, n_batches,
-                         per_token / 3 * D * L))
-  steps.append(plan.Step("decode token", "decode", body, (*start_args, state), n_batches * (new - 1),
-                         fwd * rows_d))
+  fwd = opt_model.flops_per_token(fam.model_cfg, L + new // 2) / 3  # a token's forward at the mean context length
+  steps.append(("decode prefill + token 1", "decode", start, start_args, n_batches, per_token / 3 * D * L))
+  steps.append(("decode token", "decode", body, (*start_args, state), n_batches * (new - 1), fwd * rows_d))
   return steps

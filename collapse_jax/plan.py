@@ -19,7 +19,7 @@ import math
 import os
 import re
 import sys
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -83,10 +83,16 @@ def _local() -> Target:
 
 
 def target(name: str) -> Target:
-  """"local", a Cloud slice name ("v5e-8", "v5p-64", "v6e-8", "v4-8"), or a topology ("v5e:2x2", "v5e-16x16",
-  "v5p:2x2x2")."""
+  """"local", a Cloud slice name ("v5e-8", "v5p-64", "v6e-8", "v4-8"), a topology ("v5e:2x2", "v5e-16x16",
+  "v5p:2x2x2"), or "h100" / "h200" (one GPU, estimated from a CPU compilation)."""
   if name == "local":
     return _local()
+  if name.strip().lower() in ("h100", "h200"):
+    # XLA cannot compile for a GPU it does not have: the program compiled for one CPU device, its figures read
+    # against the GPU's published peaks (an estimate: XLA:GPU fuses and pads differently).
+    peak = hardware.accelerator_peak(name)
+    return Target(f"{name.lower()} (estimate from the CPU-compiled program)", None, jax.devices("cpu")[:1], 1, peak,
+                  "gpu-estimate")
   m = re.fullmatch(r"(v4|v5e|v5p|v5litepod|v6e)[-:](\d+(?:x\d+)+|\d+)", name.strip().lower())
   if not m:
     raise ConfigError(f"--plan={name!r}: expected 'local', a TPU slice like v5e-8 / v5p-64 / v6e-8, or a topology "
@@ -230,24 +236,43 @@ class Step(NamedTuple):
   args: tuple                  # abstract args: ShapeDtypeStructs with shardings
   count: int                   # how many times one generation runs it
   model_flops: float | None    # textbook FLOPs of one call (all chips), for MFU
+  # A model whose layers run as a scan has its layer counted once by XLA: ((fn, args) with 1 layer, the same with
+  # 2 layers, both unrolled; the real layer count): flops and bytes are extrapolated linearly in depth.
+  probes: tuple | None = None
 
 
-def step_costs(steps: list[Step], tgt: Target, dtype: str = "bfloat16") -> dict:
+def _costs(step: Step, tgt: Target, st: dict | None = None) -> tuple[dict, float, float]:
+  """(memory stats of the real program, its flops, bytes): from the probes where the step has them. `st`: the
+  real program's stats if already compiled."""
+  st = st or compile_stats(compile_for(step.fn.lower(*step.args), tgt))
+  if step.probes is None:
+    return st, st["flops"], st["bytes_accessed"]
+  (f1, a1), (f2, a2), layers = step.probes
+  one, two = (compile_stats(compile_for(f.lower(*a), tgt)) for f, a in ((f1, a1), (f2, a2)))
+  flops, nbytes = ((one[k] + (layers - 1) * (two[k] - one[k])) for k in ("flops", "bytes_accessed"))
+  return st, flops, nbytes
+
+
+def step_memory(steps: list[Step], tgt: Target) -> list[dict]:
+  """compile_stats of each step's real program (memory first: a survey skips the probes of what cannot fit)."""
+  return [compile_stats(compile_for(s.fn.lower(*s.args), tgt)) for s in steps]
+
+
+def step_costs(steps: list[Step], tgt: Target, dtype: str = "bfloat16", memory: list | None = None) -> dict:
   """Each step compiled alone (a scan body would be counted once in the chunk's cost_analysis), its per-chip
   flops and bytes times its count, summed per phase; roofline minutes per generation and the MFU it implies."""
   rows, phases = [], {}
   for s in steps:
     if s.phase not in PHASES:
       raise ValueError(f"step {s.name!r}: phase {s.phase!r} is not one of {PHASES}")
-    st = compile_stats(compile_for(s.fn.lower(*s.args), tgt))
-    t, bound = roofline(st["flops"], st["bytes_accessed"], tgt.peak, dtype)
-    rows.append({"name": s.name, "phase": s.phase, "count": s.count, "flops": st["flops"],
-                 "bytes_accessed": st["bytes_accessed"], "seconds": t, "bound": bound,
-                 "model_flops": s.model_flops, "memory": st})
+    st, flops, nbytes = _costs(s, tgt, memory[steps.index(s)] if memory else None)
+    t, bound = roofline(flops, nbytes, tgt.peak, dtype)
+    rows.append({"name": s.name, "phase": s.phase, "count": s.count, "flops": flops, "bytes_accessed": nbytes,
+                 "seconds": t, "bound": bound, "model_flops": s.model_flops, "memory": st})
     p = phases.setdefault(s.phase, {"flops": 0.0, "bytes_accessed": 0.0, "seconds": 0.0, "model_flops": 0.0,
                                     "steps_counted": 0, "model_flops_known": True})
-    p["flops"] += st["flops"] * s.count
-    p["bytes_accessed"] += st["bytes_accessed"] * s.count
+    p["flops"] += flops * s.count
+    p["bytes_accessed"] += nbytes * s.count
     p["seconds"] += t * s.count  # each step's own bound: a memory-bound decode step is not hidden by training
     p["steps_counted"] += s.count
     if s.model_flops is None:
@@ -260,7 +285,8 @@ def step_costs(steps: list[Step], tgt: Target, dtype: str = "bfloat16") -> dict:
     p["mfu"] = (p["model_flops"] / (p["seconds"] * tgt.chips * peak_flops)
                 if p["model_flops_known"] and p["seconds"] > 0 and peak_flops else None)
   return {"note": "per-step figures from programs compiled for one step (XLA's cost_analysis counts a "
-                  "while/scan body once), times the steps one generation runs", "steps": rows, "phases": phases}
+                  "while/scan body once), times the steps one generation runs; a scanned model's flops and bytes "
+                  "from 1- and 2-layer unrolled copies, extrapolated to its depth", "steps": rows, "phases": phases}
 
 
 # --- fitting ---------------------------------------------------------------------------------------------
@@ -290,13 +316,15 @@ def _default_mesh(cfg, devices) -> jax.sharding.Mesh:
   return jax.make_mesh((n,), (sharding.AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n])
 
 
-def run(cfg, target_name: str, out_path: str | None = None, blocks: int | None = None,
-        workdir: str | None = None, dtype: str | None = None) -> dict:
+def run(cfg, target_name: str, out_path: str | None = None, workdir: str | None = None,
+        dtype: str | None = None, whole: bool = True) -> dict:
   """Compile the run's generation chunk (and the family's per-step programs, where it has them) for the target;
   print a short report, write it as JSON (out_path; else <workdir>/plan.json with a workdir; else stdout only),
-  and return it. Raises ConfigError when the chunk does not fit a chip. `blocks`: how many training blocks the
-  family should assume (the LM's corpus size) where it takes that; `dtype`: the FLOP rate the roofline uses
-  (default: the family's `dtype` attribute, else bfloat16)."""
+  and return it. Raises ConfigError when the chunk does not fit a chip. A family with `abstract_shared` (the LM)
+  enters as shapes only: no weights read, nor data where its config gives the sizes. `dtype`: the FLOP rate the
+  roofline uses (default: the family's `dtype` attribute, else bfloat16). whole=False (a quick survey, e.g.
+  benchmarks/scale_table.py): the chunk is not compiled; its memory is estimated as what it holds throughout
+  (its arguments, exact from their shardings) plus the largest step program's own total."""
   from collapse_jax import config as config_lib, loop, paths, registry
   if out_path is None and workdir:
     config_lib.check_workdir(workdir)  # made and checked writable before anything compiles
@@ -307,30 +335,38 @@ def run(cfg, target_name: str, out_path: str | None = None, blocks: int | None =
   fam_cls = registry.family_class(cfg.family)
   make_mesh = getattr(fam_cls, "make_mesh", None)
   mesh = make_mesh(cfg, tgt.devices) if make_mesh else _default_mesh(cfg, tgt.devices)
-  exp = loop.Experiment(cfg, mesh)
+  exp = loop.Experiment(cfg, mesh, abstract=True)
   fam = exp.family
-  if hasattr(fam, "abstract_shared"):
-    shared_abs = fam.abstract_shared(**({"blocks": blocks} if blocks is not None else {}))
-    shared_sh = jax.tree.map(lambda s: s.sharding, shared_abs)
-  else:  # real host arrays (small: a dataset): only their shapes travel
-    shared_host = fam.shared()
-    shared_sh = exp.shared_shardings(shared_host)
-    shared_abs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), shared_host,
-                              shared_sh)
+  # Abstract where the family can (the LM), else real host arrays (small: a dataset) of which only shapes travel.
+  shared = fam.abstract_shared() if exp.abstract else fam.shared()
+  shared_sh = exp.shared_shardings(shared)
+  shared_abs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), shared, shared_sh)
   carry_abs = exp.carry_shapes(shared_abs)
   gs = jax.ShapeDtypeStruct((cfg.checkpoint_every,), np.int32)
-  compiled = compile_for(exp.chunk_fn(shared_sh).lower(carry_abs, gs, shared_abs), tgt)
-  stats = compile_stats(compiled)
-  buffers = biggest_buffers(compiled)
   dtype = dtype or str(getattr(fam, "dtype", "bfloat16"))
-  steps = fam.step_programs(shared_abs) if hasattr(fam, "step_programs") else []
-  costs = step_costs(steps, tgt, dtype) if steps else None
+  steps = fam.step_programs(exp) if hasattr(fam, "step_programs") else []
+  memory = step_memory(steps, tgt) if steps else None
+  if whole or not steps:
+    compiled = compile_for(exp.chunk_fn(shared_sh).lower(carry_abs, gs, shared_abs), tgt)
+    stats, buffers = compile_stats(compiled), biggest_buffers(compiled)
+  else:
+    flat = jax.tree_util.tree_flatten_with_path({"carry": carry_abs, "shared": shared_abs})[0]
+    held = sum(_shard_bytes(x) for _, x in flat)
+    i = max(range(len(steps)), key=lambda i: memory[i]["total_bytes"])
+    stats = {"argument_bytes": held, "output_bytes": 0, "alias_bytes": 0, "temp_bytes": 0, "code_bytes": 0,
+             "total_bytes": held + memory[i]["total_bytes"], "flops": 0.0, "bytes_accessed": 0.0,
+             "estimate": f"not compiled: the chunk's arguments + the {steps[i].name} program's total"}
+    buffers = sorted(((_shard_bytes(x), f"{np.dtype(x.dtype).name}{list(x.shape)}".replace(" ", ""),
+                       "argument " + jax.tree_util.keystr(path)) for path, x in flat), reverse=True)[:6]
+  if not whole and stats["total_bytes"] > (tgt.peak.hbm_bytes or float("inf")) and tgt.platform != "cpu":
+    steps = []  # refused below: no roofline for a run that cannot start
+  costs = step_costs(steps, tgt, dtype, memory) if steps else None
   report = {
       "target": {"name": tgt.name, "topology": tgt.topology, "chips": tgt.chips, "chip": tgt.peak.name,
                  "hbm_bytes": tgt.peak.hbm_bytes, "peak_flops": tgt.peak.flops(dtype) or tgt.peak.bf16_flops,
                  "hbm_bytes_per_s": tgt.peak.hbm_bytes_per_s, "dtype": dtype},
       "config": {"family": cfg.family, "mesh": dict(mesh.shape), "generations": cfg.generations,
-                 "checkpoint_every": cfg.checkpoint_every, "blocks": blocks},
+                 "checkpoint_every": cfg.checkpoint_every},
       "chunk": {**stats, "note": f"one compiled chunk of {cfg.checkpoint_every} generations; its flops/bytes count "
                                  "each loop body once (a lower bound)",
                 "biggest_buffers": [{"bytes": n, "shape": s, "name": src} for n, s, src in buffers]},
@@ -344,6 +380,11 @@ def run(cfg, target_name: str, out_path: str | None = None, blocks: int | None =
   finally:
     _emit(report, out_path)
   return report
+
+
+def _shard_bytes(x) -> int:
+  """Bytes one device holds of an abstract array placed by its sharding."""
+  return int(np.prod(x.sharding.shard_shape(x.shape), dtype=np.int64)) * np.dtype(x.dtype).itemsize
 
 
 def _b(n: float) -> str:

@@ -121,14 +121,16 @@ def token_grads(cfg, params, ids_BxL, mask_BxL, drop_key):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _token_grads(cfg, params, ids, mask, drop, onehot_NxBxT):
-  def weighted_loss(params, w_BxT):
-    logits = opt.apply(cfg, params, ids, mask, deterministic=drop is None, dropout_key=drop)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    nll_BxT = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    w = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
-    return jnp.sum(nll_BxT * w * w_BxT) / jnp.maximum(jnp.sum(w), 1.0)
+  return jax.lax.map(lambda w1: jax.grad(_weighted_loss, argnums=1)(cfg, params, ids, mask, drop, w1), onehot_NxBxT)
 
-  return jax.lax.map(lambda w1: jax.grad(weighted_loss)(params, w1), onehot_NxBxT)
+
+def _weighted_loss(cfg, params, ids, mask, drop, w_BxT):
+  """The token-mean loss with each target token's term weighted by w_BxT (one-hot: one token's term)."""
+  logits = opt.apply(cfg, params, ids, mask, deterministic=drop is None, dropout_key=drop)
+  logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+  nll_BxT = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+  w = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
+  return jnp.sum(nll_BxT * w * w_BxT) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def grad_bound(jac, k: int = 64):
@@ -141,13 +143,41 @@ def grad_bound(jac, k: int = 64):
   magnitude of the same layer (a bias is the kernel's gradient for a constant input, the layer-normed inputs
   being O(1)): 2 gamma_k * max over the layer.
   """
-  flat = jax.tree_util.tree_flatten_with_path(jac)[0]
+  n = jax.tree.leaves(jac)[0].shape[-1]
+  return bound_from_sums(jax.tree.map(lambda j: np.abs(j).sum(-1), jac), n, k)
+
+
+def bound_from_sums(sums, n: int, k: int = 64):
+  """grad_bound from S_i = sum_t |J_t| of each coordinate (token_grad_sums: without storing the N terms)."""
+  flat = jax.tree_util.tree_flatten_with_path(sums)[0]
   layer = lambda path: jax.tree_util.keystr(path[:-1] if len(path) > 1 else path)  # noqa: E731
   layer_max = {}
-  for path, j in flat:
-    layer_max[layer(path)] = max(layer_max.get(layer(path), 0.0), float(np.abs(j).sum(-1).max()))
-  out = [2 * gamma(j.shape[-1]) * np.abs(j).sum(-1) + 2 * gamma(k) * layer_max[layer(path)] for path, j in flat]
-  return jax.tree.unflatten(jax.tree.structure(jac), out)
+  for path, a in flat:
+    layer_max[layer(path)] = max(layer_max.get(layer(path), 0.0), float(np.max(a)))
+  out = [2 * gamma(n) * np.asarray(a, np.float64) + 2 * gamma(k) * layer_max[layer(path)] for path, a in flat]
+  return jax.tree.unflatten(jax.tree.structure(sums), out)
+
+
+def token_grad_sums(cfg, params, ids_BxL, mask_BxL, drop_key):
+  """(S, g, N): of the N per-token gradient terms of token_grads, the sum of their absolute values accumulated in
+  a scan (for models too large to hold N gradients; float32 sums of positive terms, inflated by 1 + gamma_N to
+  bound their own rounding) and their plain sum, the gradient (float64 host arrays)."""
+  b, t = ids_BxL.shape[0], ids_BxL.shape[1] - 1
+  onehot_NxBxT = jnp.eye(b * t).reshape(-1, b, t)
+  sums, total = _token_grad_sums(cfg, params, jnp.asarray(ids_BxL), jnp.asarray(mask_BxL), drop_key, onehot_NxBxT)
+  host = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float64), tree)  # noqa: E731
+  return jax.tree.map(lambda a: a * (1 + gamma(b * t)), host(sums)), host(total), b * t
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _token_grad_sums(cfg, params, ids, mask, drop, onehot_NxBxT):
+  def one(acc, w1):
+    g = jax.grad(_weighted_loss, argnums=1)(cfg, params, ids, mask, drop, w1)
+    return (jax.tree.map(lambda a, x: a + jnp.abs(x), acc[0], g), jax.tree.map(jnp.add, acc[1], g)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (sums, total), _ = jax.lax.scan(one, (zeros, zeros), onehot_NxBxT)
+  return sums, total
 
 
 def adam_interval(tcfg, state, g_lo, g_hi, total_steps: int):
