@@ -50,5 +50,9 @@ if [ -n "${OPT_DIR:-}" ] && [ -n "${WIKI_DIR:-}" ]; then
 else
   echo "== lm_generation: skipped (set OPT_DIR and WIKI_DIR)"
 fi
+# Plan mode on this GPU (real XLA:GPU programs, unlike the CPU-compiled estimate of WORKSPACE's scale table):
+# opt-1.3b's paper generation, per-GPU memory and roofline; no weights needed.
+step plan_gpu 240 python3 -m collapse_jax.main --config=lm:opt_wikitext2,size=opt-1.3b --config.lm.mesh_fsdp=1 \
+  --plan=local --plan_out="$out/plan_gpu.json"
 # The generation loop's own overhead on the README's GMM job (chunked vs one chunk).
 step loop_bench python3 benchmarks/loop_bench.py

@@ -63,13 +63,14 @@ class Family(Protocol):
 class Placement(Protocol):
   """Optional methods of a single-chain family (vmap_chains False) that places its own arrays. The loop calls
   each one only where the family defines it, so families without them keep the defaults (noted per method).
-  The LM uses all three: its initial, generation-0 and previous models are split over the 'fsdp' axis of its
-  ('data', 'fsdp') mesh instead of held whole on every device."""
+  The LM uses all three: its initial, generation-0 and previous models are split over the 'fsdp' and 'tensor'
+  axes of its ('data', 'fsdp', 'tensor') mesh instead of held whole on every device."""
 
   @staticmethod
-  def make_mesh(cfg) -> jax.sharding.Mesh:
-    """The run's mesh from the config, before the family is built (it is the family's constructor argument).
-    Default: sharding.make_mesh(cfg.num_devices), the 1-D 'data' mesh. The mesh must have a 'data' axis (the
+  def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
+    """The run's mesh from the config, before the family is built (it is the family's constructor argument),
+    over `devices` (plan mode: a TPU topology's; default: the visible ones). Default: sharding.make_mesh
+    (cfg.num_devices), the 1-D 'data' mesh. The mesh must have a 'data' axis (the
     loop splits single-chain data buffers by rows over it); batch-sharded code should use
     sharding.batch_axes(mesh) rather than assume one axis."""
 
@@ -80,3 +81,16 @@ class Placement(Protocol):
   def shared_shardings(self, shared: PyTree) -> PyTree:
     """NamedShardings for `shared()`'s host arrays, as they are put on the mesh and passed to the compiled
     chunk. Default: replicated."""
+
+
+class Plannable(Protocol):
+  """Optional methods for plan mode (plan.py), the LM's: built with `abstract=True`, the family reads no weights
+  (and no data where its config gives the sizes)."""
+  dtype: str                   # the compute dtype: which published FLOP rate the roofline uses
+  plan_suggestions: list[str]  # what the refusal of a run too large for its chips suggests
+
+  def abstract_shared(self) -> PyTree:
+    """`shared()` as ShapeDtypeStructs."""
+
+  def step_programs(self, exp) -> list:
+    """plan.Step per program of one generation (jitted, abstract args, how often a generation runs it)."""

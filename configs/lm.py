@@ -164,11 +164,11 @@ _WIKITEXT2_EVAL_BLOCKS = dict(valid_blocks=3968, test_blocks=4608)
 # the mesh and remat that `collapse-jax --plan` finds to fit the slice named (WORKSPACE.md, "Scale"); on other
 # slices override lm.mesh_fsdp / lm.mesh_tensor / lm.remat from the plan there.
 SCALE = {
-    "opt-125m": dict(dtype="float32"),
+    "opt-125m": dict(dtype="float32"),                                                 # any: fits one chip
     "opt-1.3b": dict(dtype="bfloat16", mesh_fsdp=8),                                   # v5e-8
-    "opt-6.7b": dict(dtype="bfloat16", mesh_fsdp=8, remat="full"),                     # v5p-8
-    "opt-13b": dict(dtype="bfloat16", mesh_fsdp=16, mesh_tensor=4, remat="full"),      # v5e-64
-    "opt-30b": dict(dtype="bfloat16", mesh_fsdp=16, mesh_tensor=4, remat="full"),      # v5p-64
+    "opt-6.7b": dict(dtype="bfloat16", mesh_fsdp=4),                                   # v5p-8
+    "opt-13b": dict(dtype="bfloat16", mesh_fsdp=64),                                   # v5e-64
+    "opt-30b": dict(dtype="bfloat16", mesh_fsdp=32),                                   # v5p-64
     "opt-66b": dict(dtype="bfloat16", mesh_fsdp=64, mesh_tensor=4, remat="full"),      # v5e-256
 }
 

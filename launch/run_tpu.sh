@@ -2,6 +2,10 @@
 # Cloud TPU VM: installs the project on every worker and runs the same command on all of them.
 #   TPU_NAME=my-tpu ZONE=us-central2-b bash launch/run_tpu.sh gmm:chains=8192 gs://bucket/runs/gmm [--config.F=V ...]
 #   DRY_RUN=1 (or --dry-run first): prints the gcloud command, with the script it sends the workers, runs nothing.
+#   At scale: plan first on any machine (collapse-jax --config=lm:opt_wikitext2,size=opt-13b --plan=v5e-64), then
+#   TPU_NAME=... ZONE=... bash launch/run_tpu.sh lm:opt_wikitext2,size=opt-13b gs://B/lm13b \
+#     --config.lm.hf_path=/path/opt-13b --config.lm.text.path=/path/wikitext-2-raw   (mesh/remat: the size's preset
+#   or --config.lm.mesh_fsdp=... --config.lm.mesh_tensor=... --config.lm.remat=... from the plan)
 # CONFIG is an experiment NAME[:ARG] (collapse-jax --help lists them) or a config file PATH[:ARG] in the clone.
 # On a multi-host slice every worker runs the program with --jax_distributed (jax.distributed.initialize()
 # finds the coordinator from the TPU metadata); Orbax writes the checkpoints, process 0 the metrics and plots.
