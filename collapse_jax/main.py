@@ -33,8 +33,9 @@ _CPU_THREADS = flags.DEFINE_integer("cpu_threads", 0, "Cores for XLA's CPU compu
                                     "many tiny ops on a CPU, e.g. the single-chain GMM; results are unchanged.",
                                     lower_bound=0)
 _PLAN = flags.DEFINE_string("plan", None, "Run nothing: compile the run's programs for a target (local, a TPU slice "
-                            "like v5e-8 / v5p-64, or a topology like v5e:2x2 / v5e-16x16) and report per-chip memory "
-                            "and roofline time; a run that does not fit is refused (exit 2). Needs libtpu for TPUs.")
+                            "like v5e-8 / v5p-64, a topology like v5e:2x2 / v5e-16x16, or h100 / h200: estimated from "
+                            "the CPU compilation) and report per-chip memory and roofline time; a run that does not "
+                            "fit is refused (exit 2). Needs libtpu for TPUs.")
 _PLAN_OUT = flags.DEFINE_string("plan_out", None, "With --plan: where the JSON report goes (default: "
                                 "<workdir>/plan.json with --workdir, else stdout).")
 # absl's own short help lists only the flags of the __main__ module, which under the console script is the
