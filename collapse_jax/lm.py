@@ -132,7 +132,6 @@ class LMFamily:
         raise ConfigError(f"config.lm.{field}={c[field]} must be a multiple of the {shards} batch shards "
                           f"({' x '.join(sharding.batch_axes(mesh))})")
     self.model_cfg = self._model_config()
-    self.dtype = self.model_cfg.dtype  # plan mode's FLOP rate
     self.dcfg = decode_config(c)
     try:
       self.dcfg.validate(prompt_len=c.block_len, cache_len=self.model_cfg.max_position_embeddings)
@@ -245,6 +244,10 @@ class LMFamily:
     return len(self._load()["train"])
 
   @property
+  def dtype(self) -> str:  # plan mode's FLOP rate
+    return self.model_cfg.dtype
+
+  @property
   def plan_suggestions(self) -> list[str]:  # plan mode's refusal: what would make the run fit
     c = self.c
     return [f"more chips per weight: config.lm.mesh_fsdp (now {c.mesh_fsdp}) or config.lm.mesh_tensor (now "
@@ -317,9 +320,7 @@ class LMFamily:
     # The cosine runs over the valid rows' steps: a ragged buffer trains as its valid rows alone.
     tx = lm_train.make_optimizer(self.tcfg, E * lm_train.steps_per_epoch(x.shape[0], B),
                                  E * lm_train.steps_per_epoch(jnp.sum(valid_N, dtype=jnp.int32), B))
-    p_sh, rep = self._param_sh(start), sharding.replicated(self.mesh)
-    o_sh = sharding.opt_state_shardings(jax.eval_shape(tx.init, start), start, p_sh, self.mesh)
-    state_sh = lm_train.TrainState(rep, p_sh, o_sh, rep)
+    state_sh = lm_train.state_shardings(start, jax.eval_shape(tx.init, start), self.mesh)
     state = lm_train.TrainState(jnp.zeros((), jnp.int32), start, tx.init(start), key)
     train, valid = self._blocks(x), self._blocks(shared["valid"])
 
@@ -341,8 +342,8 @@ class LMFamily:
 
   def _map_chunks(self, fn, ids_NxL, mask_NxL):
     """fn(ids_ExL, mask_ExL) -> per-row outputs, over eval_batch chunks (padded rows carry mask 0, dropped)."""
-    n, shards = ids_NxL.shape[0], sharding.batch_shards(self.mesh)
-    E = min(self.c.eval_batch, -(-n // shards) * shards)
+    n = ids_NxL.shape[0]
+    E = lm_train.eval_chunk(n, self.c.eval_batch, sharding.batch_shards(self.mesh))
     C = -(-n // E)
     pad = lambda a: jnp.pad(a, ((0, C * E - n), (0, 0))).reshape(C, E, -1)  # noqa: E731
     bs = sharding.batch_sharding(self.mesh)

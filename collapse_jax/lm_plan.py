@@ -75,7 +75,6 @@ def _programs(fam, exp, mcfg) -> list[tuple]:
   n_train, n_valid, n_test = block_counts(fam)
   rep, bs = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   params = jax.eval_shape(lambda: opt_model.init_params(mcfg, jax.random.PRNGKey(0)))
-  p_sh = sharding.param_shardings(params, opt_model.logical_axes(params), mesh)
   per_token = opt_model.flops_per_token(fam.model_cfg, L)
   steps = []
 
@@ -85,7 +84,8 @@ def _programs(fam, exp, mcfg) -> list[tuple]:
   tx = lm_train.make_optimizer(fam.tcfg, 1)
   state = jax.eval_shape(lambda p: lm_train.TrainState(jnp.zeros((), jnp.int32), p, tx.init(p),
                                                        jax.random.PRNGKey(0)), params)
-  state_sh = lm_train.TrainState(rep, p_sh, sharding.opt_state_shardings(state.opt_state, params, p_sh, mesh), rep)
+  state_sh = lm_train.state_shardings(params, state.opt_state, mesh)
+  p_sh = state_sh.params
   batch = {k: jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=bs) for k in ("ids", "mask")}
   train = jax.jit(sharding.on_mesh(lambda s, b: lm_train.train_step(s, b, model_cfg=mcfg, tx=tx), mesh),
                   out_shardings=(state_sh, rep), donate_argnums=0)
@@ -93,11 +93,15 @@ def _programs(fam, exp, mcfg) -> list[tuple]:
                 c.epochs * lm_train.steps_per_epoch(rows, B), per_token * B * L))
 
   # Evaluation: validation each epoch, test once, this generation's training blocks under generation 0.
-  E = min(c.eval_batch, -(-max(n_valid, n_test) // sharding.batch_shards(mesh)) * sharding.batch_shards(mesh))
+  # Each set is cut into chunks of its own size (lm_train.eval_chunk); the program is costed at the largest, and
+  # the count is the rows evaluated in units of it.
+  sets = [(n_valid, c.epochs), (n_test, 1), (rows, 1)]
+  sizes = [lm_train.eval_chunk(n, c.eval_batch, sharding.batch_shards(mesh)) for n, _ in sets]
+  E = max(sizes)
   chunk = {k: jax.ShapeDtypeStruct((E, L), jnp.int32, sharding=bs) for k in ("ids", "mask")}
   evaluate = jax.jit(sharding.on_mesh(lambda p, b: lm_train.eval_step(p, b, model_cfg=mcfg), mesh),
                      out_shardings=rep)
-  chunks = c.epochs * math.ceil(n_valid / E) + math.ceil(n_test / E) + math.ceil(rows / E)
+  chunks = math.ceil(sum(times * math.ceil(n / e) * e for (n, times), e in zip(sets, sizes)) / E)
   steps.append(("eval chunk", "eval", evaluate, (_placed(params, p_sh), chunk), chunks, per_token / 3 * E * L))
 
   # Decoding: every prompt (samples.n of them, and the fixed text prompts) in batches of decode_batch.

@@ -288,13 +288,25 @@ def train_epoch(state: TrainState, blocks: dict, epoch, *, model_cfg, tx, batch_
   return state, {"loss": jnp.sum(nll_S) / jnp.maximum(jnp.sum(tokens_S), 1.0), "tokens": jnp.sum(tokens_S)}
 
 
+def eval_chunk(n: int, eval_batch: int, shards: int) -> int:
+  """Rows per evaluation chunk of a set of n: eval_batch, but never padding a small set far past its size, and a
+  whole multiple of the batch shards."""
+  return min(eval_batch, -(-n // shards) * shards)
+
+
+def state_shardings(params, opt_state, mesh) -> "TrainState":
+  """Where a TrainState lives: the parameters by their logical axes, every params-shaped optimizer subtree (Adam's
+  moments) as the parameters, the step, counts and key replicated."""
+  rep = sharding.replicated(mesh)
+  p_sh = sharding.param_shardings(params, opt_model.logical_axes(params), mesh)
+  return TrainState(rep, p_sh, sharding.opt_state_shardings(opt_state, params, p_sh, mesh), rep)
+
+
 def perplexity(params, blocks: dict, *, model_cfg, eval_batch: int, batch_sharding=None):
   """Token-weighted perplexity exp(total NLL / predicted tokens) of `blocks`, in batches of `eval_batch`."""
   ids_NxL, mask_NxL = blocks["ids"], blocks["mask"]
   n = ids_NxL.shape[0]
-  # Never pad a small set far past its size; chunks stay whole multiples of the batch shards.
-  shards = 1 if batch_sharding is None else sharding.batch_shards(batch_sharding.mesh)
-  E = min(eval_batch, -(-n // shards) * shards)
+  E = eval_chunk(n, eval_batch, 1 if batch_sharding is None else sharding.batch_shards(batch_sharding.mesh))
   C = -(-n // E)
   pad = ((0, C * E - n), (0, 0))
   ids_CxExL = jnp.pad(ids_NxL, pad).reshape(C, E, -1)
@@ -333,10 +345,7 @@ def mfu(model_cfg, seq_len: int, tokens_per_s: float, peak: float | None) -> flo
 def setup(tcfg: TrainConfig, model_cfg, params, n_train: int, key, mesh):
   """(state placed on the mesh, its shardings, optimizer) for a run of `n_train` blocks."""
   tx = make_optimizer(tcfg, tcfg.epochs * steps_per_epoch(n_train, tcfg.batch_size))
-  rep = sharding.replicated(mesh)
-  p_sh = sharding.param_shardings(params, opt_model.logical_axes(params), mesh)
-  o_sh = sharding.opt_state_shardings(jax.eval_shape(tx.init, params), params, p_sh, mesh)
-  state_sh = TrainState(rep, p_sh, o_sh, rep)
+  state_sh = state_shardings(params, jax.eval_shape(tx.init, params), mesh)
   key = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
   # A copy, not a view: the state is donated, and the caller's params must survive the run.
   init = jax.jit(lambda p, k: TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.copy, p), tx.init(p), k),

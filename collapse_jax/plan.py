@@ -368,9 +368,12 @@ def run(cfg, target_name: str, out_path: str | None = None, workdir: str | None 
              "estimate": f"not compiled: the chunk's arguments + the {steps[i].name} program's total"}
     buffers = sorted(((_shard_bytes(x), f"{np.dtype(x.dtype).name}{list(x.shape)}".replace(" ", ""),
                        "argument " + jax.tree_util.keystr(path)) for path, x in flat), reverse=True)[:6]
-  if not whole and stats["total_bytes"] > (tgt.peak.hbm_bytes or float("inf")) and tgt.platform != "cpu":
-    steps = []  # refused below: no roofline for a run that cannot start
-  costs = step_costs(steps, tgt, dtype, memory) if steps else None
+  try:
+    verdict, refused = check_fits(stats, tgt, getattr(fam, "plan_suggestions", None), buffers), None
+  except ConfigError as e:
+    verdict, refused = None, e
+  # No roofline for a run that cannot start.
+  costs = step_costs(steps, tgt, dtype, memory) if steps and not refused else None
   report = {
       "target": {"name": tgt.name, "topology": tgt.topology, "chips": tgt.chips, "chip": tgt.peak.name,
                  "hbm_bytes": tgt.peak.hbm_bytes, "peak_flops": tgt.peak.flops(dtype) or tgt.peak.bf16_flops,
@@ -382,13 +385,13 @@ def run(cfg, target_name: str, out_path: str | None = None, workdir: str | None 
                 "biggest_buffers": [{"bytes": n, "shape": s, "name": src} for n, s, src in buffers]},
       "steps": costs,
   }
-  try:
-    report["fits"] = check_fits(stats, tgt, getattr(fam, "plan_suggestions", None), buffers)
-  except ConfigError as e:
-    report["refused"] = str(e)
-    raise
-  finally:
-    _emit(report, out_path)
+  if refused:
+    report["refused"] = str(refused)
+  else:
+    report["fits"] = verdict
+  _emit(report, out_path)
+  if refused:
+    raise refused
   return report
 
 

@@ -112,7 +112,7 @@ def constrain(x, names):
   """with_sharding_constraint by logical names on the current mesh (`on_mesh`), a no-op without one: models call
   it where XLA's propagation needs a hint (activations under tensor parallelism)."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh is None or mesh.empty or not set(mesh.axis_names) & {FSDP, TENSOR}:
+  if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_spec(names, x.shape, mesh))
 

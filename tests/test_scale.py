@@ -33,15 +33,9 @@ CAPTURE = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p)
                                        lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))  # state := grads
 
 
-def _state_shardings(state, mesh):
-  p_sh = sharding.param_shardings(state.params, opt.logical_axes(state.params), mesh)
-  rep = sharding.replicated(mesh)
-  return lm_train.TrainState(rep, p_sh, sharding.opt_state_shardings(state.opt_state, state.params, p_sh, mesh), rep)
-
-
 def _step(state, batch, mesh, tx, model_cfg=CFG):
   """lm_train.train_step jitted for the mesh (state and batch placed as the trainer places them)."""
-  sh = _state_shardings(state, mesh)
+  sh = lm_train.state_shardings(state.params, state.opt_state, mesh)
   fn = jax.jit(sharding.on_mesh(lambda s, b: lm_train.train_step(s, b, model_cfg=model_cfg, tx=tx), mesh),
                in_shardings=(sh, sharding.batch_sharding(mesh)), out_shardings=(sh, sharding.replicated(mesh)))
   return fn(jax.device_put(state, sh), jax.device_put(batch, sharding.batch_sharding(mesh)))

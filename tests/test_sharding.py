@@ -134,10 +134,8 @@ def _epoch(tcfg, cfg, state, blocks, e, mesh, tx=None):
   capture = tx is CAPTURE
   if capture:
     state = state._replace(opt_state=jax.tree.map(np.zeros_like, state.params))
-  p_sh = sharding.param_shardings(state.params, opt.logical_axes(state.params), mesh)
+  state_sh = lm_train.state_shardings(state.params, state.opt_state, mesh)
   rep = sharding.replicated(mesh)
-  state_sh = lm_train.TrainState(rep, p_sh, sharding.opt_state_shardings(state.opt_state, state.params, p_sh, mesh),
-                                 rep)
   key = (tuple(mesh.shape.items()), capture)  # one compilation per mesh and optimizer, for both epochs
   if key not in _PROGRAMS:
     tx = tx or lm_train.make_optimizer(tcfg, tcfg.epochs * lm_train.steps_per_epoch(N_BLOCKS, B))
