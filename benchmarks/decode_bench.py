@@ -1,4 +1,4 @@
-"""New tokens per second of collapse_jax.decode (one compiled program per corpus) and, optionally, of Hugging Face
+"""New tokens per second of collapse_jax.families.lm.decode (one compiled program per corpus) and, optionally, of Hugging Face
 `generate` on the same shape in the same run: 5-beam search with repetition penalty 3.0 (the paper's setting) and
 sampling (top-k 50, top-p 0.95), 64-token prompts continued by 64 new tokens (min = max new tokens, so both sides
 do exactly the same number of steps), random weights.
@@ -68,7 +68,7 @@ def hf_runner(cfg, dcfg, ids, mask, batches, args):
   except ImportError as e:
     print(f"torch/transformers not importable ({e}): HF peer skipped")
     return None, None, None
-  from collapse_jax import hf
+  from collapse_jax.families.lm import hf
   torch.manual_seed(0)
   model = transformers.OPTForCausalLM(transformers.OPTConfig(**hf.config_to_hf(cfg))).eval()
   kw = dict(max_new_tokens=dcfg.max_new_tokens, min_new_tokens=dcfg.min_new_tokens, pad_token_id=cfg.pad_token_id)

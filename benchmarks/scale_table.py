@@ -43,8 +43,8 @@ def main(argv=None):
   args = ap.parse_args(argv)
   import jax
   from collapse_jax import config as config_lib, plan
-  from collapse_jax.config import ConfigError
-  from collapse_jax.models import opt
+  from collapse_jax.errors import ConfigError
+  from collapse_jax.families.lm import model as opt
 
   os.makedirs(args.out, exist_ok=True)
   rows = []

@@ -31,7 +31,7 @@ from collapse_jax.models import vae as vae_model  # noqa: E402
 def jax_runner(x_NxHxWxC: np.ndarray, batch: int, devices: int):
   import importlib.util
 
-  from collapse_jax.vae import VAEFamily
+  from collapse_jax.families.vae.family import VAEFamily
 
   spec = importlib.util.spec_from_file_location("vae_config", os.path.join(_REPO, "configs", "vae.py"))
   config = importlib.util.module_from_spec(spec)

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from collapse_jax import paths
-from collapse_jax.config import ConfigError
+from collapse_jax.errors import ConfigError
 
 
 class Checkpoints:

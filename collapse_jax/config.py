@@ -1,20 +1,21 @@
-"""Loop-level config fields shared by every experiment, and their validation.
+"""The run's configuration: the loop-level fields every experiment shares, typed and checked once.
 
-configs/<experiment>.py builds on `base_config()` and adds a sub-config named after its family. Everything is
-checked here (and by the family's `validate`) before any array is made or anything is compiled, so bad input
-costs nothing and names the field it is about.
+configs/<experiment>.py builds on `base_config()` (an ml_collections ConfigDict: what the command line overrides
+and config.json records) and adds a section named after its family. `parse` turns the loop-level fields into a
+frozen `Run` through the shared field checks (fields.py); the family turns its own section into its frozen Config
+the same way (family.py). Both happen before any array is made or anything is compiled, so bad input costs nothing
+and names the field it is about.
 """
-import math
+import dataclasses
 import os
 
 import ml_collections
 
+from collapse_jax import fields
+from collapse_jax.errors import ConfigError
+
 REGIMES = ("replace", "real_fraction", "accumulate", "accumulate_subsample")
 SCHEDULES = ("fixed", "linear", "geometric")
-
-
-class ConfigError(ValueError):
-  """A bad config value or path; the message names it and fits on one line."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -48,76 +49,91 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _positive_int(cfg, path: str, allow_zero: bool = False):
-  node = cfg
-  for part in path.split("."):
-    node = node[part]
-  if isinstance(node, bool) or not isinstance(node, int) or node < (0 if allow_zero else 1):
-    raise ConfigError(f"config.{path} must be a {'non-negative' if allow_zero else 'positive'} integer, got {node!r}")
+@dataclasses.dataclass(frozen=True)
+class Regime:
+  name: str = fields.choice(REGIMES)
+  real_fraction: float = fields.number(0.0, 1.0)
+  subsample: int = fields.integer(lo=0)
 
 
-def sample_counts(cfg) -> list[int]:
-  """M_g for g = 0..G-1: how many synthetic data generation g-1 hands to generation g (entry 0 is unused)."""
-  s = cfg.samples
-  if s.schedule == "fixed":
-    return [s.n] * cfg.generations
-  if s.schedule == "linear":
-    return [int(round(s.n + s.growth * g)) for g in range(cfg.generations)]
-  return [int(round(s.n * s.growth**g)) for g in range(cfg.generations)]
+@dataclasses.dataclass(frozen=True)
+class Samples:
+  n: int = fields.integer(lo=1)
+  schedule: str = fields.choice(SCHEDULES)
+  growth: float = fields.number()
+
+  def __post_init__(self):
+    if self.schedule == "linear" and self.growth < 0:
+      raise fields.bad("samples.growth", ">= 0 for a linear schedule", self.growth)
+    if self.schedule == "geometric" and self.growth < 1:
+      raise fields.bad("samples.growth", ">= 1 for a geometric schedule", self.growth)
 
 
-def check_truth(section: str, c) -> None:
-  """The true Gaussian a family's real data come from: a finite mean and a finite, positive std."""
-  if not (math.isfinite(c.true_std) and c.true_std > 0):
-    raise ConfigError(f"config.{section}.true_std must be finite and > 0, got {c.true_std!r}")
-  if not math.isfinite(c.true_mean):
-    raise ConfigError(f"config.{section}.true_mean must be finite, got {c.true_mean!r}")
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """The loop-level fields of one run (the family's section is the family's: family.py)."""
+  family: str = fields.text()
+  seed: int = fields.integer()
+  generations: int = fields.integer(lo=1)
+  chains: int = fields.integer(lo=1)
+  chain_batch: int = fields.integer(lo=0)
+  checkpoint_every: int = fields.integer(lo=1)
+  keep_checkpoints: int = fields.integer(lo=2, why="a corrupt latest checkpoint falls back to the one before")
+  checkpoint_min_seconds: float = fields.number(lo=0.0)
+  num_devices: int = fields.integer(lo=0)
+  regime: Regime = fields.section(Regime)
+  samples: Samples = fields.section(Samples)
+  n_real: int = fields.integer(lo=0)
+  snapshot_generations: tuple[int, ...] = fields.integers(lo=0)
+  snapshot_size: int = fields.integer(lo=0)
+  quantiles: tuple[float, ...] = fields.numbers_in(0.0, 1.0)
+  plots: bool = fields.boolean()
+
+  @property
+  def n_real_or_samples(self) -> int:
+    """Real training data at generation 0 where the family does not fix it: n_real, or samples.n."""
+    return self.n_real or self.samples.n
+
+  def sample_counts(self) -> list[int]:
+    """M_g for g = 0..G-1: how many synthetic data generation g-1 hands to generation g (entry 0 is unused)."""
+    s, G = self.samples, self.generations
+    if s.schedule == "fixed":
+      return [s.n] * G
+    if s.schedule == "linear":
+      return [int(round(s.n + s.growth * g)) for g in range(G)]
+    return [int(round(s.n * s.growth**g)) for g in range(G)]
+
+  def data_per_generation(self) -> tuple[tuple[str, int], ...]:
+    """(field, count) of the data one generation fits: n_real at generation 0, samples.n after it, so that an
+    error names the one that is too small."""
+    return (("samples.n", self.samples.n), ("n_real", self.n_real_or_samples))
 
 
-def data_per_generation(cfg) -> tuple[tuple[str, int], ...]:
-  """(field, count) of the data one generation fits: n_real at generation 0, samples.n after it, so that an error
-  names the one that is too small."""
-  return (("samples.n", cfg.samples.n), ("n_real", cfg.n_real or cfg.samples.n))
+def parse(cfg) -> Run:
+  """The loop-level fields of `cfg` as a Run; the family's section (named by cfg.family) is left to the family."""
+  family = cfg.get("family", "") if hasattr(cfg, "get") else ""
+  return fields.parse(Run, cfg, "", ignore=(family,) if isinstance(family, str) and family else ())
 
 
-def validate(cfg) -> None:
-  for path in ("generations", "chains", "checkpoint_every", "keep_checkpoints", "samples.n"):
-    _positive_int(cfg, path)
-  _positive_int(cfg, "num_devices", allow_zero=True)
-  _positive_int(cfg, "chain_batch", allow_zero=True)
-  _positive_int(cfg, "n_real", allow_zero=True)
-  _positive_int(cfg, "regime.subsample", allow_zero=True)
-  _positive_int(cfg, "snapshot_size", allow_zero=True)
-  m = cfg.checkpoint_min_seconds
-  if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 <= m < float("inf"):
-    raise ConfigError(f"config.checkpoint_min_seconds must be a finite number >= 0, got {m!r}")
-  if cfg.keep_checkpoints < 2:
-    raise ConfigError(f"config.keep_checkpoints must be >= 2 (a corrupt latest checkpoint falls back), got {cfg.keep_checkpoints}")
-  if cfg.regime.name not in REGIMES:
-    raise ConfigError(f"config.regime.name={cfg.regime.name!r} is not one of {', '.join(REGIMES)}")
-  f = cfg.regime.real_fraction
-  if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
-    raise ConfigError(f"config.regime.real_fraction must be in [0, 1], got {f!r}")
-  if cfg.samples.schedule not in SCHEDULES:
-    raise ConfigError(f"config.samples.schedule={cfg.samples.schedule!r} is not one of {', '.join(SCHEDULES)}")
-  if cfg.samples.schedule == "linear" and cfg.samples.growth < 0:
-    raise ConfigError(f"config.samples.growth must be >= 0 for a linear schedule, got {cfg.samples.growth}")
-  if cfg.samples.schedule == "geometric" and cfg.samples.growth < 1:
-    raise ConfigError(f"config.samples.growth must be >= 1 for a geometric schedule, got {cfg.samples.growth}")
-  if any(g < 0 for g in cfg.snapshot_generations):
-    raise ConfigError(f"config.snapshot_generations must be non-negative, got {tuple(cfg.snapshot_generations)}")
-  if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
-    raise ConfigError(f"config.seed must be an integer, got {cfg.seed!r}")
-  qs = tuple(cfg.quantiles)
-  if not qs or any(not 0.0 <= q <= 1.0 for q in qs):
-    raise ConfigError(f"config.quantiles must be in [0, 1], got {qs}")
+def variants(arg: str | None, known: tuple[str, ...]) -> tuple[set[str], dict[str, str]]:
+  """A config file's `:variant,variant,key=value` argument as (flags, {key: value}), `known` being the file's
+  VARIANTS (`quick`, `chains=N`); an unknown variant is refused naming the known ones. The one parser every
+  configs/*.py uses."""
+  keys = tuple(v.partition("=")[0] for v in known)
+  flags, values = set(), {}
+  for part in (p.strip() for p in (arg or "").split(",")):
+    if not part:
+      continue
+    key, eq, value = part.partition("=")
+    if key not in keys:
+      raise ConfigError(f"unknown config variant {key!r}; known: {', '.join(known)}")
+    if eq:
+      values[key] = value
+    else:
+      flags.add(key)
+  return flags, values
 
 
-def check_workdir(workdir: str) -> None:
-  """The workdir must be a local path or gs:// URL that exists or can be created, and be writable; checked before
-  anything is computed (paths.check_workdir)."""
-  from collapse_jax import paths  # paths imports this module for ConfigError
-  paths.check_workdir(workdir)
 
 
 def load(name: str, arg: str | None = None, **overrides) -> ml_collections.ConfigDict:

@@ -1,96 +1,148 @@
-"""The surface every model family exposes to the generation loop (loop.py).
+"""The contract between the generation loop (loop.py) and a model family: the base class every family extends.
 
-A family is a small object built from the run's config. The loop owns keys, regimes, chains, sharding,
-checkpoints, metrics and plots; the family only knows how to learn from a weighted data buffer, sample, and
-measure. All methods except `shared`, `plot` and `describe` are traced inside one jitted program, so they must be
-pure jnp code with static shapes.
+A family is built from the run's typed config: `Family.parse(run, cfg[name])` turns its config section into its
+frozen `Config` (fields.py: every field checked once, errors naming `config.<name>.<field>`), `make_mesh` gives
+the run's mesh, and the constructor takes (run, config, mesh). Its data are read in one named step,
+`load_data()`, which the loop calls once, before anything is compiled. The loop owns keys, regimes, chains,
+sharding of the carry, checkpoints, metrics and plots; the family learns from a weighted data buffer, samples and
+measures. `init_chain`, `init_model`, `fit`, `evaluate` and `sample` are traced inside one jitted program: pure
+jnp code with static shapes.
 
-Shapes: one datum has shape `datum_shape` (e.g. (2,) for a 2-D GMM, (28, 28, 1) for MNIST). A data buffer is
-`x_NxS` (N data of that shape) with weights `w_N` in {0, 1}: capacities are static, how many entries are valid
-is not (accumulating regimes grow; growing sample schedules vary per generation).
+Shapes: a data buffer is `x_NxS` (N data of the family's datum shape: (2,) for a 2-D GMM, (28, 28, 1) for MNIST,
+(block_len,) token ids for the LM) with weights `w_N` in {0, 1}: capacities are static, how many rows are valid
+is not (accumulating regimes grow; growing sample schedules vary per generation). Valid rows come first.
 
 Per chain the loop carries the family's `aux` pytree (e.g. a held-out set) plus the previous generation's model
-and generation 0's model, so families that need them (the VAE's fresh-samples-per-batch mode, metrics measured
-through the generation-0 model) get them without carrying their own copies.
+and generation 0's model; a `Generation` hands them, with the training buffer and the shared arrays, to `fit`,
+`evaluate` and `sample`. The defaults here (1-D 'data' mesh, everything replicated, no figures, nothing to plan)
+are what a family without its own opinion gets; the loop calls every method and never probes for one.
 """
-from typing import Any, Protocol
+from typing import Any, NamedTuple
 
 import jax
+import numpy as np
+
+from collapse_jax import fields, sharding
+from collapse_jax.errors import ConfigError
 
 PyTree = Any
 
 
-class Family(Protocol):
-  name: str
-  datum_shape: tuple[int, ...]
-  datum_dtype: Any
-  # How many real training data one chain starts from (generation 0's training set).
+class Data(NamedTuple):
+  """What `load_data` read: how many real training data one chain starts from (generation 0's training set) and
+  the arrays every chain shares (a dataset, initial weights), host-side; ShapeDtypeStructs in plan mode."""
   n_real: int
-  # Per-generation metrics the family reports, in the order they are plotted.
-  metric_names: tuple[str, ...]
+  shared: PyTree
+
+
+class Generation(NamedTuple):
+  """What one generation of one chain may read, all traced: its index, its training buffer (valid rows first),
+  generation g-1's model (zeros at g = 0), generation 0's model (this generation's own at g = 0; before `fit`, the
+  carried one), the chain's aux pytree and the shared arrays."""
+  g: jax.Array
+  x: jax.Array
+  w: jax.Array
+  prev: PyTree
+  model0: PyTree
+  aux: PyTree
+  shared: PyTree
+
+
+class Family:
+  name: str = ""
+  Config: type | None = None     # the frozen dataclass of config.<name> (fields.py)
   # Whether chains are independent replicas (Gaussian, GMM: vmapped and sharded over the mesh) or there is a
   # single chain whose *batches* are sharded (VAE, LM: data parallel inside `fit`).
-  vmap_chains: bool
+  vmap_chains: bool = True
+  # Per-generation metrics the family reports, in the order they are plotted.
+  metric_names: tuple[str, ...] = ()
+  # Plan mode (plan.py): the compute dtype whose published FLOP rate the roofline uses, and what a refusal of a
+  # run too large for its chips suggests.
+  dtype: str = "bfloat16"
+  plan_suggestions: tuple[str, ...] = ()
 
-  def shared(self) -> PyTree:
-    """Host-side, once: arrays every chain shares (a dataset). Passed into the jitted program replicated."""
+  # --- config and placement (host side, before anything is read or compiled) ------------------------------------
+  @classmethod
+  def parse(cls, run, section):
+    """config.<name> as the family's frozen Config, its rules joined with the run's fields checked (`check`)."""
+    if section is None:
+      raise ConfigError(f"config.{cls.name} is missing (use configs/{cls.name}.py)")
+    c = fields.parse(cls.Config, section, cls.name)
+    cls.check(run, c)
+    return c
 
-  def init_chain(self, key: jax.Array, shared: PyTree) -> tuple[jax.Array, PyTree]:
-    """Real training data `x_RxS` (R = n_real) for one chain, and the chain's aux pytree."""
+  @classmethod
+  def check(cls, run, c) -> None:
+    """Rules that join the family's section with the loop-level fields (run: config.Run). Default: none."""
 
-  def init_model(self, key: jax.Array, shared: PyTree) -> PyTree:
-    """A fresh, untrained model. The loop takes its structure (jax.eval_shape) for the zeros it carries as
-    `prev_model` and `model0` before generation 0; `fit` may call it to start each generation afresh."""
+  @classmethod
+  def make_mesh(cls, run, c, devices=None) -> jax.sharding.Mesh:
+    """The run's mesh over `devices` (plan mode: a TPU topology's; default: the visible ones). Default: the 1-D
+    'data' mesh of config.num_devices of them. A family's own mesh must keep a 'data' axis (the loop splits
+    single-chain buffers by rows over it); batch-sharded code should use sharding.batch_axes(mesh)."""
+    return sharding.make_mesh(None, run_devices(run, devices))
 
-  def fit(self, x, w, key, prev_model, g, shared) -> PyTree:
-    """One generation's learning on buffer (x, w). `prev_model` is generation g-1's model (zeros at g=0)."""
+  def __init__(self, run, c, mesh, abstract: bool = False):
+    """abstract (plan mode): a family that can enters as shapes only (`load_data` returns ShapeDtypeStructs)."""
+    self.run, self.c, self.mesh, self.abstract = run, c, mesh, abstract
 
-  def sample(self, model, n: int, key, shared, train=None) -> jax.Array | tuple[jax.Array, dict]:
-    """n data from `model` (n static). `train` is this generation's training buffer (x, w): the LM continues
-    its blocks as prompts; families that sample unconditionally ignore it. May return (data, metrics): metrics
-    of the samples just made (the LM: n-gram rates of its generated corpus), merged into `evaluate`'s."""
-
-  def evaluate(self, model, model0, aux, shared, train=None) -> dict[str, jax.Array]:
-    """Metrics of `model` for one chain; `model0` is generation 0's model; `train` (x, w) as in `sample` (the LM
-    scores its training blocks under model0). Scalars are aggregated over chains
-    (mean, std, quantiles); arrays (e.g. a histogram) are kept per generation for chain 0."""
-
-  def plot(self, workdir: str, metrics: dict, arrays: dict, snapshots: dict) -> None:
-    """Family-specific figures into workdir/plots/: metrics {name: {stat: [G]}}, arrays {name: [G, ...]} (the
-    non-scalar metrics, chain 0), snapshots {generation: chain 0's first snapshot_size samples}."""
-
-
-class Placement(Protocol):
-  """Optional methods of a single-chain family (vmap_chains False) that places its own arrays. The loop calls
-  each one only where the family defines it, so families without them keep the defaults (noted per method).
-  The LM uses all three: its initial, generation-0 and previous models are split over the 'fsdp' and 'tensor'
-  axes of its ('data', 'fsdp', 'tensor') mesh instead of held whole on every device."""
-
-  @staticmethod
-  def make_mesh(cfg, devices=None) -> jax.sharding.Mesh:
-    """The run's mesh from the config, before the family is built (it is the family's constructor argument),
-    over `devices` (plan mode: a TPU topology's; default: the visible ones). Default: sharding.make_mesh
-    (cfg.num_devices), the 1-D 'data' mesh. The mesh must have a 'data' axis (the
-    loop splits single-chain data buffers by rows over it); batch-sharded code should use
-    sharding.batch_axes(mesh) rather than assume one axis."""
+  def load_data(self) -> Data:
+    """Read (or draw) the data and check them against the config; called once by the loop, before compiling."""
+    raise NotImplementedError
 
   def model_shardings(self, model_shapes: PyTree) -> PyTree:
-    """NamedShardings (same structure as `init_model`'s output, given as ShapeDtypeStructs) for the models the
-    loop carries, prev and model0; checkpoints restore onto them. Default: replicated."""
+    """NamedShardings (same structure as `init_model`'s output, given as ShapeDtypeStructs) for the models a
+    single-chain family's carry holds, prev and model0; checkpoints restore onto them. Default: replicated."""
+    return jax.tree.map(lambda _: sharding.replicated(self.mesh), model_shapes)
 
   def shared_shardings(self, shared: PyTree) -> PyTree:
-    """NamedShardings for `shared()`'s host arrays, as they are put on the mesh and passed to the compiled
-    chunk. Default: replicated."""
+    """Where `Data.shared` lives on the mesh. Default: replicated."""
+    return jax.tree.map(lambda _: sharding.replicated(self.mesh), shared)
 
+  # --- one chain, one generation (traced) ------------------------------------------------------------------------
+  def init_chain(self, key: jax.Array, shared: PyTree) -> tuple[jax.Array, PyTree]:
+    """Real training data `x_RxS` (R = n_real) for one chain, and the chain's aux pytree."""
+    raise NotImplementedError
 
-class Plannable(Protocol):
-  """Optional methods for plan mode (plan.py), the LM's: built with `abstract=True`, the family reads no weights
-  (and no data where its config gives the sizes)."""
-  dtype: str                   # the compute dtype: which published FLOP rate the roofline uses
-  plan_suggestions: list[str]  # what the refusal of a run too large for its chips suggests
+  def init_model(self, key: jax.Array, shared: PyTree) -> PyTree:
+    """A fresh, untrained model. The loop takes its structure (jax.eval_shape) for the zeros it carries as `prev`
+    and `model0` before generation 0."""
+    raise NotImplementedError
 
-  def abstract_shared(self) -> PyTree:
-    """`shared()` as ShapeDtypeStructs."""
+  def fit(self, gen: Generation, key: jax.Array) -> PyTree:
+    """One generation's learning on (gen.x, gen.w)."""
+    raise NotImplementedError
 
+  def evaluate(self, model: PyTree, gen: Generation) -> dict[str, jax.Array]:
+    """Metrics of `model` for one chain (gen.model0: generation 0's model). Scalars are aggregated over chains
+    (mean, std, quantiles); arrays (e.g. a histogram) are kept per generation for chain 0."""
+    raise NotImplementedError
+
+  def sample(self, model: PyTree, n: int, key: jax.Array, gen: Generation) -> tuple[jax.Array, dict]:
+    """(n data from `model`, metrics of those samples: {} where the family has none). n is static."""
+    raise NotImplementedError
+
+  # --- host side, after the run ----------------------------------------------------------------------------------
+  def plot(self, workdir: str, metrics: dict, arrays: dict, snapshots: dict) -> None:
+    """Family-specific figures into workdir/plots/: metrics {name: {stat: [G]}}, arrays {name: [G, ...]} (the
+    non-scalar metrics, chain 0), snapshots {generation: chain 0's first snapshot_size samples}. Default: none
+    (the loop draws every metric's bands itself)."""
+
+  # --- plan mode (plan.py) ---------------------------------------------------------------------------------------
   def step_programs(self, exp) -> list:
-    """plan.Step per program of one generation (jitted, abstract args, how often a generation runs it)."""
+    """plan.Step per program of one generation (jitted, abstract args, how often a generation runs it), for the
+    roofline. Default: none (the plan reports the compiled chunk only)."""
+    return []
+
+
+def run_devices(run, devices=None) -> list:
+  """The first config.num_devices of `devices` (default: the visible ones; num_devices 0: all of them)."""
+  devices = list(jax.devices() if devices is None else devices)
+  if run.num_devices > len(devices):
+    raise ConfigError(f"config.num_devices={run.num_devices} but only {len(devices)} devices are available")
+  return devices[:run.num_devices or None]
+
+
+def abstract(data: Data, shardings: PyTree) -> PyTree:
+  """Data.shared as ShapeDtypeStructs placed by `shardings` (plan mode, and tracing without data)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), data.shared, shardings)

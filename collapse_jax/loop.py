@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax import checkpoint, config as config_lib, metrics as metrics_lib, plots, regimes, registry
-from collapse_jax import paths, progress, sharding
-from collapse_jax.config import ConfigError
+from collapse_jax import checkpoint, family as family_lib, metrics as metrics_lib, paths, plots, progress, regimes
+from collapse_jax import registry, sharding
+from collapse_jax.errors import ConfigError, NonFiniteError
 
 # Fields that may change between a run and its resumption without changing any result.
 _RESUMABLE_CHANGES = {"plots", "num_devices", "keep_checkpoints", "checkpoint_every", "checkpoint_min_seconds",
@@ -35,44 +35,50 @@ _RESUMABLE_CHANGES = {"plots", "num_devices", "keep_checkpoints", "checkpoint_ev
 
 
 class Experiment:
-  """Everything static about one run: config, family, mesh, shapes, shardings and the compiled chunk."""
+  """Everything static about one run, settled at construction: the typed config, the family and its mesh, the
+  data (read once, by the family's `load_data`), the carry's shapes and shardings, and the compiled chunk (built
+  on first use). Nothing here is compiled before `chunk_fn` is called."""
 
-  def __init__(self, cfg, mesh=None, abstract: bool = False):
-    """abstract: for plan mode, a family that can (`abstract_shared`) reads neither weights nor data."""
-    config_lib.validate(cfg)
-    family_cls = registry.family_class(cfg.family)
-    family_cls.validate(cfg)
+  def __init__(self, cfg, mesh=None, abstract: bool = False, devices=None):
+    """mesh: the run's mesh (default: the family's, over `devices` or the visible ones). abstract: plan mode, a
+    family that can (the LM) reads neither weights nor data (Family.load_data returns shapes)."""
     self.cfg = cfg
-    if mesh is None and cfg.num_devices > len(jax.devices()):
-      raise ConfigError(f"config.num_devices={cfg.num_devices} but only {len(jax.devices())} devices are visible")
-    # A family may build its own mesh (the LM: ('data', 'fsdp')); the default is the 1-D 'data' mesh.
-    make_mesh = getattr(family_cls, "make_mesh", None)
-    self.mesh = mesh or (make_mesh(cfg) if make_mesh else sharding.make_mesh(cfg.num_devices or None))
-    self.abstract = abstract and hasattr(family_cls, "abstract_shared")
-    self.family = family_cls(cfg, self.mesh, abstract=True) if self.abstract else family_cls(cfg, self.mesh)
-    fam = self.family
-    if not fam.vmap_chains and cfg.chains != 1:
+    self.run, self.family = registry.build(cfg, mesh, devices, abstract)
+    run, fam = self.run, self.family
+    self.mesh = fam.mesh
+    if not fam.vmap_chains and run.chains != 1:
       raise ConfigError(f"config.chains must be 1 for family {fam.name!r} (it shards batches, not chains)")
-    self.counts = config_lib.sample_counts(cfg)
-    self.counts[0] = fam.n_real
-    self.spec = regimes.make_spec(cfg, fam.n_real, self.counts)
-    if cfg.regime.name == "real_fraction":
+    self.data = fam.load_data()
+    n_real = self.data.n_real
+    self.counts = run.sample_counts()
+    self.counts[0] = n_real
+    self.spec = regimes.make_spec(run, n_real, self.counts)
+    if run.regime.name == "real_fraction":
       k = max(self.spec.real_counts[1:], default=0)  # the counts training_set uses, rounded on the host
-      if k > fam.n_real:
-        raise ConfigError(f"config.regime.real_fraction={cfg.regime.real_fraction} asks for {k} real data per "
-                          f"generation but only {fam.n_real} exist (config.n_real)")
-    self.n_chains = cfg.chains
-    self.padded_chains = sharding.pad_to_mesh(cfg.chains, self.mesh) if fam.vmap_chains else 1
-    self.stats = metrics_lib.stat_names(cfg.quantiles)
+      if k > n_real:
+        raise ConfigError(f"config.regime.real_fraction={run.regime.real_fraction} asks for {k} real data per "
+                          f"generation but only {n_real} exist (config.n_real)")
+    self.n_chains = run.chains
+    self.padded_chains = sharding.pad_to_mesh(run.chains, self.mesh) if fam.vmap_chains else 1
+    self.stats = metrics_lib.stat_names(run.quantiles)
     local = self.padded_chains // self.mesh.devices.size
     # chain_batch 0: one chain at a time on CPU (a vmapped EM while_loop runs until its slowest chain is
     # done, which costs more than it saves there), all of a device's chains at once on accelerators.
     auto = 1 if self.mesh.devices.flat[0].platform == "cpu" else local
-    self.chain_batch = max(1, min(cfg.chain_batch or auto, local))
-    self.snap_gens = sorted({g for g in cfg.snapshot_generations if g < cfg.generations})
+    self.chain_batch = max(1, min(run.chain_batch or auto, local))
+    self.snap_gens = sorted({g for g in run.snapshot_generations if g < run.generations})
     self._counts_dev = np.asarray(self.counts + [self.spec.m_max], np.int32)
+    # Layout of the shared arrays and of the carry, by tracing only.
+    self.shared_shardings = fam.shared_shardings(self.data.shared)
+    self.shared_abstract = family_lib.abstract(self.data, self.shared_shardings)
+    keys, fn = self._init_fn()
+    shapes = jax.eval_shape(fn, keys, self.shared_abstract)
+    self.carry_shardings = self._carry_shardings(shapes)
+    self.carry_abstract = checkpoint.abstract(shapes, self.carry_shardings)
+    # Checkpoints hold the carry as one array per dtype where the carry allows (checkpoint.ChainPacker).
+    self._packer = checkpoint.ChainPacker(shapes, self.carry_shardings) if (
+        fam.vmap_chains and checkpoint.ChainPacker.applies(shapes, self.carry_shardings)) else None
     self._chunk = None
-    self._packer = None
     self._init = None
 
   # --- one chain, one generation -------------------------------------------------------------------------
@@ -88,16 +94,16 @@ class Experiment:
     key = jax.random.fold_in(jax.random.fold_in(carry["key"], 0), g)
     counts = jnp.asarray(self._counts_dev)
     x, w = regimes.training_set(spec, carry["data"], g, jax.random.fold_in(key, 0), counts[g])
-    model = fam.fit(x, w, jax.random.fold_in(key, 1), carry["prev"], g, shared)
+    gen = family_lib.Generation(g, x, w, carry["prev"], carry["model0"], carry["aux"], shared)
+    model = fam.fit(gen, jax.random.fold_in(key, 1))
     model0 = jax.tree.map(lambda new, old: jnp.where(g == 0, new, old), model, carry["model0"])
-    metrics = fam.evaluate(model, model0, carry["aux"], shared, train=(x, w))
-    samples = fam.sample(model, spec.m_max, jax.random.fold_in(key, 2), shared, train=(x, w))
-    if isinstance(samples, tuple):  # (samples, metrics of the samples): see Family.sample
-      samples, sample_metrics = samples
-      metrics = {**metrics, **sample_metrics}
+    gen = gen._replace(model0=model0)
+    metrics = fam.evaluate(model, gen)
+    samples, sample_metrics = fam.sample(model, spec.m_max, jax.random.fold_in(key, 2), gen)
+    metrics = {**metrics, **sample_metrics}
     data = regimes.update(spec, carry["data"], samples, counts[g + 1])
     carry = dict(carry, data=data, prev=model, model0=model0)
-    return carry, metrics, samples[:self.cfg.snapshot_size]
+    return carry, metrics, samples[:self.run.snapshot_size]
 
   # --- the compiled chunk --------------------------------------------------------------------------------
   def _all_chains(self, carry, g, shared):
@@ -133,26 +139,16 @@ class Experiment:
       else:
         carry, metrics, snap = self._generation(carry, g, shared)
         metrics = jax.tree.map(lambda m: m[None], metrics)
-      scalars, arrays = metrics_lib.aggregate(metrics, self.n_chains, self.cfg.quantiles)
+      scalars, arrays = metrics_lib.aggregate(metrics, self.n_chains, self.run.quantiles)
       return carry, (scalars, arrays, snap)
     return jax.lax.scan(step, carry, gs)
 
   def _init_fn(self):
-    root = jax.random.PRNGKey(self.cfg.seed)
+    root = jax.random.PRNGKey(self.run.seed)
     if self.family.vmap_chains:
       keys = jax.vmap(lambda c: jax.random.fold_in(root, c))(jnp.arange(self.padded_chains))
       return keys, jax.vmap(self._chain_init, in_axes=(0, None))
     return jax.random.fold_in(root, 0), self._chain_init
-
-  def carry_shapes(self, shared):
-    """Shapes and shardings of the carry, by tracing only (nothing is compiled)."""
-    keys, fn = self._init_fn()
-    shapes = jax.eval_shape(fn, keys, shared)
-    self.carry_shardings = self._carry_shardings(shapes)
-    if self._packer is None and self.family.vmap_chains and checkpoint.ChainPacker.applies(
-        shapes, self.carry_shardings):
-      self._packer = checkpoint.ChainPacker(shapes, self.carry_shardings)
-    return checkpoint.abstract(shapes, self.carry_shardings)
 
   def init_carry(self, shared):
     keys, fn = self._init_fn()
@@ -160,9 +156,8 @@ class Experiment:
       self._init = jax.jit(fn, out_shardings=self.carry_shardings)
     return self._init(keys, shared)
 
-  # The carry as checkpoints hold it: one array per dtype where the carry allows (checkpoint.ChainPacker).
-  def stored_carry_abstract(self, carry_abstract):
-    return self._packer.abstract if self._packer else carry_abstract
+  def stored_carry_abstract(self):
+    return self._packer.abstract if self._packer else self.carry_abstract
 
   def store_carry(self, carry):
     return self._packer.pack(carry) if self._packer else carry
@@ -179,20 +174,15 @@ class Experiment:
     # placed as the family says (Family.model_shardings; default replicated), the same for prev and model0.
     data = jax.tree.map(lambda s: lead if s.ndim >= 2 and s.shape[0] % size == 0 else rep, shapes["data"])
     placed = dict(jax.tree.map(lambda _: rep, shapes), data=data)
-    model_sh = getattr(self.family, "model_shardings", None)
-    if model_sh is not None:
-      placed["prev"], placed["model0"] = model_sh(shapes["prev"]), model_sh(shapes["model0"])
+    placed["prev"] = self.family.model_shardings(shapes["prev"])
+    placed["model0"] = self.family.model_shardings(shapes["model0"])
     return placed
 
-  def shared_shardings(self, shared):
-    """Where `shared` lives: as the family says (Family.shared_shardings), else replicated."""
-    fn = getattr(self.family, "shared_shardings", None)
-    return fn(shared) if fn is not None else jax.tree.map(lambda _: sharding.replicated(self.mesh), shared)
-
-  def chunk_fn(self, shared_shardings):
+  def chunk_fn(self):
     if self._chunk is None:
       self._chunk = jax.jit(sharding.on_mesh(self._chunk_body, self.mesh),
-                            in_shardings=(self.carry_shardings, None, shared_shardings), out_shardings=(self.carry_shardings, None), donate_argnums=0)
+                            in_shardings=(self.carry_shardings, None, self.shared_shardings),
+                            out_shardings=(self.carry_shardings, None), donate_argnums=0)
     return self._chunk
 
 
@@ -231,23 +221,21 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
   `experiment`: an Experiment of this same config whose compiled chunk is reused (several workdirs of one
   config in one process, e.g. a test's uninterrupted and interrupted runs, pay one compilation).
   """
-  config_lib.check_workdir(workdir)
+  paths.check_workdir(workdir)
   if experiment is not None and experiment.cfg.to_json_best_effort() != cfg.to_json_best_effort():
     raise ValueError("run(experiment=...) must be an Experiment of the same config")
   exp = experiment or Experiment(cfg, mesh)
-  fam, G = exp.family, cfg.generations
+  fam, run_cfg = exp.family, exp.run
+  G = run_cfg.generations
   cfg_json = json.loads(cfg.to_json_best_effort())
-  ckpts = checkpoint.Checkpoints(workdir, cfg.keep_checkpoints)
+  ckpts = checkpoint.Checkpoints(workdir, run_cfg.keep_checkpoints)
   _check_resumable(workdir, cfg_json, bool(ckpts.steps()))
   if jax.process_index() == 0:  # on multi-host runs one process writes the host-side files; Orbax does the rest
     paths.write_atomic(os.path.join(workdir, "config.json"), json.dumps(cfg_json, indent=2, sort_keys=True))
 
-  shared_host = fam.shared()
-  shared_sh = exp.shared_shardings(shared_host)
-  shared = jax.device_put(shared_host, shared_sh)
-  carry_abstract = exp.carry_shapes(shared)
-  chunk = exp.chunk_fn(shared_sh)
-  ys_shape = jax.eval_shape(chunk, carry_abstract, np.zeros((1,), np.int32), shared)[1]
+  shared = jax.device_put(exp.data.shared, exp.shared_shardings)
+  chunk = exp.chunk_fn()
+  ys_shape = jax.eval_shape(chunk, exp.carry_abstract, np.zeros((1,), np.int32), exp.shared_abstract)[1]
   history = {
       "metrics": {k: np.zeros((G,) + v.shape[1:], np.float32) for k, v in ys_shape[0].items()},
       "arrays": {k: np.zeros((G,) + v.shape[1:], v.dtype) for k, v in ys_shape[1].items()},
@@ -255,7 +243,7 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
       "next_gen": np.zeros((), np.int64),
   }
   # Restore before compiling anything, so an unreadable workdir costs no compile time.
-  step, restored = ckpts.restore_latest({"carry": exp.stored_carry_abstract(carry_abstract),
+  step, restored = ckpts.restore_latest({"carry": exp.stored_carry_abstract(),
                                          "history": checkpoint.pack_host(history)})
   if restored is not None:
     carry = exp.load_carry(restored["carry"])
@@ -272,7 +260,7 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
   if restored is None:
     carry = exp.init_carry(shared)
 
-  L = cfg.checkpoint_every
+  L = run_cfg.checkpoint_every
   t0, done_since = time.time(), 0
   t_first, last_save, saved = None, None, start  # saved: the newest checkpoint's step (the resume point)
   try:  # every exit, the errors included, awaits the save in flight (Checkpoints.close)
@@ -295,7 +283,7 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
           history["snapshots"][i] = snap[g - s]
       history["next_gen"] = np.asarray(e, np.int64)
       stop = e >= G or (stop_after is not None and e >= stop_after)
-      if stop or _save_due(cfg.checkpoint_min_seconds, last_save, ckpts):
+      if stop or _save_due(run_cfg.checkpoint_min_seconds, last_save, ckpts):
         last_save, saved = time.monotonic(), e
         # Returns once the state is off the device and copied (checkpoint.py), so the next chunk can donate the
         # carry and this loop can fill the history while the files are written.
@@ -315,7 +303,7 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
         return history
   finally:
     ckpts.close()
-  if cfg.plots and jax.process_index() == 0:
+  if run_cfg.plots and jax.process_index() == 0:
     make_plots(workdir, exp, history)
   return history
 
@@ -328,11 +316,6 @@ def _save_due(min_seconds: float, last_save: float | None, ckpts) -> bool:
     from jax.experimental import multihost_utils
     due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
   return due
-
-
-class NonFiniteError(ConfigError):
-  """A loss or metric became NaN or infinite. A ConfigError so that the CLI reports it as one line and exits 2
-  (main.py); the run's checkpoints end before the bad chunk."""
 
 
 def _first_non_finite(scalars: dict, arrays: dict, start: int):
@@ -370,5 +353,5 @@ def make_plots(workdir, exp, history):
   by_stat = {k: {s: v[:, i] for i, s in enumerate(exp.stats)} for k, v in history["metrics"].items()}
   snaps = {g: history["snapshots"][i] for i, g in enumerate(exp.snap_gens)}
   paths.makedirs(os.path.join(workdir, "plots"))
-  plots.metric_bands(workdir, exp.family.name, by_stat, exp.family.metric_names, exp.cfg.chains)
+  plots.metric_bands(workdir, exp.family.name, by_stat, exp.family.metric_names, exp.run.chains)
   exp.family.plot(workdir, by_stat, history["arrays"], snaps)

@@ -190,7 +190,7 @@ def main(argv):
   if _CPU_THREADS.value:  # creates the backends: after jax.distributed.initialize, which must come first
     from collapse_jax import hardware
     hardware.limit_cpu_threads(_CPU_THREADS.value)
-  from collapse_jax.config import ConfigError
+  from collapse_jax.errors import ConfigError
   try:
     # After flag parsing, so --help and flag errors do not pay JAX's import; inside the try, since importing
     # reads COLLAPSE_JAX_PROGRESS_EVERY (progress.py), whose bad value is a one-line error too.

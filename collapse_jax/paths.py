@@ -19,7 +19,7 @@ import os
 import re
 import uuid
 
-from collapse_jax.config import ConfigError
+from collapse_jax.errors import ConfigError
 
 SCHEMES = ("gs",)
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from collapse_jax import hardware
-from collapse_jax.config import ConfigError
+from collapse_jax.errors import ConfigError
 
 GiB = 2**30
 PHASES = ("train", "decode", "eval")
@@ -317,47 +317,32 @@ def check_fits(stats: dict, tgt: Target, suggestions=None, buffers=None) -> str:
 
 
 # --- the plan of a run ----------------------------------------------------------------------------------
-def _default_mesh(cfg, devices) -> jax.sharding.Mesh:
-  """sharding.make_mesh's 1-D 'data' mesh, over the target's devices instead of jax.devices()."""
-  from collapse_jax import sharding
-  n = cfg.num_devices or len(devices)
-  if not 1 <= n <= len(devices):
-    raise ConfigError(f"config.num_devices={n} but the target has {len(devices)} chips")
-  return jax.make_mesh((n,), (sharding.AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n])
-
-
 def run(cfg, target_name: str, out_path: str | None = None, workdir: str | None = None,
         dtype: str | None = None, whole: bool = True) -> dict:
   """Compile the run's generation chunk (and the family's per-step programs, where it has them) for the target;
   print a short report, write it as JSON (out_path; else <workdir>/plan.json with a workdir; else stdout only),
-  and return it. Raises ConfigError when the chunk does not fit a chip. A family with `abstract_shared` (the LM)
-  enters as shapes only: no weights read, nor data where its config gives the sizes. `dtype`: the FLOP rate the
-  roofline uses (default: the family's `dtype` attribute, else bfloat16). whole=False (a quick survey, e.g.
+  and return it. Raises ConfigError when the chunk does not fit a chip. A family that can (the LM: Family.load_data
+  in plan mode) enters as shapes only: no weights read, nor data where its config gives the sizes. `dtype`: the FLOP rate the
+  roofline uses (default: the family's `dtype`). whole=False (a quick survey, e.g.
   benchmarks/scale_table.py): the chunk is not compiled; its memory is estimated as what it holds throughout
   (its arguments, exact from their shardings) plus the largest step program's own total."""
-  from collapse_jax import config as config_lib, loop, paths, registry
+  from collapse_jax import loop, paths
   if out_path is None and workdir:
-    config_lib.check_workdir(workdir)  # made and checked writable before anything compiles
+    paths.check_workdir(workdir)  # made and checked writable before anything compiles
     out_path = os.path.join(workdir, "plan.json")
   elif out_path and not paths.is_remote(out_path):
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   tgt = target(target_name)
-  fam_cls = registry.family_class(cfg.family)
-  make_mesh = getattr(fam_cls, "make_mesh", None)
-  mesh = make_mesh(cfg, tgt.devices) if make_mesh else _default_mesh(cfg, tgt.devices)
-  exp = loop.Experiment(cfg, mesh, abstract=True)
-  fam = exp.family
   # Abstract where the family can (the LM), else real host arrays (small: a dataset) of which only shapes travel.
-  shared = fam.abstract_shared() if exp.abstract else fam.shared()
-  shared_sh = exp.shared_shardings(shared)
-  shared_abs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), shared, shared_sh)
-  carry_abs = exp.carry_shapes(shared_abs)
-  gs = jax.ShapeDtypeStruct((cfg.checkpoint_every,), np.int32)
-  dtype = dtype or str(getattr(fam, "dtype", "bfloat16"))
-  steps = fam.step_programs(exp) if hasattr(fam, "step_programs") else []
+  exp = loop.Experiment(cfg, devices=tgt.devices, abstract=True)
+  fam, mesh = exp.family, exp.mesh
+  shared_abs, carry_abs = exp.shared_abstract, exp.carry_abstract
+  gs = jax.ShapeDtypeStruct((exp.run.checkpoint_every,), np.int32)
+  dtype = dtype or fam.dtype
+  steps = fam.step_programs(exp)
   memory = step_memory(steps, tgt) if steps else None
   if whole or not steps:
-    compiled = compile_for(exp.chunk_fn(shared_sh).lower(carry_abs, gs, shared_abs), tgt)
+    compiled = compile_for(exp.chunk_fn().lower(carry_abs, gs, shared_abs), tgt)
     stats, buffers = compile_stats(compiled), biggest_buffers(compiled)
   else:
     flat = jax.tree_util.tree_flatten_with_path({"carry": carry_abs, "shared": shared_abs})[0]
@@ -369,7 +354,7 @@ def run(cfg, target_name: str, out_path: str | None = None, workdir: str | None 
     buffers = sorted(((_shard_bytes(x), f"{np.dtype(x.dtype).name}{list(x.shape)}".replace(" ", ""),
                        "argument " + jax.tree_util.keystr(path)) for path, x in flat), reverse=True)[:6]
   try:
-    verdict, refused = check_fits(stats, tgt, getattr(fam, "plan_suggestions", None), buffers), None
+    verdict, refused = check_fits(stats, tgt, list(fam.plan_suggestions), buffers), None
   except ConfigError as e:
     verdict, refused = None, e
   # No roofline for a run that cannot start.

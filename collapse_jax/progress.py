@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax.config import ConfigError
+from collapse_jax.errors import ConfigError
 
 
 def _every_from_env() -> float:

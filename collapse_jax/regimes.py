@@ -31,17 +31,17 @@ class Spec:
   real_counts: tuple[int, ...] = ()
 
 
-def make_spec(cfg, n_real: int, counts: list[int]) -> Spec:
-  name = cfg.regime.name
+def make_spec(run, n_real: int, counts: list[int]) -> Spec:
+  name = run.regime.name
   m_max = max(counts[1:], default=counts[0])
-  subsample = cfg.regime.subsample or cfg.samples.n
+  subsample = run.regime.subsample or run.samples.n
   # The pool holds the real data and every generation's samples; one extra m_max block of slack keeps the
   # last write in bounds (dynamic_update_slice would otherwise clamp it back over valid entries).
   pool = n_real + sum(counts[1:]) + m_max if name.startswith("accumulate") else 0
   # A subsample larger than the whole pool takes all of it (top_k cannot draw more rows than the pool has).
   train = {"replace": max(n_real, m_max), "real_fraction": max(n_real, m_max), "accumulate": pool,
            "accumulate_subsample": min(subsample, pool)}[name]
-  f = float(cfg.regime.real_fraction)
+  f = run.regime.real_fraction
   return Spec(name, n_real, m_max, pool, train, f, subsample, tuple(round(f * m) for m in counts))
 
 

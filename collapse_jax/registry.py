@@ -1,13 +1,15 @@
-"""Family name -> class. Imported lazily so a GMM run never imports the VAE's Flax modules, and vice versa."""
+"""Family name -> class, and the one way a family is built from a config. Classes are imported lazily so a GMM
+run never imports the VAE's Flax modules, and vice versa."""
 import importlib
 
-from collapse_jax.config import ConfigError
+from collapse_jax import config as config_lib
+from collapse_jax.errors import ConfigError
 
 FAMILIES = {
-    "gaussian": "collapse_jax.gaussian:GaussianFamily",
-    "gmm": "collapse_jax.gmm:GMMFamily",
-    "vae": "collapse_jax.vae:VAEFamily",
-    "lm": "collapse_jax.lm:LMFamily",
+    "gaussian": "collapse_jax.families.gaussian.family:GaussianFamily",
+    "gmm": "collapse_jax.families.gmm.family:GMMFamily",
+    "vae": "collapse_jax.families.vae.family:VAEFamily",
+    "lm": "collapse_jax.families.lm.family:LMFamily",
 }
 
 
@@ -16,3 +18,13 @@ def family_class(name: str):
     raise ConfigError(f"config.family={name!r} is not one of {', '.join(FAMILIES)}")
   module, cls = FAMILIES[name].split(":")
   return getattr(importlib.import_module(module), cls)
+
+
+def build(cfg, mesh=None, devices=None, abstract: bool = False):
+  """(run, family) from a config: the loop-level fields and the family's section checked once (config.parse,
+  Family.parse), the mesh the family asks for over `devices` unless one is given, then the family."""
+  run = config_lib.parse(cfg)
+  cls = family_class(run.family)
+  c = cls.parse(run, cfg.get(run.family))
+  mesh = mesh if mesh is not None else cls.make_mesh(run, c, devices)
+  return run, cls(run, c, mesh, abstract=abstract)

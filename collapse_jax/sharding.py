@@ -10,8 +10,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 AXIS = "data"
 
 
-def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-  devices = jax.devices()
+def make_mesh(num_devices: int | None = None, devices=None) -> jax.sharding.Mesh:
+  """The 1-D 'data' mesh over the first num_devices of `devices` (default: all visible devices)."""
+  devices = jax.devices() if devices is None else list(devices)
   n = len(devices) if num_devices is None else num_devices
   if not 1 <= n <= len(devices):
     raise ValueError(f"num_devices={n} but {len(devices)} devices are visible")

@@ -173,5 +173,5 @@ SCALE = {
 }
 
 # 64-token blocks of ../shared/data/wikitext-2/valid.txt under its 8192-id BPE (4,062), less the 5% held out for
-# validation (203); measured with collapse_jax.data.text on 2026-11-27.
+# validation (203); measured with collapse_jax.families.lm.text on 2026-11-27.
 _SCRATCH_WIKITEXT2_BLOCKS = 3859

@@ -35,7 +35,7 @@ from collapse_jax.config import base_config
 VARIANTS = ("digits", "mnist", "mnist_idx", "t10k", "dataset", "real_fraction", "accumulate", "quick")
 
 _MNIST_TRAIN = 60000
-_DIGITS_TRAIN = 1500  # collapse_jax.data.mnist.DIGITS_TRAIN, kept literal so loading a config imports no data code
+_DIGITS_TRAIN = 1500  # collapse_jax.families.vae.data.DIGITS_TRAIN, kept literal so loading a config imports no data code
 
 
 def get_config(arg: str | None = None):

@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax import config as config_lib, lm_train
-from collapse_jax.models import opt
+from collapse_jax import config as config_lib
+from collapse_jax.families.lm import train as lm_train
+from collapse_jax.families.lm import model as opt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +66,7 @@ def refused_before_compilation(tmp_path, monkeypatch, cfg, match):
   import jax
   import pytest
   from collapse_jax import loop
-  from collapse_jax.config import ConfigError
+  from collapse_jax.errors import ConfigError
 
   def no_compile(*a, **k):
     raise AssertionError("compiled before validating")

@@ -5,7 +5,7 @@ import ml_collections
 import pytest
 
 from collapse_jax import config as config_lib, loop
-from collapse_jax.config import ConfigError
+from collapse_jax.errors import ConfigError
 from tests.helpers import load_config
 
 

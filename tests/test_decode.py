@@ -1,4 +1,4 @@
-"""collapse_jax/decode.py: token-for-token parity with Hugging Face generate on the tiny OPT fixture (committed
+"""collapse_jax/families/lm/decode.py: token-for-token parity with Hugging Face generate on the tiny OPT fixture (committed
 outputs of tests/fixtures/make_decode_fixture.py), beam search == exhaustive search on a tiny fake model, sampler
 distributions by chi-square against a fake model of known logits, keys independent of batching and sharding,
 one compile per program, and one-line ConfigErrors raised before compiling."""
@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from collapse_jax import decode, hf, sharding
-from collapse_jax.config import ConfigError
+from collapse_jax import sharding
+from collapse_jax.families.lm import decode
+from collapse_jax.families.lm import hf
+from collapse_jax.errors import ConfigError
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
@@ -361,7 +363,7 @@ def test_opt_beams_read_one_shared_prompt_cache():
   """kv_cache.share_prefix keeps each prompt's K/V once (batch G, not G x beams) and the copies attend over it plus
   their own slots: two copies of each left-padded prompt, fed different tokens for 3 steps, get the logits of
   the full uncached forward of prompt + their own tokens."""
-  from collapse_jax.models import opt
+  from collapse_jax.families.lm import model as opt
   d, lm, params = hf_fixture()
   cfg = hf.load_opt(os.path.join(FIXTURES, "opt_preln"), dtype="float32")[0]
   case = next(c for c in d["cases"] if c["name"] == "greedy_padded")
@@ -387,7 +389,7 @@ def test_opt_beam_reorder_reads_ancestors():
   """Beam reordering (kv_cache.reorder_copies) moves only which copy's slots each row reads, never K/V: 3 copies of
   each left-padded prompt, reordered after every step to parents drawn within their prompt (repeats allowed, as
   beam search does), get at every step the logits of the full uncached forward of prompt + their history."""
-  from collapse_jax.models import opt
+  from collapse_jax.families.lm import model as opt
   d, lm, params = hf_fixture()
   cfg = hf.load_opt(os.path.join(FIXTURES, "opt_preln"), dtype="float32")[0]
   case = next(c for c in d["cases"] if c["name"] == "greedy_padded")

@@ -1,4 +1,4 @@
-"""collapse_jax.em against scikit-learn, scipy and numerical integration."""
+"""collapse_jax.families.gmm.em against scikit-learn, scipy and numerical integration."""
 import itertools
 import warnings
 
@@ -12,7 +12,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 from sklearn.mixture._gaussian_mixture import _estimate_gaussian_parameters
 
-from collapse_jax import em
+from collapse_jax.families.gmm import em
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from collapse_jax import gaussian, loop, registry
+from collapse_jax import loop, registry
+from collapse_jax.families.gaussian import family as gaussian
 from collapse_jax.metrics import read_jsonl
 from tests.helpers import load_config, refused_before_compilation
 

@@ -13,7 +13,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 from sklearn.mixture._gaussian_mixture import _estimate_gaussian_parameters
 
-from collapse_jax import em, loop, registry
+from collapse_jax import loop, registry
+from collapse_jax.families.gmm import em
 from tests.helpers import chain_stats_close, load_config, refused_before_compilation
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from collapse_jax import hf
-from collapse_jax.config import ConfigError
-from collapse_jax.models import opt
+from collapse_jax.families.lm import hf
+from collapse_jax.errors import ConfigError
+from collapse_jax.families.lm import model as opt
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 PRELN, POSTLN = os.path.join(FIXTURES, "opt_preln"), os.path.join(FIXTURES, "opt_postln")

@@ -13,11 +13,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from collapse_jax import decode, lm_train, loop, metrics as metrics_lib
-from collapse_jax.config import ConfigError
-from collapse_jax.lm import HIST_BINS, LMFamily
-from collapse_jax.text_metrics import ngram_rates
-from collapse_jax.models import opt as opt_model
+from collapse_jax import loop, metrics as metrics_lib
+from collapse_jax.families.lm import decode
+from collapse_jax.families.lm import train as lm_train
+from collapse_jax.errors import ConfigError
+from collapse_jax.families.lm.family import HIST_BINS, LMFamily
+from collapse_jax.families.lm.text_metrics import ngram_rates
+from collapse_jax.families.lm import model as opt_model
 from tests import helpers
 from tests.helpers import load_config, refused_before_compilation
 

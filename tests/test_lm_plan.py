@@ -1,4 +1,4 @@
-"""Plan mode for the LM (collapse_jax/lm_plan.py through plan.run): the generation chunk and its step programs
+"""Plan mode for the LM (collapse_jax/families/lm/plan.py through plan.run): the generation chunk and its step programs
 compiled for a TPU topology (libtpu, from the test extra) and for the local CPU devices from abstract shapes (no
 weights, no data files); opt-125m's per-chip memory against a hand count; an LM too large for its chips refused
 with its biggest buffers named.
@@ -9,9 +9,9 @@ import jax
 import pytest
 
 from collapse_jax import loop, plan, sharding
-from collapse_jax.config import ConfigError
-from collapse_jax.lm import LMFamily
-from collapse_jax.models import opt
+from collapse_jax.errors import ConfigError
+from collapse_jax.families.lm.family import LMFamily
+from collapse_jax.families.lm import model as opt
 from helpers import load_config
 
 GiB = 2**30
@@ -41,7 +41,7 @@ def test_lm_plan_runs_from_shapes_alone(tmp_path, target):
 
 def _opt125m(tgt, fsdp):
   """opt-125m's (the paper's config) train step and decode programs, compiled for tgt on a (1, fsdp, 1) mesh."""
-  from collapse_jax import lm_plan
+  from collapse_jax.families.lm import plan as lm_plan
   cfg = load_config("lm", "opt_wikitext2", lm__mesh_fsdp=fsdp, lm__dtype="bfloat16")
   exp = loop.Experiment(cfg, LMFamily.make_mesh(cfg, tgt.devices), abstract=True)
   steps = [plan.Step(*s) for s in lm_plan._programs(exp.family, exp, exp.family.model_cfg)]

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from collapse_jax import lm_train, sharding
-from collapse_jax.config import ConfigError
-from collapse_jax.models import opt
+from collapse_jax import sharding
+from collapse_jax.families.lm import train as lm_train
+from collapse_jax.errors import ConfigError
+from collapse_jax.families.lm import model as opt
 
 V = 32
 

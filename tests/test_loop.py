@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from collapse_jax import checkpoint, loop
-from collapse_jax.config import ConfigError
+from collapse_jax.errors import ConfigError
 from collapse_jax import metrics as metrics_lib
 from tests.helpers import chain_stats_close, cli, corrupt_checkpoint, load_config, sigkill_then_resume
 

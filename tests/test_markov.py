@@ -1,4 +1,4 @@
-"""collapse_jax.data.markov against numpy/scipy brute force, closed forms and exact sampling statistics."""
+"""collapse_jax.families.lm.markov against numpy/scipy brute force, closed forms and exact sampling statistics."""
 import math
 
 import jax
@@ -8,8 +8,8 @@ import pytest
 import scipy.linalg
 from scipy import special, stats
 
-from collapse_jax.config import ConfigError
-from collapse_jax.data import markov
+from collapse_jax.errors import ConfigError
+from collapse_jax.families.lm import markov
 
 # Jitted once per module: one compiled program per metric costs far less than op-by-op dispatch.
 _sample = jax.jit(markov.sample_blocks, static_argnums=(1, 2))

@@ -1,4 +1,4 @@
-"""collapse_jax.data.mnist: every source offline, on files the tests write (no real MNIST needed)."""
+"""collapse_jax.families.vae.data: every source offline, on files the tests write (no real MNIST needed)."""
 import gzip
 import io
 import json
@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from collapse_jax.data import mnist
+from collapse_jax.families.vae import data as mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,7 +55,7 @@ def test_describe_labels():
 
 
 def test_import_pulls_in_no_optional_dependency():
-  code = ("import sys; import collapse_jax.data.mnist; "
+  code = ("import sys; import collapse_jax.families.vae.data; "
           "print([m for m in ('tensorflow_datasets', 'sklearn', 'tensorflow') if m in sys.modules])")
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                        env=dict(os.environ, PYTHONPATH=REPO))

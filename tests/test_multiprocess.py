@@ -262,7 +262,7 @@ def _vae_expected(tmp_path):
   VAEFamily.fit draw them, the gradient as its 64 per-image terms. Returns (params interval tree, names)."""
   import jax
   from collapse_jax import loop
-  from collapse_jax.models import vae as vae_model
+  from collapse_jax.families.vae import model as vae_model
   from tests import helpers
   cfg = helpers.load_config("vae", "quick", plots=False, generations=1, vae__batch_size=64)
   fam = loop.Experiment(cfg).family
@@ -294,7 +294,8 @@ def _lm_expected(tmp_path):
   """Generation 0's AdamW step from the initial model (lm.start=initial) on the 28 real blocks, from the
   gradient's per-token terms (as tests/test_lm.py's 8-vs-1-device test)."""
   import jax
-  from collapse_jax import lm_train, loop
+  from collapse_jax import loop
+  from collapse_jax.families.lm import train as lm_train
   from tests import helpers
   cfg = helpers.load_config("lm", "ci", generations=1, lm__epochs=1, lm__batch_size=32, lm__dropout=0.0)
   fam = loop.Experiment(cfg).family

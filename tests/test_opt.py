@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from collapse_jax import hf
-from collapse_jax.config import ConfigError
-from collapse_jax.models import dense, opt
+from collapse_jax.families.lm import hf
+from collapse_jax.errors import ConfigError
+from collapse_jax.families.lm import dense
+from collapse_jax.families.lm import model as opt
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 VARIANTS = ("opt_preln", "opt_postln")

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from collapse_jax import paths
-from collapse_jax.config import ConfigError
+from collapse_jax.errors import ConfigError
 from collapse_jax.metrics import read_jsonl
 from tests.helpers import REPO, cli, load_config
 

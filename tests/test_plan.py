@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from collapse_jax import config, hardware, plan
-from collapse_jax.config import ConfigError
+from collapse_jax.errors import ConfigError
 
 GiB = 2**30
 

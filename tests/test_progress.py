@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from collapse_jax import decode, lm_train, progress, sharding
-from collapse_jax.config import ConfigError
-from collapse_jax.models import opt
+from collapse_jax import progress, sharding
+from collapse_jax.families.lm import decode
+from collapse_jax.families.lm import train as lm_train
+from collapse_jax.errors import ConfigError
+from collapse_jax.families.lm import model as opt
 
 V = 32
 TRAIN_RE = re.compile(r"^\[lm train\] epoch (\d+)/(\d+) step (\d+)/(\d+) ")

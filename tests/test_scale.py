@@ -21,8 +21,10 @@ import numpy as np
 import optax
 import pytest
 
-from collapse_jax import decode, lm_train, sharding
-from collapse_jax.models import opt
+from collapse_jax import sharding
+from collapse_jax.families.lm import decode
+from collapse_jax.families.lm import train as lm_train
+from collapse_jax.families.lm import model as opt
 from helpers import U32, adam_first_interval, bound_from_sums, inside, names, token_grad_sums
 
 CFG = opt.OPTConfig(vocab_size=4096, hidden_size=2048, num_layers=2, num_heads=32, ffn_dim=8192,

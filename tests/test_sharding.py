@@ -8,8 +8,9 @@ import optax
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from collapse_jax import lm_train, sharding
-from collapse_jax.models import opt
+from collapse_jax import sharding
+from collapse_jax.families.lm import train as lm_train
+from collapse_jax.families.lm import model as opt
 from tests.helpers import U32, adam_interval, check_adam, grad_bound, inside, names, token_grads
 
 

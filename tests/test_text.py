@@ -1,4 +1,4 @@
-"""collapse_jax.data.text and .tokenizer, offline: tokenizers against transformers' own ids (a committed fixture
+"""collapse_jax.families.lm.text and .tokenizer, offline: tokenizers against transformers' own ids (a committed fixture
 made by tests/fixtures/make_tokenizer_fixture.py), blocks against hand-built ones, cache and error paths."""
 import json
 import os
@@ -10,9 +10,9 @@ import types
 import numpy as np
 import pytest
 
-from collapse_jax.config import ConfigError
-from collapse_jax.data import text
-from collapse_jax.data import tokenizer as tok_lib
+from collapse_jax.errors import ConfigError
+from collapse_jax.families.lm import text
+from collapse_jax.families.lm import tokenizer as tok_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
@@ -374,7 +374,7 @@ def test_bad_input_is_one_line_config_error(tmp_path):
 
 def test_import_pulls_in_no_optional_dependency():
   optional = ("tensorflow_datasets", "datasets", "transformers", "torch", "tensorflow", "tokenizers")
-  code = ("import sys; import collapse_jax.data.text, collapse_jax.data.tokenizer; "
+  code = ("import sys; import collapse_jax.families.lm.text, collapse_jax.families.lm.tokenizer; "
           f"print([m for m in {optional!r} if m in sys.modules])")
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                        env=dict(os.environ, PYTHONPATH=REPO))

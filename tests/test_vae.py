@@ -16,9 +16,9 @@ from flax import nnx
 
 from collapse_jax import config as config_lib, loop, progress, sharding
 from collapse_jax import metrics as metrics_lib
-from collapse_jax.config import ConfigError
-from collapse_jax.models import vae as vae_model
-from collapse_jax.vae import HIST_BINS, HIST_RANGE, VAEFamily
+from collapse_jax.errors import ConfigError
+from collapse_jax.families.vae import model as vae_model
+from collapse_jax.families.vae.family import HIST_BINS, HIST_RANGE, VAEFamily
 from tests import vae_checks as vc
 from tests.helpers import U32, gamma, load_config, sigkill_then_resume
 

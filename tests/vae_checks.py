@@ -10,7 +10,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from collapse_jax.models import vae as vae_model
+from collapse_jax.families.vae import model as vae_model
 from tests import helpers
 from tests.helpers import U32
 

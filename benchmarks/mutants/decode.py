@@ -1,5 +1,5 @@
-"""Mutants of collapse_jax/decode.py (HF semantics: processors, beam bookkeeping; keys; sampling warpers;
-validation) and of the shared-prompt beam attention it added to collapse_jax/models/opt.py."""
+"""Mutants of collapse_jax/families/lm/decode.py (HF semantics: processors, beam bookkeeping; keys; sampling warpers;
+validation) and of the shared-prompt beam attention it added to collapse_jax/families/lm/model.py."""
 from benchmarks.mutants import Mutant
 
 _T = "tests/test_decode.py"
@@ -12,8 +12,8 @@ _BAD = f"{_T}::test_bad_config_is_refused_before_compiling"
 _SHARE = f"{_T}::test_opt_beams_read_one_shared_prompt_cache"
 _LEFT = f"{_T}::test_left_padding_changes_nothing"
 _REORDER = f"{_T}::test_opt_beam_reorder_reads_ancestors"
-D, OPT = "collapse_jax/decode.py", "collapse_jax/models/opt.py"
-KV = "collapse_jax/models/kv_cache.py"
+D, OPT = "collapse_jax/families/lm/decode.py", "collapse_jax/families/lm/model.py"
+KV = "collapse_jax/families/lm/kv_cache.py"
 
 MUTANTS = [
     Mutant(name="decode_rep_penalty_sign_swapped", file=D,

@@ -1,10 +1,10 @@
-"""Mutants of the LM trainer (collapse_jax/lm_train.py) and the LM sharding (collapse_jax/sharding.py): the loss's
+"""Mutants of the LM trainer (collapse_jax/families/lm/train.py) and the LM sharding (collapse_jax/sharding.py): the loss's
 shift and mask, the optimizer and its schedule, the epoch's shuffle and remainder, ragged buffers, key streams,
 perplexity's padding, best-on-validation, validation of input, and the FSDP placement; and the progress lines
 from inside compiled programs (collapse_jax/progress.py, with the trainer that reports to it)."""
 from benchmarks.mutants import Mutant
 
-_TRAIN, _SHARD = "collapse_jax/lm_train.py", "collapse_jax/sharding.py"
+_TRAIN, _SHARD = "collapse_jax/families/lm/train.py", "collapse_jax/sharding.py"
 _T, _S = "tests/test_lm_train.py::", "tests/test_sharding.py::"
 _NLL = _T + "test_token_nll_shift_and_mask"
 _PPL = _T + "test_perplexity_batched_equals_one_pass"
@@ -32,12 +32,12 @@ MUTANTS = [
            old="next_BxL = jnp.pad(ids_BxL[:, 1:], pad, constant_values=-1)", new="next_BxL = ids_BxL",
            tests=("tests/test_lm_train.py::test_token_nll_gradient_is_autodiffs",),
            why="the hand-written loss gradient's one-hot marks each position's own token, not the next one"),
-    Mutant(name="lm_dense_bias_grad_dropped", file="collapse_jax/models/dense.py",
+    Mutant(name="lm_dense_bias_grad_dropped", file="collapse_jax/families/lm/dense.py",
            old="db_O = _contract(jnp.ones(g_TxO.shape[:1], g_TxO.dtype), g_TxO, (0,), (0,), g_TxO.dtype)",
            new="db_O = jnp.zeros(g_TxO.shape[1:], g_TxO.dtype)",
            tests=("tests/test_opt.py::test_dense_and_lm_head_gradients_are_autodiffs",),
            why="the hand-written projection backward leaves the biases untrained"),
-    Mutant(name="lm_head_grad_untransposed_input", file="collapse_jax/models/dense.py",
+    Mutant(name="lm_head_grad_untransposed_input", file="collapse_jax/families/lm/dense.py",
            old="dx_TxP = _contract(g_TxV, table_VxP, (1,), (0,), jnp.float32)",
            new="dx_TxP = _contract(g_TxV, jnp.flip(table_VxP, 0), (1,), (0,), jnp.float32)",
            tests=("tests/test_opt.py::test_dense_and_lm_head_gradients_are_autodiffs",),

@@ -1,10 +1,10 @@
-"""Mutants of the LM family (collapse_jax/lm.py) and of the loop hooks it uses (collapse_jax/loop.py): prompts,
+"""Mutants of the LM family (collapse_jax/families/lm/family.py) and of the loop hooks it uses (collapse_jax/loop.py): prompts,
 what is handed on, best-on-validation, the start model, masking, every metric's model and data, the sharding
 hooks and the non-finite stop."""
 from benchmarks.mutants import Mutant
 
-_LM, _LOOP = "collapse_jax/lm.py", "collapse_jax/loop.py"
-_TEXT = "collapse_jax/text_metrics.py"
+_LM, _LOOP = "collapse_jax/families/lm/family.py", "collapse_jax/loop.py"
+_TEXT = "collapse_jax/families/lm/text_metrics.py"
 _T = "tests/test_lm.py::"
 _CONT = _T + "test_each_generation_continues_its_own_training_blocks"
 _NUM = _T + "test_metrics_recomputed_in_numpy"

@@ -1,7 +1,7 @@
-"""Mutants of collapse_jax/data/markov.py (the synthetic Markov language and its exact metrics)."""
+"""Mutants of collapse_jax/families/lm/markov.py (the synthetic Markov language and its exact metrics)."""
 from benchmarks.mutants import Mutant
 
-_F = "collapse_jax/data/markov.py"
+_F = "collapse_jax/families/lm/markov.py"
 _T = "tests/test_markov.py"
 
 MUTANTS = [

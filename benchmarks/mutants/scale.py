@@ -3,9 +3,9 @@ cache, HF's per-layer tensors, and the planner's step counting (tests/test_scale
 tests/test_opt.py, tests/test_decode.py, tests/test_lm_plan.py)."""
 from benchmarks.mutants import Mutant
 
-SH, OPT, KV, HF = ("collapse_jax/sharding.py", "collapse_jax/models/opt.py", "collapse_jax/models/kv_cache.py",
-                   "collapse_jax/hf.py")
-PLAN, LMP = "collapse_jax/plan.py", "collapse_jax/lm_plan.py"
+SH, OPT, KV, HF = ("collapse_jax/sharding.py", "collapse_jax/families/lm/model.py", "collapse_jax/families/lm/kv_cache.py",
+                   "collapse_jax/families/lm/hf.py")
+PLAN, LMP = "collapse_jax/plan.py", "collapse_jax/families/lm/plan.py"
 _S, _SH, _P = "tests/test_scale.py::", "tests/test_sharding.py::", "tests/test_lm_plan.py::"
 
 MUTANTS = [

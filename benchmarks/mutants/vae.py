@@ -1,8 +1,8 @@
-"""Mutants of the VAE family (collapse_jax/vae.py) and its model (collapse_jax/models/vae.py): the path from each
+"""Mutants of the VAE family (collapse_jax/families/vae/family.py) and its model (collapse_jax/families/vae/model.py): the path from each
 config field to the training arithmetic, the ragged last batch, and every reported metric."""
 from benchmarks.mutants import Mutant
 
-_FAMILY, _MODEL = "collapse_jax/vae.py", "collapse_jax/models/vae.py"
+_FAMILY, _MODEL = "collapse_jax/families/vae/family.py", "collapse_jax/families/vae/model.py"
 _T = "tests/test_vae.py::"
 _HAND0 = _T + "test_fit_matches_hand_adam_on_a_ragged_buffer[0-40]"
 _HAND1 = _T + "test_fit_matches_hand_adam_on_a_ragged_buffer[1-8]"

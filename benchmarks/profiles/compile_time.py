@@ -24,8 +24,10 @@ def main(argv=None):
   args = ap.parse_args(argv)
   import jax
   import jax.numpy as jnp
-  from collapse_jax import decode, lm_train, sharding
-  from collapse_jax.models import opt
+  from collapse_jax import sharding
+  from collapse_jax.families.lm import decode
+  from collapse_jax.families.lm import train as lm_train
+  from collapse_jax.families.lm import model as opt
 
   has_scan = "scan_layers" in {f.name for f in dataclasses.fields(opt.OPTConfig)}
   for scan in [bool(int(s)) for s in args.scan_layers.split(",")] if has_scan else [None]:

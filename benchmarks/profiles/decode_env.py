@@ -37,8 +37,8 @@ def child(args):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
   import numpy as np
   from benchmarks.decode_bench import METHODS, SHAPES, prompts
-  from collapse_jax import decode
-  from collapse_jax.models import opt
+  from collapse_jax.families.lm import decode
+  from collapse_jax.families.lm import model as opt
   cfg = opt.get_size(SHAPES[args.shape]["size"], dtype="float32", dropout=0.0)
   params = opt.init_params(cfg, jax.random.key(0))
   ids, mask = prompts(cfg, args.rows, 64)

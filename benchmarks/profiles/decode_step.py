@@ -1,4 +1,4 @@
-"""Per-op profile of collapse_jax.decode on the decode_bench shapes: which XLA:CPU ops take what share of a decode.
+"""Per-op profile of collapse_jax.families.lm.decode on the decode_bench shapes: which XLA:CPU ops take what share of a decode.
 
   python benchmarks/profiles/decode_step.py [--method beam5_rep3|sample] [--shape small|opt125m] [--rows 64]
       [--batch 64] [--top 30]

@@ -4,8 +4,8 @@
   python benchmarks/profiles/gmm_profile.py --env_ab   # the same chunk under XLA flags / one core, subprocesses
 
 The timed thing is gmm_bench.py's: the loop's compiled chunk of `generations` generations from generation 0
-(K=2, D=2, 1000 points). Variants: collapse_jax/em.py of this tree vs of git revision --baseline, swapped into
-collapse_jax.gmm; rounds alternate the variants and medians/minima are reported (a shared machine is noisy).
+(K=2, D=2, 1000 points). Variants: collapse_jax/families/gmm/em.py of this tree vs of git revision --baseline, swapped into
+collapse_jax.families.gmm.family; rounds alternate the variants and medians/minima are reported (a shared machine is noisy).
 For each compiled chunk it prints the thunk-producing instructions (fusions, copies, calls, nested whiles) of
 every while body in the optimised HLO: on 1000 x 2 points an EM iteration costs about as much as the launches
 of its kernels, so that count is the per-iteration cost model. --breakdown also times the chunk with EM cut to
@@ -31,7 +31,7 @@ sys.path.insert(0, ROOT)
 from collapse_jax import gmm as gmm_family, loop  # noqa: E402
 from collapse_jax.config import load as load_config  # noqa: E402
 
-_BASE = flags.DEFINE_string("baseline", "HEAD", "git revision whose collapse_jax/em.py is the A side ('' = none)")
+_BASE = flags.DEFINE_string("baseline", "HEAD", "git revision whose collapse_jax/families/gmm/em.py is the A side ('' = none)")
 _GENS = flags.DEFINE_integer("generations", 50, "generations per timed chunk")
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "alternating timing rounds")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "also time EM cut to 1 iteration and Lloyd to 1 iteration")
@@ -66,7 +66,7 @@ def load_em(rev: str | None):
   if rev is None:
     path = os.path.join(ROOT, "collapse_jax", "em.py")
   else:
-    src = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:collapse_jax/em.py"], check=True,
+    src = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:collapse_jax/families/gmm/em.py"], check=True,
                          capture_output=True, text=True).stdout
     path = os.path.join(tempfile.mkdtemp(), "em.py")
     with open(path, "w") as f:

@@ -43,8 +43,9 @@ def import_tree(root):
     del sys.modules[name]
   sys.path.insert(0, root)
   try:
-    from collapse_jax import lm_train, sharding
-    from collapse_jax.models import opt
+    from collapse_jax import sharding
+    from collapse_jax.families.lm import train as lm_train
+    from collapse_jax.families.lm import model as opt
   finally:
     sys.path.remove(root)
   return lm_train, opt, sharding

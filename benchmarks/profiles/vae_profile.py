@@ -3,7 +3,7 @@ working tree's, and the PyTorch peer step from benchmarks/vae_bench.py, alternat
 
   python benchmarks/profiles/vae_profile.py [--base main] [--steps 8] [--rounds 5] [--trace]
 
---base: the git revision whose collapse_jax/models/vae.py is the "before" model (fit itself is the tree's;
+--base: the git revision whose collapse_jax/families/vae/model.py is the "before" model (fit itself is the tree's;
 the two models have the same parameter tree, so only the graphdef differs). Prints median ms per training step
 for each and the per-round ratios. --trace: a jax.profiler trace of one call of each JAX variant, summarised
 as ms per step per XLA op (shares, usable on a loaded machine; ops run concurrently, so the sum can exceed the
@@ -32,7 +32,7 @@ from flax import nnx  # noqa: E402
 
 from collapse_jax import sharding  # noqa: E402
 from collapse_jax.models import vae as vae_model  # noqa: E402
-from collapse_jax.vae import VAEFamily  # noqa: E402
+from collapse_jax.families.vae.family import VAEFamily  # noqa: E402
 
 
 def _load(name, path):
@@ -43,7 +43,7 @@ def _load(name, path):
 
 
 def base_model(rev):
-  src = subprocess.run(["git", "-C", _REPO, "show", f"{rev}:collapse_jax/models/vae.py"], check=True,
+  src = subprocess.run(["git", "-C", _REPO, "show", f"{rev}:collapse_jax/families/vae/model.py"], check=True,
                        capture_output=True, text=True).stdout
   path = os.path.join(tempfile.mkdtemp(), "vae_base.py")
   with open(path, "w") as f:

@@ -14,8 +14,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-from collapse_jax import decode, lm_train, plan, regimes, sharding
-from collapse_jax.models import kv_cache, opt as opt_model
+from collapse_jax import plan, regimes, sharding
+from collapse_jax.families.lm import decode
+from collapse_jax.families.lm import train as lm_train
+from collapse_jax.families.lm import kv_cache
+from collapse_jax.families.lm import model as opt_model
 
 
 def block_counts(fam) -> tuple[int, int, int]:
@@ -39,7 +42,7 @@ def abstract_shared(fam) -> dict:
          "train": jax.ShapeDtypeStruct((n_train, L), i32), "valid": jax.ShapeDtypeStruct((n_valid, L), i32),
          "test": jax.ShapeDtypeStruct((n_test, L), i32), "prompts": jax.ShapeDtypeStruct((fam.c.text_samples, L), i32)}
   if fam.markov:
-    from collapse_jax.data import markov
+    from collapse_jax.families.lm import markov
     m = fam.c.markov
     out["source"] = jax.eval_shape(lambda: markov.make_source(m.vocab, m.branching, m.zipf_exponent, m.seed,
                                                               m.concentration))
@@ -107,7 +110,7 @@ def _programs(fam, exp, mcfg) -> list[tuple]:
   # Decoding: every prompt (samples.n of them, and the fixed text prompts) in batches of decode_batch.
   D, dcfg = c.decode_batch, fam.dcfg
   lm = decode.opt_lm(mcfg)
-  n_batches = math.ceil((exp.cfg.samples.n + c.text_samples) / D)
+  n_batches = math.ceil((exp.run.samples.n + c.text_samples) / D)
   kn = decode.knobs(lm, dcfg)
   ids = jax.ShapeDtypeStruct((D, L), jnp.int32, sharding=bs)
   keys = jax.ShapeDtypeStruct((D, 2), jnp.uint32, sharding=bs)  # threefry key data, one per row

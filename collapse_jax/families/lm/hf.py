@@ -1,4 +1,4 @@
-"""Hugging Face OPT checkpoints <-> collapse_jax.models.opt parameters.
+"""Hugging Face OPT checkpoints <-> collapse_jax.families.lm.model parameters.
 
 load_opt(path) reads a local folder as `save_pretrained` writes it, or as the HF hub cache holds it (either the
 snapshot folder models--facebook--opt-125m/snapshots/<hash>/ or the models--* root, whose refs/main names the
@@ -20,8 +20,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from collapse_jax.config import ConfigError
-from collapse_jax.models import opt
+from collapse_jax.errors import ConfigError
+from collapse_jax.families.lm import model as opt
 
 _PREFIXES = ("model.decoder.", "decoder.", "model.")
 _HEAD = "lm_head.weight"

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax import progress, sharding
-from collapse_jax.config import ConfigError
+from collapse_jax.errors import ConfigError
 
 METHODS = ("greedy", "sample", "beam")
 NEG = -1.0e9  # HF's "never pick this" score in beam bookkeeping (added, not assigned, as HF does)
@@ -126,8 +126,9 @@ class LM:
 
 @functools.lru_cache(maxsize=None)
 def opt_lm(cfg) -> LM:
-  """collapse_jax.models.opt as an LM (cached per OPTConfig, so jitted programs are reused)."""
-  from collapse_jax.models import kv_cache, opt
+  """collapse_jax.families.lm.model as an LM (cached per OPTConfig, so jitted programs are reused)."""
+  from collapse_jax.families.lm import kv_cache
+  from collapse_jax.families.lm import model as opt
 
   return LM(apply=lambda params, ids, mask, cache: opt.apply(cfg, params, ids, mask, cache=cache, last_only=True),
             init_cache=functools.partial(opt.init_cache, cfg), vocab_size=cfg.vocab_size,

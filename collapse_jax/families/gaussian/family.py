@@ -5,12 +5,13 @@ and the estimate collapses to a point while the mean random-walks away (the Wass
 Metrics per chain: |mu - mu_hat| (Euclidean), |sigma - sigma_hat| with sigma_hat = sqrt(tr(Sigma_hat)/d) (exactly
 the 1-D quantity), ||Sigma_hat - Sigma||_F, var_ratio = tr(Sigma_hat)/tr(Sigma), and W2 to the original.
 """
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
-from collapse_jax import config as config_lib
-from collapse_jax.config import ConfigError
+from collapse_jax import family, fields
+from collapse_jax.errors import ConfigError
 
 ESTIMATORS = ("mle", "unbiased")
 
@@ -38,39 +39,36 @@ def w2_to_isotropic(mu_D, cov_DxD, mu0: float, sigma0: float):
   return jnp.sqrt(jnp.maximum(sq, 0.0))
 
 
-class GaussianFamily:
+@dataclasses.dataclass(frozen=True)
+class Config:
+  dim: int = fields.integer(lo=1)
+  estimator: str = fields.choice(ESTIMATORS)
+  true_mean: float = fields.number()
+  true_std: float = fields.number(lo=0.0, lo_open=True)
+
+
+class GaussianFamily(family.Family):
   name = "gaussian"
-  vmap_chains = True
-  datum_dtype = jnp.float32
+  Config = Config
   metric_names = ("var_ratio", "std_abs_err", "mean_abs_err", "w2", "cov_frob_err")
 
-  @staticmethod
-  def validate(cfg) -> None:
-    if "gaussian" not in cfg:
-      raise ConfigError("config.gaussian is missing (use configs/gaussian.py)")
-    c = cfg.gaussian
-    if isinstance(c.dim, bool) or not isinstance(c.dim, int) or c.dim < 1:
-      raise ConfigError(f"config.gaussian.dim must be a positive integer, got {c.dim!r}")
-    if c.estimator not in ESTIMATORS:
-      raise ConfigError(f"config.gaussian.estimator={c.estimator!r} is not one of {', '.join(ESTIMATORS)}")
-    config_lib.check_truth("gaussian", c)
-    for path, n in config_lib.data_per_generation(cfg):
+  @classmethod
+  def check(cls, run, c) -> None:
+    for path, n in run.data_per_generation():
       if c.estimator == "unbiased" and n < 2:
         raise ConfigError(f"config.{path} must be >= 2 for the unbiased estimator, got {n}")
 
-  def __init__(self, cfg, mesh):
-    c = cfg.gaussian
-    self.dim, self.mu0, self.sigma0 = c.dim, float(c.true_mean), float(c.true_std)
+  def __init__(self, run, c, mesh, abstract: bool = False):
+    super().__init__(run, c, mesh, abstract)
+    self.dim, self.mu0, self.sigma0 = c.dim, c.true_mean, c.true_std
     self.unbiased = c.estimator == "unbiased"
-    self.datum_shape = (self.dim,)
-    self.n_real = cfg.n_real or cfg.samples.n
-    self.n_chains = cfg.chains
-    counts = config_lib.sample_counts(cfg)
+    self.n_real = run.n_real_or_samples
+    counts = run.sample_counts()
     # The theory curve holds for the paper's recursion only: each generation fits the previous one's samples.
-    self.fit_sizes = [self.n_real] + counts[1:] if cfg.regime.name == "replace" else None
+    self.fit_sizes = [self.n_real] + counts[1:] if run.regime.name == "replace" else None
 
-  def shared(self):
-    return {}
+  def load_data(self):
+    return family.Data(self.n_real, {})  # drawn per chain from the true Gaussian (init_chain)
 
   def init_chain(self, key, shared):
     x_RxD = self.mu0 + self.sigma0 * jax.random.normal(key, (self.n_real, self.dim))
@@ -79,15 +77,15 @@ class GaussianFamily:
   def init_model(self, key, shared):
     return {"mean": jnp.zeros((self.dim,)), "cov": jnp.zeros((self.dim, self.dim))}
 
-  def fit(self, x, w, key, prev_model, g, shared):
-    mu_D, cov_DxD = fit_moments(x, w, self.unbiased)
+  def fit(self, gen, key):
+    mu_D, cov_DxD = fit_moments(gen.x, gen.w, self.unbiased)
     return {"mean": mu_D, "cov": cov_DxD}
 
-  def sample(self, model, n, key, shared, train=None):
+  def sample(self, model, n, key, gen):
     z_NxD = jax.random.normal(key, (n, self.dim))
-    return model["mean"] + z_NxD @ psd_sqrt(model["cov"])
+    return model["mean"] + z_NxD @ psd_sqrt(model["cov"]), {}
 
-  def evaluate(self, model, model0, aux, shared, train=None):
+  def evaluate(self, model, gen):
     mu, cov, d = model["mean"], model["cov"], self.dim
     return {
         "var_ratio": jnp.trace(cov) / (d * self.sigma0**2),
@@ -103,7 +101,7 @@ class GaussianFamily:
       return
     from collapse_jax import plots
     label = "theory: 1 (unbiased)" if self.unbiased else "theory: prod (1 - 1/M_i)"
-    plots.metric_bands(workdir, self.name, {"var_ratio": metrics["var_ratio"]}, ("var_ratio",), self.n_chains,
+    plots.metric_bands(workdir, self.name, {"var_ratio": metrics["var_ratio"]}, ("var_ratio",), self.run.chains,
                        overlays={"var_ratio": (label, expected_var_ratio(self.fit_sizes, self.unbiased))},
                        filename="gaussian_var_ratio.png")
 

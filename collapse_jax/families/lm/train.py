@@ -38,8 +38,8 @@ import numpy as np
 import optax
 
 from collapse_jax import hardware, progress, sharding
-from collapse_jax.config import ConfigError
-from collapse_jax.models import opt as opt_model
+from collapse_jax.errors import ConfigError
+from collapse_jax.families.lm import model as opt_model
 
 SHUFFLE, DROPOUT = 0, 1  # fold_in tags for the two key streams
 

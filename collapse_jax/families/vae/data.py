@@ -27,7 +27,7 @@ import zlib
 
 import numpy as np
 
-from collapse_jax.config import ConfigError
+from collapse_jax.errors import ConfigError
 
 SOURCES = ("tfds", "idx", "digits")
 SPLITS = ("train", "test")

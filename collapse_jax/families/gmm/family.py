@@ -4,57 +4,57 @@ Metrics per chain: the closed-form L2 distance to generation 0's GMM (the paper'
 the smallest and largest component standard deviation sqrt(tr(cov_k)/D) (label-switching invariant), the whole
 mixture's standard deviation, the mean log-likelihood of held-out real data, and EM's iteration count.
 """
-import math
+import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax import em, paths
-from collapse_jax import config as config_lib
-from collapse_jax.config import ConfigError
+from collapse_jax import family, fields, paths
+from collapse_jax.errors import ConfigError
+from collapse_jax.families.gmm import em
 
 
 def _isotropic(dim: int, mean: float, std: float) -> em.GMM:
   return em.GMM(weights=jnp.ones((1,)), means=jnp.full((1, dim), mean), covs=(std**2) * jnp.eye(dim)[None])
 
 
-class GMMFamily:
+@dataclasses.dataclass(frozen=True)
+class Config:
+  components: int = fields.integer(lo=1)
+  dim: int = fields.integer(lo=1)
+  max_iter: int = fields.integer(lo=1)
+  kmeans_iter: int = fields.integer(lo=1)
+  heldout: int = fields.integer(lo=1)
+  tol: float = fields.number(lo=0.0)
+  reg_covar: float = fields.number(lo=0.0)
+  true_mean: float = fields.number()
+  true_std: float = fields.number(lo=0.0, lo_open=True)
+
+
+class GMMFamily(family.Family):
   name = "gmm"
-  vmap_chains = True
-  datum_dtype = jnp.float32
+  Config = Config
   metric_names = ("l2_to_gen0", "mixture_std", "comp_std_min", "comp_std_max", "heldout_loglik", "l2_to_true",
                   "em_iters")
 
-  @staticmethod
-  def validate(cfg) -> None:
-    if "gmm" not in cfg:
-      raise ConfigError("config.gmm is missing (use configs/gmm.py)")
-    c = cfg.gmm
-    for f in ("components", "dim", "max_iter", "kmeans_iter", "heldout"):
-      v = c[f]
-      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ConfigError(f"config.gmm.{f} must be a positive integer, got {v!r}")
-    for f in ("tol", "reg_covar"):
-      if not (isinstance(c[f], (int, float)) and math.isfinite(c[f]) and c[f] >= 0):
-        raise ConfigError(f"config.gmm.{f} must be a finite non-negative number, got {c[f]!r}")
-    config_lib.check_truth("gmm", c)
-    for path, n in config_lib.data_per_generation(cfg):
+  @classmethod
+  def check(cls, run, c) -> None:
+    for path, n in run.data_per_generation():
       if c.components > n:
         raise ConfigError(f"config.gmm.components={c.components} exceeds config.{path}={n}, the data per generation")
 
-  def __init__(self, cfg, mesh):
-    c = cfg.gmm
+  def __init__(self, run, c, mesh, abstract: bool = False):
+    super().__init__(run, c, mesh, abstract)
     self.k, self.dim = c.components, c.dim
-    self.tol, self.max_iter, self.reg_covar = float(c.tol), c.max_iter, float(c.reg_covar)
+    self.tol, self.max_iter, self.reg_covar = c.tol, c.max_iter, c.reg_covar
     self.kmeans_iter, self.n_heldout = c.kmeans_iter, c.heldout
-    self.mu0, self.sigma0 = float(c.true_mean), float(c.true_std)
-    self.datum_shape = (self.dim,)
-    self.n_real = cfg.n_real or cfg.samples.n
+    self.mu0, self.sigma0 = c.true_mean, c.true_std
+    self.n_real = run.n_real_or_samples
 
-  def shared(self):
-    return {}
+  def load_data(self):
+    return family.Data(self.n_real, {})  # drawn per chain from the true blob (init_chain)
 
   def _real(self, key, n):
     return self.mu0 + self.sigma0 * jax.random.normal(key, (n, self.dim))
@@ -68,15 +68,17 @@ class GMMFamily:
     return {"gmm": em.GMM(weights=jnp.zeros((k,)), means=jnp.zeros((k, d)), covs=jnp.zeros((k, d, d))),
             "n_iter": jnp.zeros((), jnp.int32), "converged": jnp.zeros((), jnp.bool_)}
 
-  def fit(self, x, w, key, prev_model, g, shared):
+  def fit(self, gen, key):
+    x, w = gen.x, gen.w
     init = em.kmeans_init(x, w, self.k, key, max_iter=self.kmeans_iter, reg_covar=self.reg_covar)
     gmm, n_iter, converged, _ = em.fit(x, w, init, self.tol, self.max_iter, self.reg_covar)
     return {"gmm": gmm, "n_iter": jnp.asarray(n_iter, jnp.int32), "converged": jnp.asarray(converged)}
 
-  def sample(self, model, n, key, shared, train=None):
-    return em.sample(model["gmm"], n, key)
+  def sample(self, model, n, key, gen):
+    return em.sample(model["gmm"], n, key), {}
 
-  def evaluate(self, model, model0, aux, shared, train=None):
+  def evaluate(self, model, gen):
+    model0, aux = gen.model0, gen.aux
     gmm = model["gmm"]
     comp_std_K = jnp.sqrt(jnp.trace(gmm.covs, axis1=-2, axis2=-1) / self.dim)
     _, cov_DxD = em.mixture_moments(gmm)

@@ -35,10 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax import decode, lm_train, paths, sharding
-from collapse_jax.config import ConfigError
-from collapse_jax.models import opt as opt_model
-from collapse_jax.text_metrics import masked_quantiles, ngram_rates
+from collapse_jax import family, paths, sharding
+from collapse_jax.families.lm import decode
+from collapse_jax.families.lm import train as lm_train
+from collapse_jax.errors import ConfigError
+from collapse_jax.families.lm import model as opt_model
+from collapse_jax.families.lm.text_metrics import masked_quantiles, ngram_rates
 
 DATA, INITS, STARTS, PROMPTS = ("markov", "text"), ("scratch", "hf"), ("initial", "previous"), ("own", "real")
 NGRAMS = (2, 4)
@@ -76,19 +78,17 @@ def _check_samples_n(samples_n, n_blocks):
                       f"into one new block: set config.samples.n={n_blocks}")
 
 
-class LMFamily:
+class LMFamily(family.Family):
   name = "lm"
   vmap_chains = False
-  datum_dtype = jnp.int32
 
   # --- config ---------------------------------------------------------------------------------------------------
-  @staticmethod
-  def validate(cfg) -> None:
-    if "lm" not in cfg:
+  @classmethod
+  def parse(cls, run, c):
+    if c is None:
       raise ConfigError("config.lm is missing (use configs/lm.py)")
-    c = cfg.lm
-    if cfg.samples.schedule != "fixed":
-      raise ConfigError(f"config.samples.schedule={cfg.samples.schedule!r}: the LM continues samples.n blocks "
+    if run.samples.schedule != "fixed":
+      raise ConfigError(f"config.samples.schedule={run.samples.schedule!r}: the LM continues samples.n blocks "
                         "every generation, so only 'fixed' can run")
     for field, choices in (("data", DATA), ("init", INITS), ("start", STARTS), ("prompts", PROMPTS)):
       if c[field] not in choices:
@@ -114,18 +114,18 @@ class LMFamily:
     if c.data == "text" and c.text.tokenizer not in ("hf", "bytes", "bpe"):
       _fail("text.tokenizer", "one of hf, bytes, bpe", c.text.tokenizer)
     if c.data == "markov":  # known without drawing the data
-      _check_samples_n(cfg.samples.n, c.markov.train_blocks)
+      _check_samples_n(run.samples.n, c.markov.train_blocks)
     dcfg = decode_config(c)  # names config.lm.decode.method itself
     try:
       dcfg.validate()
     except ConfigError as e:
       raise ConfigError(f"config.lm.decode: {e}") from None
+    return c
 
-  def __init__(self, cfg, mesh, abstract: bool = False):
+  def __init__(self, run, c, mesh, abstract: bool = False):
     """abstract (plan mode): shapes only; no weights are read, nor data where lm_plan.block_counts can say."""
-    c = self.c = cfg.lm
-    self.abstract = abstract
-    self.mesh, self.cfg_samples, self.cfg_n_real = mesh, cfg.samples.n, cfg.n_real
+    super().__init__(run, c, mesh, abstract)
+    self.cfg_samples, self.cfg_n_real = run.samples.n, run.n_real
     shards = sharding.batch_shards(mesh)
     for field in ("batch_size", "eval_batch", "decode_batch"):
       if c[field] % shards:
@@ -157,7 +157,7 @@ class LMFamily:
       _fail("hf_path", "the local Hugging Face OPT folder for init='hf' (e.g. from `huggingface-cli download "
             "facebook/opt-125m`)", c.hf_path)
     if c.init == "hf" and c.hf_path:  # only config.json is read here; the weights are read by `shared`
-      from collapse_jax import hf
+      from collapse_jax.families.lm import hf
       path = os.path.join(hf.resolve_dir(c.hf_path), hf.CONFIG_JSON)
       try:
         with open(path) as fh:
@@ -194,7 +194,7 @@ class LMFamily:
     return d
 
   def _load_markov(self) -> dict:
-    from collapse_jax.data import markov
+    from collapse_jax.families.lm import markov
     m = self.c.markov
     src = markov.make_source(m.vocab, m.branching, m.zipf_exponent, m.seed, m.concentration)
     key = jax.random.PRNGKey(m.data_seed)
@@ -204,7 +204,7 @@ class LMFamily:
     return dict(out, source=src)
 
   def _load_text(self) -> dict:
-    from collapse_jax.data import text as text_lib
+    from collapse_jax.families.lm import text as text_lib
     t, c = self.c.text, self.c
     files = {s: [p for p in t[f"{s}_files"].split(",") if p] for s in ("train", "valid", "test")}
     if t.kind == "wikitext":
@@ -217,7 +217,7 @@ class LMFamily:
         _fail(f"text.{s}_files", "comma-separated text files for text.kind='files'", t[f"{s}_files"])
     tok_path = t.tokenizer_path or None
     if tok_path is None and c.init == "hf":  # OPT's tokenizer files sit beside its weights
-      from collapse_jax import hf
+      from collapse_jax.families.lm import hf
       tok_path = hf.resolve_dir(c.hf_path)
     tok = text_lib.tokenizer_for(t.tokenizer, source, path=tok_path,
                                  cache_dir=t.cache_dir or None, vocab_size=t.bpe_vocab)
@@ -234,14 +234,14 @@ class LMFamily:
       d["train"] = d["train"][:t.train_blocks]
     return dict(d, tokenizer=tok)
 
-  @property
-  def n_real(self) -> int:
+  def load_data(self) -> family.Data:
+    """The blocks (and the initial weights); in plan mode their shapes only (lm_plan)."""
     if self.abstract:
-      from collapse_jax import lm_plan
+      from collapse_jax.families.lm import plan as lm_plan
       n = lm_plan.block_counts(self)[0]
       _check_samples_n(self.cfg_samples, n)
-      return n
-    return len(self._load()["train"])
+      return family.Data(n, lm_plan.abstract_shared(self))
+    return family.Data(len(self._load()["train"]), self._shared())
 
   @property
   def dtype(self) -> str:  # plan mode's FLOP rate
@@ -255,18 +255,14 @@ class LMFamily:
             f"smaller config.lm.batch_size / eval_batch / decode_batch (now {c.batch_size} / {c.eval_batch} / "
             f"{c.decode_batch})", "or a chip with more HBM"]
 
-  def abstract_shared(self) -> dict:  # plan mode (collapse_jax/plan.py): lm_plan.py
-    from collapse_jax import lm_plan
-    return lm_plan.abstract_shared(self)
-
   def step_programs(self, exp) -> list:
-    from collapse_jax import lm_plan
+    from collapse_jax.families.lm import plan as lm_plan
     return lm_plan.step_programs(self, exp)
 
-  def shared(self):
+  def _shared(self):
     d = self._load()
     if self.c.init == "hf":
-      from collapse_jax import hf
+      from collapse_jax.families.lm import hf
       init = hf.load_opt(self.c.hf_path, self.c.dtype)[1]
     else:
       init = opt_model.init_params(self.model_cfg, jax.random.PRNGKey(self.c.init_seed))
@@ -274,16 +270,16 @@ class LMFamily:
     return dict(out, source=d["source"]) if self.markov else out
 
   # --- shardings (loop hooks: family.py) -------------------------------------------------------------------------
-  @staticmethod
-  def make_mesh(cfg, devices=None):
+  @classmethod
+  def make_mesh(cls, run, c, devices=None):
     """('data', 'fsdp', 'tensor') over the devices (default: config.num_devices of the visible ones); 'data'
     takes what fsdp x tensor leaves."""
-    devices = list(jax.devices()[:cfg.num_devices or None] if devices is None else devices)
-    n, split = len(devices), cfg.lm.mesh_fsdp * cfg.lm.mesh_tensor
+    devices = family.run_devices(run, devices)
+    n, split = len(devices), c.mesh_fsdp * c.mesh_tensor
     if n % split:
-      raise ConfigError(f"config.lm.mesh_fsdp={cfg.lm.mesh_fsdp} x config.lm.mesh_tensor={cfg.lm.mesh_tensor} "
+      raise ConfigError(f"config.lm.mesh_fsdp={c.mesh_fsdp} x config.lm.mesh_tensor={c.mesh_tensor} "
                         f"does not divide the {n} devices")
-    return sharding.make_lm_mesh(n // split, cfg.lm.mesh_fsdp, cfg.lm.mesh_tensor, devices)
+    return sharding.make_lm_mesh(n // split, c.mesh_fsdp, c.mesh_tensor, devices)
 
   def _param_sh(self, params):
     return sharding.param_shardings(params, opt_model.logical_axes(params), self.mesh)
@@ -312,7 +308,8 @@ class LMFamily:
     return lm_train.perplexity(params, blocks, model_cfg=self.model_cfg, eval_batch=self.c.eval_batch,
                                batch_sharding=sharding.batch_sharding(self.mesh))
 
-  def fit(self, x, w, key, prev_model, g, shared):
+  def fit(self, gen, key):
+    x, w, g, prev_model, shared = gen.x, gen.w, gen.g, gen.prev, gen.shared
     init = shared["init"]
     start = init if self.c.start == "initial" else jax.tree.map(
         lambda a, b: jnp.where(g == 0, a, b), init, prev_model["params"])
@@ -361,12 +358,13 @@ class LMFamily:
   def log_ppl_range(self) -> float:
     return math.ceil(math.log(self.model_cfg.vocab_size)) + 2.0
 
-  def evaluate(self, model, model0, aux, shared, train=None):
+  def evaluate(self, model, gen):
+    model0, shared = gen.model0, gen.shared
     test = self._blocks(shared["test"])
     out = {"test_ppl": self._ppl(model["params"], test), "valid_ppl": model["valid_ppl"],
            "train_loss": model["train_loss"], "best_epoch": model["best_epoch"].astype(jnp.float32)}
     # This generation's training blocks (generation g-1's output, real at g = 0) scored by generation 0.
-    x, w = train
+    x, w = gen.x, gen.w
     nll_N, count_N = self._block_nll(model0["params"], self._blocks(x))
     logppl_N = nll_N / jnp.maximum(count_N, 1.0)
     valid_N = w > 0
@@ -379,7 +377,7 @@ class LMFamily:
                               weights=valid_N.astype(jnp.float32))
     out["data_logppl0_hist"] = (counts / (n * hi / HIST_BINS)).astype(jnp.float32)
     if self.markov:
-      from collapse_jax.data import markov
+      from collapse_jax.families.lm import markov
       src = shared["source"]
 
       def kl(ids, mask):
@@ -398,8 +396,9 @@ class LMFamily:
     u = jnp.where(w > 0, jax.random.uniform(key, (x.shape[0],)), 2.0)
     return x[jnp.sort(jax.lax.top_k(-u, n)[1])]
 
-  def sample(self, model, n, key, shared, train=None):
-    prompts_NxL = self._prompts(*train, n, jax.random.fold_in(key, 0), shared)
+  def sample(self, model, n, key, gen):
+    shared = gen.shared
+    prompts_NxL = self._prompts(gen.x, gen.w, n, jax.random.fold_in(key, 0), shared)
     rows = jnp.concatenate([prompts_NxL, shared["prompts"]])  # the fixed text prompts ride along
     out = decode.decode_corpus(self.lm, model["params"], rows, jnp.ones_like(rows), self.dcfg,
                                jax.random.fold_in(key, 1), batch_size=self.c.decode_batch, mesh=self.mesh)
@@ -408,7 +407,7 @@ class LMFamily:
     for k in NGRAMS:
       metrics[f"gen_distinct_{k}"], metrics[f"gen_rep_{k}"] = ngram_rates(new_NxL, k)
     if self.markov:
-      from collapse_jax.data import markov
+      from collapse_jax.families.lm import markov
       src, L = shared["source"], self.c.block_len
       # Each new token scored given its true predecessor: the prompt's last token for the first one.
       both = jnp.concatenate([prompts_NxL, new_NxL], axis=1)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from collapse_jax.config import ConfigError
+from collapse_jax.errors import ConfigError
 
 SPECIALS = 4  # OPT's <s>, <pad>, </s>, <unk> occupy model ids 0..3
 _FIELD = "config.lm.markov"

@@ -38,9 +38,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from collapse_jax import sharding
-from collapse_jax.config import ConfigError
-from collapse_jax.models import kv_cache
-from collapse_jax.models.dense import lm_head, project
+from collapse_jax.errors import ConfigError
+from collapse_jax.families.lm import kv_cache
+from collapse_jax.families.lm.dense import lm_head, project
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 POS_OFFSET = 2  # OPT's position table starts 2 rows in (a fairseq padding_idx legacy)

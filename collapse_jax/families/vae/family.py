@@ -20,6 +20,7 @@ by this generation (the paper's Fig.: std 0.674 -> 0.433 over generations 1-5), 
 (a per-generation array for the density plot), and test-set ELBO per image on real data (`test_elbo`, with its
 `test_recon` and `test_kl` parts), plus the training loss per image over the last epoch.
 """
+import dataclasses
 import math
 import os
 
@@ -30,9 +31,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from collapse_jax import paths, progress, sharding
-from collapse_jax.config import ConfigError
-from collapse_jax.models import vae as vae_model
+from collapse_jax import family, fields, paths, progress, sharding
+from collapse_jax.errors import ConfigError
+from collapse_jax.families.vae import model as vae_model
 
 DATA_SOURCES = ("digits", "idx", "tfds")
 # Latent-mean histogram for the density plot: fixed bins so generations are comparable.
@@ -45,89 +46,66 @@ def hist_centers() -> np.ndarray:
   return 0.5 * (edges[1:] + edges[:-1])
 
 
-def _check(ok: bool, field: str, want: str, value) -> None:
-  if not ok:
-    raise ConfigError(f"config.vae.{field} must be {want}, got {value!r}")
+@dataclasses.dataclass(frozen=True)
+class Config:
+  data: str = fields.choice(DATA_SOURCES)
+  data_dir: str = fields.text()
+  limit: int = fields.integer(lo=0, why="0: all")
+  train_split: str = fields.text()
+  test_split: str = fields.text()
+  batch_size: int = fields.integer(lo=1)
+  epochs: int = fields.integer(lo=1)
+  latent_eval_n: int = fields.integer(lo=1)
+  eval_batch: int = fields.integer(lo=1)
+  lr: float = fields.number(lo=0.0, lo_open=True)
+  weight_decay: float = fields.number(lo=0.0)
+  beta: float = fields.number(lo=0.0)
+  fresh_samples: bool = fields.boolean()
+
+  def __post_init__(self):
+    from collapse_jax.families.vae import data as mnist  # light: it imports tfds only when reading through it
+    for field in ("train_split", "test_split"):
+      if mnist.parse_split(getattr(self, field))[0] not in mnist.SPLITS:
+        raise fields.bad(f"vae.{field}", "train or test, optionally sliced like test[:8000]", getattr(self, field))
 
 
-def _is_int(v) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-class VAEFamily:
+class VAEFamily(family.Family):
   name = "vae"
+  Config = Config
   vmap_chains = False
-  datum_shape = vae_model.IMAGE_HxWxC
-  datum_dtype = jnp.float32
   metric_names = ("latent_std", "latent_mean", "test_elbo", "test_recon", "test_kl", "train_loss")
 
-  @staticmethod
-  def validate(cfg) -> None:
-    if "vae" not in cfg:
-      raise ConfigError("config.vae is missing (use configs/vae.py)")
-    c = cfg.vae
-    _check(c.data in DATA_SOURCES, "data", f"one of {', '.join(DATA_SOURCES)}", c.data)
-    _check(isinstance(c.data_dir, str), "data_dir", "a string", c.data_dir)
-    from collapse_jax.data import mnist  # light: it imports tfds only when reading through it
-    for field in ("train_split", "test_split"):
-      _check(mnist.parse_split(c[field])[0] in mnist.SPLITS, field, "train or test, optionally sliced like "
-             "test[:8000]", c[field])
-    for field in ("batch_size", "epochs", "latent_eval_n", "eval_batch"):
-      _check(_is_int(c[field]) and c[field] >= 1, field, "a positive integer", c[field])
-    _check(_is_int(c.limit) and c.limit >= 0, "limit", "a non-negative integer (0: all)", c.limit)
-    _check(_is_num(c.lr) and c.lr > 0, "lr", "> 0", c.lr)
-    _check(_is_num(c.weight_decay) and c.weight_decay >= 0, "weight_decay", ">= 0", c.weight_decay)
-    _check(_is_num(c.beta) and c.beta >= 0, "beta", ">= 0", c.beta)
-    _check(isinstance(c.fresh_samples, bool), "fresh_samples", "True or False", c.fresh_samples)
-    if c.fresh_samples and cfg.regime.name != "replace":
+  @classmethod
+  def check(cls, run, c) -> None:
+    if c.fresh_samples and run.regime.name != "replace":
       raise ConfigError(f"config.vae.fresh_samples=True draws every batch from the previous model, so "
-                        f"config.regime.name must be 'replace', got {cfg.regime.name!r}")
+                        f"config.regime.name must be 'replace', got {run.regime.name!r}")
 
-  def __init__(self, cfg, mesh):
-    c = cfg.vae
-    self.mesh = mesh
+  def __init__(self, run, c, mesh, abstract: bool = False):
+    super().__init__(run, c, mesh, abstract)
     n_dev = mesh.devices.size
     for field in ("batch_size", "eval_batch"):
-      if c[field] % n_dev:
-        raise ConfigError(f"config.vae.{field}={c[field]} must be a multiple of the {n_dev} devices it is split over")
+      if getattr(c, field) % n_dev:
+        raise ConfigError(f"config.vae.{field}={getattr(c, field)} must be a multiple of the {n_dev} devices it is "
+                          "split over")
     self.batch, self.epochs, self.eval_batch = c.batch_size, c.epochs, c.eval_batch
-    self.beta, self.fresh, self.latent_eval_n = float(c.beta), c.fresh_samples, c.latent_eval_n
+    self.beta, self.fresh, self.latent_eval_n = c.beta, c.fresh_samples, c.latent_eval_n
     self.tx = optax.chain(optax.add_decayed_weights(c.weight_decay), optax.adam(c.lr))
     self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: vae_model.VAE(nnx.Rngs(0))))
     self._batch_sharding = NamedSharding(mesh, P(sharding.AXIS))
     self._replicated = sharding.replicated(mesh)
-    self._data_cfg = (c.data, c.data_dir, c.limit, c.train_split, c.test_split)
-    self._cfg_n_real = cfg.n_real
-    self._images = None
 
   # --- host side -----------------------------------------------------------------------------------------
-  def _load(self) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) uint8 images, loaded on first use so model-only uses (benchmarks, tests) need no data."""
-    if self._images is None:
-      from collapse_jax.data import mnist  # only VAE runs need the image loaders
-
-      source, data_dir, limit, train_split, test_split = self._data_cfg
-      train = mnist.load(source, train_split, data_dir, limit)
-      test = mnist.load(source, test_split, data_dir, limit)
-      if self._cfg_n_real and self._cfg_n_real != train.shape[0]:
-        raise ConfigError(f"config.n_real={self._cfg_n_real} but config.vae.data={source!r} gives {train.shape[0]} "
-                          f"training images; leave config.n_real at 0 and size the data with config.vae.limit")
-      self._images = train, test
-    return self._images
-
-  @property
-  def n_real(self) -> int:
-    return int(self._load()[0].shape[0])
-
-  def shared(self):
-    from collapse_jax.data import mnist
-
-    train, test = self._load()
-    return {"train_x": mnist.as_float(train), "test_x": mnist.as_float(test)}
+  def load_data(self):
+    """Train and test images (uint8 on disk, float in [0, 1] here); n_real is the training set's size."""
+    from collapse_jax.families.vae import data as mnist  # only VAE runs need the image loaders
+    c = self.c
+    train = mnist.load(c.data, c.train_split, c.data_dir, c.limit)
+    test = mnist.load(c.data, c.test_split, c.data_dir, c.limit)
+    if self.run.n_real and self.run.n_real != train.shape[0]:
+      raise ConfigError(f"config.n_real={self.run.n_real} but config.vae.data={c.data!r} gives {train.shape[0]} "
+                        f"training images; leave config.n_real at 0 and size the data with config.vae.limit")
+    return family.Data(int(train.shape[0]), {"train_x": mnist.as_float(train), "test_x": mnist.as_float(test)})
 
   def init_chain(self, key, shared):
     # The evaluation key is fixed per chain so every generation is measured on the same z and test-set noise:
@@ -152,13 +130,14 @@ class VAEFamily:
     return self._module(params).decode(z_BxL)
 
   # --- one generation ------------------------------------------------------------------------------------
-  def fit(self, x, w, key, prev_model, g, shared):
+  def fit(self, gen, key):
+    x, w, g, prev_model = gen.x, gen.w, gen.g, gen.prev
     B, N = self.batch, x.shape[0]
     steps_cap = math.ceil(N / B)  # static: the scan length of an epoch
     n_valid = jnp.sum(w > 0).astype(jnp.int32)
     steps = (n_valid + B - 1) // B
     k_init, k_train = jax.random.split(key)
-    params = self.init_model(k_init, shared)["params"]
+    params = self.init_model(k_init, gen.shared)["params"]
     opt = self.tx.init(params)
     use_fresh = (jnp.asarray(g) > 0) if self.fresh else None
 
@@ -222,20 +201,23 @@ class VAEFamily:
     out = jax.lax.map(lambda cs: fn(*map(self._batch, cs)), tuple(map(split, xs)))
     return jax.tree.map(lambda o: o.reshape((count * chunk,) + o.shape[2:])[:n], out)
 
-  def sample(self, model, n, key, shared, train=None):
+  def _images(self, model, n, key):
     z_NxL = jax.random.normal(key, (n, vae_model.LATENT))
     return self._map_rows(lambda z_BxL: self._decode(model["params"], z_BxL), z_NxL)
 
-  def evaluate(self, model, model0, aux, shared, train=None):
-    k_sample, k_elbo = jax.random.split(aux["eval_key"])
+  def sample(self, model, n, key, gen):
+    return self._images(model, n, key), {}
+
+  def evaluate(self, model, gen):
+    k_sample, k_elbo = jax.random.split(gen.aux["eval_key"])
     # Latent means of this generation's images under the generation-0 encoder (a fixed yardstick).
-    x_gen = self.sample(model, self.latent_eval_n, k_sample, shared)
-    encoder0 = self._module(model0["params"])
+    x_gen = self._images(model, self.latent_eval_n, k_sample)
+    encoder0 = self._module(gen.model0["params"])
     mu_NxL = self._map_rows(lambda xb: encoder0.encode(xb)[0], x_gen)
     counts, _ = jnp.histogram(mu_NxL.ravel(), bins=HIST_BINS, range=(-HIST_RANGE, HIST_RANGE))
     density = counts / (mu_NxL.size * (2 * HIST_RANGE / HIST_BINS))
     # Test-set ELBO per image, one reparameterised z per image.
-    test_x = shared["test_x"]
+    test_x = gen.shared["test_x"]
     eps_TxL = jax.random.normal(k_elbo, (test_x.shape[0], vae_model.LATENT))
     module = self._module(model["params"])
     bce_T, kl_T = self._map_rows(lambda xb, eb: vae_model.per_example_loss(module, xb, eb), test_x, eps_TxL)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from collapse_jax.config import ConfigError
+from collapse_jax.errors import ConfigError
 
 KINDS = ("hf", "bytes", "bpe")
 DEFAULT_BPE_VOCAB = 8192
@@ -256,7 +256,7 @@ def load_or_train_bpe(path: str, texts: Callable[[], Iterable[str]],
 
 
 def make(kind: str, path: str | None = None) -> Tokenizer:
-  """The hf or bytes tokenizer by name (bpe needs a training split: see collapse_jax.data.text.tokenizer_for)."""
+  """The hf or bytes tokenizer by name (bpe needs a training split: see collapse_jax.families.lm.text.tokenizer_for)."""
   if kind == "bytes":
     return byte_tokenizer()
   if kind == "hf":

@@ -36,8 +36,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from collapse_jax.config import ConfigError
-from collapse_jax.data import tokenizer as tok_lib
+from collapse_jax.errors import ConfigError
+from collapse_jax.families.lm import tokenizer as tok_lib
 
 SOURCE_KINDS = ("wikitext", "files", "tfds", "hf")
 SPLITS = ("train", "valid", "test")

@@ -1,1 +1,0 @@
-"""Data for the experiments: MNIST images for the VAE (`mnist`); text and tokenizers for the language model."""

@@ -1,0 +1,182 @@
+"""One layer of field checks: a config section (an ml_collections ConfigDict, as configs/*.py build it and the
+command line overrides it) becomes a frozen dataclass, checked once, before anything is computed.
+
+A section's dataclass declares each field with its rule, e.g.
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+      dim: int = fields.integer(lo=1)
+      estimator: str = fields.choice(("mle", "unbiased"))
+
+and `fields.parse(Config, cfg.gaussian, "gaussian")` returns `Config(dim=..., estimator=...)` or raises one
+ConfigError naming `config.gaussian.dim` and what it must be. Rules that join several fields (a schedule and its
+growth) live in the dataclass's `__post_init__` and raise `fields.bad(...)`; rules that need the data or the mesh
+live where those are known, and still name the field. Defaults live in configs/*.py, not here: every field of a
+section must be present (a config built from a dict that lacks one is refused by name).
+
+Accepted types: integers are Python or NumPy integers (not bools), numbers are integers or floats and always
+finite; both come back as Python int / float, so a dataclass holds one type per field.
+"""
+import dataclasses
+import difflib
+import math
+import numbers
+from typing import Any, Callable
+
+from collapse_jax.errors import ConfigError
+
+_CHECK = "collapse_jax.check"
+
+
+def bad(path: str, want: str, value) -> ConfigError:
+  """The one shape of a field error: `config.PATH must be WANT, got VALUE`."""
+  return ConfigError(f"config.{path} must be {want}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+  parse: Callable[[str, Any], Any]   # (path, value) -> the typed value, or raises ConfigError
+
+
+def _field(parse, **kw) -> Any:
+  return dataclasses.field(metadata={_CHECK: _Rule(parse)}, **kw)
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_want(lo, hi) -> str:
+  if hi is not None:
+    return f"an integer in [{lo}, {hi}]"
+  return {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(lo, f"an integer >= {lo}")
+
+
+def integer(lo: int | None = None, hi: int | None = None, why: str = "") -> Any:
+  """An integer in [lo, hi] (either bound optional). `why` is appended to the error (e.g. what 0 means)."""
+  want = _int_want(lo, hi) + (f" ({why})" if why else "")
+
+  def parse(path, v):
+    if not _is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
+      raise bad(path, want, v)
+    return int(v)
+  return _field(parse)
+
+
+def _num_want(lo, hi, lo_open) -> str:
+  if lo is not None and hi is not None:
+    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+  if lo is not None:
+    return f"a finite number {'>' if lo_open else '>='} {lo:g}"
+  return "a finite number"
+
+
+def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Any:
+  """A finite number in [lo, hi] ((lo, hi] with lo_open), as a float."""
+  want = _num_want(lo, hi, lo_open)
+
+  def parse(path, v):
+    if not _is_num(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+      raise bad(path, want, v)
+    return float(v)
+  return _field(parse)
+
+
+def choice(options: tuple[str, ...]) -> Any:
+  def parse(path, v):
+    if v not in options:
+      raise ConfigError(f"config.{path}={v!r} is not one of {', '.join(options)}")
+    return v
+  return _field(parse)
+
+
+def boolean() -> Any:
+  def parse(path, v):
+    if not isinstance(v, bool):
+      raise bad(path, "True or False", v)
+    return v
+  return _field(parse)
+
+
+def text(nonempty: bool = False, why: str = "") -> Any:
+  """A string (a name, a path, a comma-separated list); paths are checked where they are read, by field."""
+  want = ("a non-empty string" if nonempty else "a string") + (f" ({why})" if why else "")
+
+  def parse(path, v):
+    if not isinstance(v, str) or (nonempty and not v):
+      raise bad(path, want, v)
+    return v
+  return _field(parse)
+
+
+def integers(lo: int | None = None) -> Any:
+  """A sequence of integers >= lo, as a tuple."""
+  def parse(path, v):
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__") or not all(
+        _is_int(i) and (lo is None or i >= lo) for i in v):
+      raise bad(path, f"a list of {_int_want(lo, None)}s", tuple(v) if hasattr(v, "__iter__") else v)
+    return tuple(int(i) for i in v)
+  return _field(parse)
+
+
+def numbers_in(lo: float, hi: float, nonempty: bool = True) -> Any:
+  """A (non-empty) sequence of numbers in [lo, hi], as a tuple of floats."""
+  def parse(path, v):
+    vals = tuple(v) if hasattr(v, "__iter__") and not isinstance(v, (str, bytes)) else None
+    if vals is None or (nonempty and not vals) or not all(_is_num(q) and lo <= q <= hi for q in vals):
+      raise bad(path, f"{'a non-empty list of numbers' if nonempty else 'numbers'} in [{lo:g}, {hi:g}]",
+                vals if vals is not None else v)
+    return tuple(float(q) for q in vals)
+  return _field(parse)
+
+
+def mapping() -> Any:
+  """A free-form {name: value} section (e.g. model-size overrides, checked by their user), as a plain dict."""
+  def parse(path, v):
+    if not hasattr(v, "items"):
+      raise bad(path, "a mapping of field names to values", v)
+    return dict(v.to_dict() if hasattr(v, "to_dict") else v)
+  return _field(parse)
+
+
+def section(cls) -> Any:
+  """A nested section: parsed into its own frozen dataclass, its errors naming `config.outer.inner.field`."""
+  return _field(lambda path, v: parse(cls, v, path))
+
+
+def parse(cls, node, path: str, ignore: tuple[str, ...] = ()):
+  """`node` (a ConfigDict or dict) as `cls`, every field checked by its rule; keys of node that cls does not
+  declare are refused by name (with the closest declared one), except those in `ignore`."""
+  if not hasattr(node, "keys"):
+    raise bad(path, "a config section", node)
+  declared = {f.name: f for f in dataclasses.fields(cls)}
+  for k in node.keys():
+    if k not in declared and k not in ignore:
+      raise unknown_field(f"{path}.{k}" if path else k, [f"{path}.{d}" if path else d for d in declared])
+  values = {}
+  for name, f in declared.items():
+    where = f"{path}.{name}" if path else name
+    if name not in node:
+      raise ConfigError(f"config.{where} is missing (start from the experiment's config file)")
+    values[name] = f.metadata[_CHECK].parse(where, node[name])
+  return cls(**values)
+
+
+def unknown_field(path: str, known) -> ConfigError:
+  """`unknown config field lm.epochz (did you mean lm.epochs?)`: the one message for a field that does not exist,
+  from this layer and from the command line's overrides (cli.py)."""
+  close = difflib.get_close_matches(path, list(known), n=1)
+  return ConfigError(f"unknown config field {path}" + (f" (did you mean {close[0]}?)" if close else ""))
+
+
+def leaves(node, prefix: str = "") -> list[str]:
+  """Dotted paths of every field of a (nested) ConfigDict or dict: what `unknown_field` suggests from."""
+  out = []
+  for k in node.keys():
+    v, p = node[k], f"{prefix}{k}"
+    out += [p] + (leaves(v, p + ".") if hasattr(v, "keys") else [])
+  return out

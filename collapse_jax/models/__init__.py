@@ -1,1 +1,0 @@
-"""Flax NNX modules of the model families (the VAE; the LM lives in opt.py)."""
