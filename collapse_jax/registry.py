@@ -14,7 +14,7 @@ FAMILIES = {
 
 
 def family_class(name: str):
-  if name not in FAMILIES:
+  if not isinstance(name, str) or name not in FAMILIES:
     raise ConfigError(f"config.family={name!r} is not one of {', '.join(FAMILIES)}")
   module, cls = FAMILIES[name].split(":")
   return getattr(importlib.import_module(module), cls)
@@ -23,8 +23,8 @@ def family_class(name: str):
 def build(cfg, mesh=None, devices=None, abstract: bool = False):
   """(run, family) from a config: the loop-level fields and the family's section checked once (config.parse,
   Family.parse), the mesh the family asks for over `devices` unless one is given, then the family."""
+  cls = family_class(cfg.get("family"))  # first: it names the section the loop-level fields leave to the family
   run = config_lib.parse(cfg)
-  cls = family_class(run.family)
   c = cls.parse(run, cfg.get(run.family))
   mesh = mesh if mesh is not None else cls.make_mesh(run, c, devices)
   return run, cls(run, c, mesh, abstract=abstract)

@@ -88,8 +88,8 @@ def test_saves_are_asynchronous_the_next_chunk_starts_before_the_save_is_done(tm
 
   chunk_fn = loop.Experiment.chunk_fn
 
-  def spied_chunk_fn(self, shared_shardings):
-    fn = chunk_fn(self, shared_shardings)
+  def spied_chunk_fn(self):
+    fn = chunk_fn(self)
 
     def spy(carry, gs, shared):
       if isinstance(gs, np.ndarray):  # a real call, not jax.eval_shape's trace

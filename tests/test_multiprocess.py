@@ -265,8 +265,8 @@ def _vae_expected(tmp_path):
   from collapse_jax.families.vae import model as vae_model
   from tests import helpers
   cfg = helpers.load_config("vae", "quick", plots=False, generations=1, vae__batch_size=64)
-  fam = loop.Experiment(cfg).family
-  shared = fam.shared()
+  exp = loop.Experiment(cfg)
+  fam, shared = exp.family, exp.data.shared
   x = shared["train_x"]
   n = x.shape[0]
   assert n == 64 == fam.batch and fam.epochs == 1
@@ -298,9 +298,10 @@ def _lm_expected(tmp_path):
   from collapse_jax.families.lm import train as lm_train
   from tests import helpers
   cfg = helpers.load_config("lm", "ci", generations=1, lm__epochs=1, lm__batch_size=32, lm__dropout=0.0)
-  fam = loop.Experiment(cfg).family
-  init = jax.tree.map(np.asarray, fam.shared()["init"])
-  train = np.asarray(fam.shared()["train"])
+  exp = loop.Experiment(cfg)
+  fam = exp.family
+  init = jax.tree.map(np.asarray, exp.data.shared["init"])
+  train = np.asarray(exp.data.shared["train"])
   pad = fam.model_cfg.pad_token_id
   ids = np.concatenate([train, np.full((32 - train.shape[0], train.shape[1]), pad, train.dtype)])
   mask = ((np.arange(32) < train.shape[0])[:, None] * (ids != pad)).astype(np.int32)

@@ -1,5 +1,6 @@
 """paths.py, the one path layer for every file of a run: local paths and gs:// (against a local GCS emulator), and
 the GMM job end to end with a gs:// workdir (SIGKILL, resume, same metrics as a local run)."""
+import glob
 import json
 import os
 import signal
@@ -286,9 +287,15 @@ def test_gs_checkpoints_skip_an_unfinished_save_and_set_aside_an_unreadable_one(
   ck.close()
 
 
-RUN_FILES = ("loop.py", "checkpoint.py", "metrics.py", "plots.py", "gaussian.py", "gmm.py", "vae.py", "lm.py")
+# The core's writers and every family module but the readers of inputs (datasets, tokenizers, HF folders), which
+# read the user's files, not the run's.
+INPUT_READERS = ("families/vae/data.py", "families/lm/text.py", "families/lm/tokenizer.py", "families/lm/hf.py")
+RUN_FILES = ("loop.py", "checkpoint.py", "metrics.py", "plots.py") + tuple(sorted(
+    os.path.relpath(p, os.path.join(REPO, "collapse_jax")) for p in glob.glob(os.path.join(REPO, "collapse_jax",
+                                                                                           "families", "*", "*.py"))
+    if os.path.relpath(p, os.path.join(REPO, "collapse_jax")) not in INPUT_READERS))
 # Reads of inputs that are not files of the run (a Hugging Face model folder's config.json).
-NOT_RUN_FILES = {("lm.py", "with open(path) as fh:")}
+NOT_RUN_FILES = {("families/lm/family.py", "with open(path) as fh:")}
 
 
 def test_run_files_go_through_the_path_layer():

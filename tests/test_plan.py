@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from collapse_jax import config, hardware, plan
+from collapse_jax import config, hardware, plan, targets
 from collapse_jax.errors import ConfigError
 
 GiB = 2**30
@@ -32,31 +32,31 @@ def _mesh(tgt):
 def test_target_names_and_a_sharded_matmul(name, topology, chips, chip):
   """Cloud's names (v4/v5p count TensorCores, 2 per chip; v5e/v6e chips) map to libtpu topologies with one device
   per chip, and each compiles a matmul split over every chip: XLA's flops per chip = 2 N M K / chips."""
-  tgt = plan.target(name)
+  tgt = targets.target(name)
   assert (tgt.topology, tgt.chips, len(tgt.devices), tgt.peak.name) == (topology, chips, chips, chip)
   mesh = _mesh(tgt)
   n, m, k = 8 * chips, 256, 512
   a = jax.ShapeDtypeStruct((n, m), jnp.float32, sharding=NamedSharding(mesh, P("x")))
   b = jax.ShapeDtypeStruct((m, k), jnp.float32, sharding=NamedSharding(mesh, P()))
-  st = plan.compile_stats(plan.compile_for(jax.jit(jnp.matmul).lower(a, b), tgt))
+  st = plan.compile_stats(targets.compile_for(jax.jit(jnp.matmul).lower(a, b), tgt))
   assert st["flops"] == 2 * n * m * k / chips
 
 
 @pytest.mark.parametrize("name", ["v9-8", "v5e", "v5p-7", "v5e:2x2x2", "tpu", "v5e-12"])
 def test_bad_target_names(name):
   with pytest.raises(ConfigError, match=r"--plan="):
-    plan.target(name)
+    targets.target(name)
 
 
 def test_missing_libtpu_names_the_fix(monkeypatch):
-  real = plan.importlib.util.find_spec
-  monkeypatch.setattr(plan.importlib.util, "find_spec", lambda n, *a: None if n == "libtpu" else real(n, *a))
+  real = targets.importlib.util.find_spec
+  monkeypatch.setattr(targets.importlib.util, "find_spec", lambda n, *a: None if n == "libtpu" else real(n, *a))
   with pytest.raises(ConfigError, match=r"needs libtpu: pip install -e '\.\[tpu\]'$"):
-    plan.target("v5e-8")
+    targets.target("v5e-8")
 
 
 def test_local_target():
-  tgt = plan.target("local")
+  tgt = targets.target("local")
   assert (tgt.chips, tgt.platform, tgt.topology) == (8, "cpu", None)
   # Simulated devices share the host: 8 of them make one host's peak.
   host = hardware.peak(jax.devices()[0])
@@ -68,7 +68,7 @@ def test_memory_and_flops_hand_count(name):
   """f(a, b) = (2 a, a @ b) with a [N, M] f32 split over the chips and b [M, K] replicated. Per chip: arguments
   N M 4 / c + M K 4; outputs N M 4 / c + N K 4 / c (plus the output tuple's table: at most 1 KiB); with `a`
   donated, 2 a reuses a's buffer: aliased = N M 4 / c, counted once in the total."""
-  tgt = plan.target(name)
+  tgt = targets.target(name)
   c = tgt.chips
   mesh = _mesh(tgt)
   n, m, k = 64 * c, 512, 256
@@ -78,7 +78,7 @@ def test_memory_and_flops_hand_count(name):
   a_chip, b_chip, y_chip = n * m * 4 // c, m * k * 4, n * k * 4 // c
   for donate in (False, True):
     fn = jax.jit(f, donate_argnums=0 if donate else ())
-    st = plan.compile_stats(plan.compile_for(fn.lower(a, b), tgt))
+    st = plan.compile_stats(targets.compile_for(fn.lower(a, b), tgt))
     assert st["argument_bytes"] == a_chip + b_chip
     assert 0 <= st["output_bytes"] - (a_chip + y_chip) <= 1024
     assert st["alias_bytes"] == (a_chip if donate else 0)
@@ -92,19 +92,19 @@ def test_memory_and_flops_hand_count(name):
 def test_biggest_buffers_are_the_hbm_arrays():
   """(2 a, tanh(a @ b) @ b^T) on v5e:2x2: HBM holds the two arguments and the two outputs, named by argument path
   and JAX op; the [64, 256] intermediate lives inside a fusion / in VMEM and is not listed."""
-  tgt = plan.target("v5e:2x2")
+  tgt = targets.target("v5e:2x2")
   mesh = _mesh(tgt)
   a = jax.ShapeDtypeStruct((256, 512), jnp.float32, sharding=NamedSharding(mesh, P("x")))
   b = jax.ShapeDtypeStruct((512, 256), jnp.float32, sharding=NamedSharding(mesh, P()))
   f = jax.jit(lambda a, b: (a * 2, jnp.tanh(a @ b) @ b.T))
-  got = plan.biggest_buffers(plan.compile_for(f.lower(a, b), tgt), k=20)
+  got = plan.biggest_buffers(targets.compile_for(f.lower(a, b), tgt), k=20)
   assert got == [(512 * 256 * 4, "f32[512,256]", "argument b"), (64 * 512 * 4, "f32[64,512]", "jit(<lambda>)/mul"),
                  (64 * 512 * 4, "f32[64,512]", "jit(<lambda>)/dot_general"), (64 * 512 * 4, "f32[64,512]", "argument a")]
   # A scan: XLA keeps the loop's bf16 copy of w and the carry in VMEM (S(1)), and copies the result out to HBM.
   w = jax.ShapeDtypeStruct((1024, 512), jnp.float32, sharding=NamedSharding(mesh, P("x")))
   x = jax.ShapeDtypeStruct((64, 512), jnp.float32, sharding=NamedSharding(mesh, P()))
   scan = jax.jit(lambda w, x: jax.lax.scan(lambda c, _: (jnp.tanh(c @ w.T) @ w, None), x, None, length=3)[0])
-  got = plan.biggest_buffers(plan.compile_for(scan.lower(w, x), tgt), k=3)
+  got = plan.biggest_buffers(targets.compile_for(scan.lower(w, x), tgt), k=3)
   assert got == [(256 * 512 * 4, "f32[256,512]", "argument w"), (64 * 512 * 4, "f32[64,512]", "argument x"),
                  (64 * 512 * 4, "f32[64,512]", "%copy-done")]
 
@@ -121,7 +121,7 @@ def test_step_costs_count_and_mfu():
   """A bf16 matmul split over 4 v5e chips, run 5 times a generation: the phase counts 5 steps and 5 x the per-chip
   flops. At n = 8192 it is compute-bound on v5e (275 GFLOP vs XLA's 0.34 GB accessed per chip; at 2048 XLA counts
   46 MB, memory-bound), so its roofline MFU is 1: XLA's per-chip flops are the textbook count / 4."""
-  tgt = plan.target("v5e:2x2")
+  tgt = targets.target("v5e:2x2")
   mesh = _mesh(tgt)
   n = 8192
   a = jax.ShapeDtypeStruct((n, n), jnp.bfloat16, sharding=NamedSharding(mesh, P("x")))
@@ -141,11 +141,11 @@ def test_step_costs_count_and_mfu():
 
 def test_too_big_for_a_v5e_chip_is_refused_naming_its_buffers():
   """32 GiB split over 4 chips, doubled into a new output: 16 GiB per chip, more than a v5e's 16 GiB with the code.
-  XLA's TPU compiler itself stops at that (RESOURCE_EXHAUSTED, no buffer named): plan.compile_for lets it finish."""
-  tgt = plan.target("v5e:2x2")
+  XLA's TPU compiler itself stops at that (RESOURCE_EXHAUSTED, no buffer named): targets.compile_for lets it finish."""
+  tgt = targets.target("v5e:2x2")
   mesh = _mesh(tgt)
   params = {"huge": jax.ShapeDtypeStruct((4 * 65536, 32768), jnp.float32, sharding=NamedSharding(mesh, P("x")))}
-  compiled = plan.compile_for(jax.jit(lambda p: p["huge"] * 2).lower(params), tgt)
+  compiled = targets.compile_for(jax.jit(lambda p: p["huge"] * 2).lower(params), tgt)
   stats = plan.compile_stats(compiled)
   assert stats["argument_bytes"] == 8 * GiB and stats["output_bytes"] == 8 * GiB
   buffers = plan.biggest_buffers(compiled)
@@ -156,7 +156,7 @@ def test_too_big_for_a_v5e_chip_is_refused_naming_its_buffers():
   assert "\n" not in str(e.value)
   # Half of it fits; a CPU target reports and never refuses.
   assert "of 16.0 GiB" in plan.check_fits(dict(stats, total_bytes=8 * GiB), tgt)
-  assert "per chip" in plan.check_fits(dict(stats, total_bytes=10**15), plan.target("local"))
+  assert "per chip" in plan.check_fits(dict(stats, total_bytes=10**15), targets.target("local"))
 
 
 def _carry_bytes_per_chip(tree) -> int:
@@ -174,8 +174,8 @@ def test_gmm_plan_end_to_end(tmp_path):
   assert saved["target"]["chips"] == 4 and saved["config"]["mesh"] == {"data": 4}
   assert "of 16.0 GiB" in saved["fits"] and saved["chunk"]["biggest_buffers"]
   from collapse_jax import loop
-  exp = loop.Experiment(cfg, plan._default_mesh(cfg, plan.target("v5e:2x2").devices))
-  carry = _carry_bytes_per_chip(exp.carry_shapes({}))
+  exp = loop.Experiment(cfg, devices=targets.target("v5e:2x2").devices)
+  carry = _carry_bytes_per_chip(exp.carry_abstract)
   # TPU layouts pad small arrays (a scalar takes a 512-byte tile): at least the carry, and not much more.
   c = saved["chunk"]
   assert carry <= c["alias_bytes"] <= c["argument_bytes"] <= carry + 64 * 1024
