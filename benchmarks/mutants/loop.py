@@ -1,4 +1,5 @@
-"""Mutants of the generation loop, the regimes, the loop-level config and the loop's metrics (issue 7)."""
+"""Mutants of the generation loop, the regimes, the loop-level config (config.py and the shared field checks of
+fields.py) and the loop's metrics (issue 7; ported to the layout of issue 16)."""
 from benchmarks.mutants import Mutant
 
 _HAND = "tests/test_loop.py::test_key_schedule_recomputed_by_hand"
@@ -14,6 +15,7 @@ _EDGE = "tests/test_config.py::test_boundary_value_is_accepted"
 _COUNTS = "tests/test_config.py::test_sample_counts_by_hand"
 
 LOOP, REG, CFG = "collapse_jax/loop.py", "collapse_jax/regimes.py", "collapse_jax/config.py"
+FAM, FIELDS = "collapse_jax/family.py", "collapse_jax/fields.py"
 MET = "collapse_jax/metrics.py"
 CKPT = "collapse_jax/checkpoint.py"
 _RESYNC = "tests/test_loop.py::test_metrics_jsonl_follows_the_checkpoint_after_a_kill_byte_for_byte"
@@ -26,8 +28,8 @@ _CHAIN_PACK = "tests/test_checkpoint.py::test_chain_packer_round_trips_through_a
 MUTANTS = [
     # --- loop.py: keys ---
     Mutant(name="loop_fit_sample_keys_swapped", file=LOOP,
-           old="samples = fam.sample(model, spec.m_max, jax.random.fold_in(key, 2), shared, train=(x, w))",
-           new="samples = fam.sample(model, spec.m_max, jax.random.fold_in(key, 1), shared, train=(x, w))",
+           old="fam.sample(model, spec.m_max, jax.random.fold_in(key, 2), gen)",
+           new="fam.sample(model, spec.m_max, jax.random.fold_in(key, 1), gen)",
            tests=(_HAND,), why="sampling uses the fitting key"),
     Mutant(name="loop_generation_key_reuses_gen0", file=LOOP,
            old='key = jax.random.fold_in(jax.random.fold_in(carry["key"], 0), g)',
@@ -59,8 +61,8 @@ MUTANTS = [
            new='data = regimes.update(spec, carry["data"], samples, counts[g])',
            tests=(f"{_SPY}[replace]",), why="generation g+1 trains on M_g samples on a growing schedule"),
     Mutant(name="loop_padding_chains_in_stats", file=LOOP,
-           old="metrics_lib.aggregate(metrics, self.n_chains, self.cfg.quantiles)",
-           new="metrics_lib.aggregate(metrics, self.padded_chains, self.cfg.quantiles)",
+           old="metrics_lib.aggregate(metrics, self.n_chains, self.run.quantiles)",
+           new="metrics_lib.aggregate(metrics, self.padded_chains, self.run.quantiles)",
            tests=(_STATS,), why="mesh padding chains leak into mean/std/quantiles"),
     Mutant(name="loop_snapshot_chunk_start_missed", file=LOOP,
            old="if s <= g < e:", new="if s < g < e:",
@@ -72,8 +74,8 @@ MUTANTS = [
            old="sizes = regimes.train_sizes(exp.spec, exp.counts)",
            new="sizes = exp.counts",
            tests=(f"{_SPY}[accumulate]",), why="metrics.jsonl says M_g where an accumulating regime trains on more"),
-    Mutant(name="loop_num_devices_bound", file=LOOP,
-           old="cfg.num_devices > len(jax.devices())", new="cfg.num_devices >= len(jax.devices())",
+    Mutant(name="loop_num_devices_bound", file=FAM,
+           old="if run.num_devices > len(devices):", new="if run.num_devices >= len(devices):",
            tests=(f"{_CFG}::test_num_devices_beyond_the_visible_ones_is_a_config_error",),
            why="all visible devices refused"),
     # --- asynchronous checkpoints, metrics.jsonl appends (the loop-overhead issue) ---
@@ -170,36 +172,38 @@ MUTANTS = [
            why="metrics.jsonl reports the subsample size while the pool is still smaller"),
     # --- config.py ---
     Mutant(name="regime_subsample_setting_ignored", file=REG,
-           old="subsample = cfg.regime.subsample or cfg.samples.n", new="subsample = cfg.samples.n",
+           old="subsample = run.regime.subsample or run.samples.n", new="subsample = run.samples.n",
            tests=(f"{_SPY}[accumulate_subsample]",), why="config.regime.subsample has no effect"),
     Mutant(name="config_linear_growth_ignored", file=CFG,
-           old="[int(round(s.n + s.growth * g)) for g in range(cfg.generations)]",
-           new="[int(round(s.n)) for g in range(cfg.generations)]",
+           old="[int(round(s.n + s.growth * g)) for g in range(G)]",
+           new="[int(round(s.n)) for g in range(G)]",
            tests=(_COUNTS,), why="a linear schedule stays fixed"),
     Mutant(name="config_geometric_exponent_off_by_one", file=CFG,
            old="s.n * s.growth**g", new="s.n * s.growth**(g + 1)",
            tests=(_COUNTS,), why="the geometric schedule starts one step ahead"),
     Mutant(name="config_keep_checkpoints_bound", file=CFG,
-           old="if cfg.keep_checkpoints < 2:", new="if cfg.keep_checkpoints < 1:",
+           old="keep_checkpoints: int = fields.integer(lo=2,", new="keep_checkpoints: int = fields.integer(lo=1,",
            tests=(_BAD,), why="keep_checkpoints=1 accepted: no checkpoint to fall back to"),
     Mutant(name="config_geometric_growth_bound", file=CFG,
-           old='cfg.samples.schedule == "geometric" and cfg.samples.growth < 1',
-           new='cfg.samples.schedule == "geometric" and cfg.samples.growth <= 1',
+           old='if self.schedule == "geometric" and self.growth < 1:',
+           new='if self.schedule == "geometric" and self.growth <= 1:',
            tests=(f"{_CFG}::test_boundary_growth_is_accepted",), why="growth 1 (a constant schedule) refused"),
     Mutant(name="config_real_fraction_bound", file=CFG,
-           old="not 0.0 <= f <= 1.0", new="not 0.0 < f <= 1.0",
+           old="real_fraction: float = fields.number(0.0, 1.0)",
+           new="real_fraction: float = fields.number(0.0, 1.0, lo_open=True)",
            tests=(_EDGE,), why="real_fraction 0 refused"),
-    Mutant(name="config_quantile_bound", file=CFG,
-           old="any(not 0.0 <= q <= 1.0 for q in qs)", new="any(not 0.0 <= q < 1.0 for q in qs)",
+    Mutant(name="config_quantile_bound", file=FIELDS,
+           old="_is_num(q) and lo <= q <= hi", new="_is_num(q) and lo <= q < hi",
            tests=(_EDGE,), why="the maximum (quantile 1) refused"),
-    Mutant(name="config_seed_bool_accepted", file=CFG,
-           old="if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):",
-           new="if not isinstance(cfg.seed, int):",
+    Mutant(name="config_seed_bool_accepted", file=FIELDS,
+           old="return isinstance(v, numbers.Integral) and not isinstance(v, bool)",
+           new="return isinstance(v, numbers.Integral)",
            tests=(_BAD,), why="seed=True accepted"),
     Mutant(name="config_snapshot_generation_bound", file=CFG,
-           old="any(g < 0 for g in cfg.snapshot_generations)", new="any(g < -1 for g in cfg.snapshot_generations)",
+           old="snapshot_generations: tuple[int, ...] = fields.integers(lo=0)",
+           new="snapshot_generations: tuple[int, ...] = fields.integers(lo=-1)",
            tests=(_BAD,), why="snapshot generation -1 accepted"),
     Mutant(name="config_n_real_unchecked", file=CFG,
-           old='  _positive_int(cfg, "n_real", allow_zero=True)\n', new="",
+           old="n_real: int = fields.integer(lo=0)", new="n_real: int = fields.integer()",
            tests=(_BAD,), why="a negative n_real accepted"),
 ]
