@@ -9,9 +9,6 @@ _SPY = "tests/test_regimes.py::test_every_regime_through_the_loop_trains_on_exac
 _UNIFORM = "tests/test_regimes.py::test_accumulate_subsample_inclusion_is_uniform_over_valid_entries"
 _RF_ROUND = "tests/test_regimes.py::test_real_fraction_takes_round_f_m_distinct_real_rows_on_a_growing_schedule"
 _CFG = "tests/test_config.py"
-_BAD = "tests/test_config.py::test_bad_field_is_refused_by_name"
-_EDGE = "tests/test_config.py::test_boundary_value_is_accepted"
-_COUNTS = "tests/test_config.py::test_sample_counts_by_hand"
 
 LOOP, REG, CFG = "collapse_jax/loop.py", "collapse_jax/regimes.py", "collapse_jax/config.py"
 MET = "collapse_jax/metrics.py"
@@ -172,34 +169,5 @@ MUTANTS = [
     Mutant(name="regime_subsample_setting_ignored", file=REG,
            old="subsample = cfg.regime.subsample or cfg.samples.n", new="subsample = cfg.samples.n",
            tests=(f"{_SPY}[accumulate_subsample]",), why="config.regime.subsample has no effect"),
-    Mutant(name="config_linear_growth_ignored", file=CFG,
-           old="[int(round(s.n + s.growth * g)) for g in range(cfg.generations)]",
-           new="[int(round(s.n)) for g in range(cfg.generations)]",
-           tests=(_COUNTS,), why="a linear schedule stays fixed"),
-    Mutant(name="config_geometric_exponent_off_by_one", file=CFG,
-           old="s.n * s.growth**g", new="s.n * s.growth**(g + 1)",
-           tests=(_COUNTS,), why="the geometric schedule starts one step ahead"),
-    Mutant(name="config_keep_checkpoints_bound", file=CFG,
-           old="if cfg.keep_checkpoints < 2:", new="if cfg.keep_checkpoints < 1:",
-           tests=(_BAD,), why="keep_checkpoints=1 accepted: no checkpoint to fall back to"),
-    Mutant(name="config_geometric_growth_bound", file=CFG,
-           old='cfg.samples.schedule == "geometric" and cfg.samples.growth < 1',
-           new='cfg.samples.schedule == "geometric" and cfg.samples.growth <= 1',
-           tests=(f"{_CFG}::test_boundary_growth_is_accepted",), why="growth 1 (a constant schedule) refused"),
-    Mutant(name="config_real_fraction_bound", file=CFG,
-           old="not 0.0 <= f <= 1.0", new="not 0.0 < f <= 1.0",
-           tests=(_EDGE,), why="real_fraction 0 refused"),
-    Mutant(name="config_quantile_bound", file=CFG,
-           old="any(not 0.0 <= q <= 1.0 for q in qs)", new="any(not 0.0 <= q < 1.0 for q in qs)",
-           tests=(_EDGE,), why="the maximum (quantile 1) refused"),
-    Mutant(name="config_seed_bool_accepted", file=CFG,
-           old="if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):",
-           new="if not isinstance(cfg.seed, int):",
-           tests=(_BAD,), why="seed=True accepted"),
-    Mutant(name="config_snapshot_generation_bound", file=CFG,
-           old="any(g < 0 for g in cfg.snapshot_generations)", new="any(g < -1 for g in cfg.snapshot_generations)",
-           tests=(_BAD,), why="snapshot generation -1 accepted"),
-    Mutant(name="config_n_real_unchecked", file=CFG,
-           old='  _positive_int(cfg, "n_real", allow_zero=True)\n', new="",
-           tests=(_BAD,), why="a negative n_real accepted"),
+    # config.py / fields.py: benchmarks/mutants/config.py
 ]
