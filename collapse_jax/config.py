@@ -7,6 +7,7 @@ the same way (family.py). Both happen before any array is made or anything is co
 and names the field it is about.
 """
 import dataclasses
+import importlib.util
 import os
 
 import ml_collections
@@ -117,16 +118,19 @@ def parse(cfg) -> Run:
 
 def variants(arg: str | None, known: tuple[str, ...]) -> tuple[set[str], dict[str, str]]:
   """A config file's `:variant,variant,key=value` argument as (flags, {key: value}), `known` being the file's
-  VARIANTS (`quick`, `chains=N`); an unknown variant is refused naming the known ones. The one parser every
-  configs/*.py uses."""
-  keys = tuple(v.partition("=")[0] for v in known)
+  VARIANTS (`quick`, `chains=N`: a flag, a key that takes a value). Anything else is refused in one line naming
+  the known variants. The one parser every configs/*.py uses."""
+  takes_value = {key: bool(eq) for key, eq, _ in (v.partition("=") for v in known)}
   flags, values = set(), {}
   for part in (p.strip() for p in (arg or "").split(",")):
     if not part:
       continue
     key, eq, value = part.partition("=")
-    if key not in keys:
-      raise ConfigError(f"unknown config variant {key!r}; known: {', '.join(known)}")
+    if key not in takes_value:
+      raise ConfigError(f"unknown config variant {key!r} (known: {', '.join(known)})")
+    if bool(eq) != takes_value[key]:
+      form = next(v for v in known if v.partition("=")[0] == key)
+      raise ConfigError(f"config variant {part!r} is not of the form {form}")
     if eq:
       values[key] = value
     else:
@@ -134,14 +138,18 @@ def variants(arg: str | None, known: tuple[str, ...]) -> tuple[set[str], dict[st
   return flags, values
 
 
+def configs_dir() -> str:
+  """The experiments' config files: collapse_jax/configs in an installed copy (pyproject maps configs/ there),
+  else configs/ beside the package, as in a checkout (editable install or PYTHONPATH)."""
+  package = os.path.dirname(os.path.abspath(__file__))
+  inside = os.path.join(package, "configs")
+  return inside if os.path.isdir(inside) else os.path.join(os.path.dirname(package), "configs")
 
 
 def load(name: str, arg: str | None = None, **overrides) -> ml_collections.ConfigDict:
   """configs/<name>.py's get_config(arg) (or a path to any config file), as the CLI would build it, with
   `a__b=value` overrides for nested fields. For tests, benchmarks and notebooks."""
-  import importlib.util
-  path = name if name.endswith(".py") else os.path.join(
-      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", f"{name}.py")
+  path = name if name.endswith(".py") else os.path.join(configs_dir(), f"{name}.py")
   spec = importlib.util.spec_from_file_location(f"collapse_jax_config_{os.path.basename(path)[:-3]}", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)

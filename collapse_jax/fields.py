@@ -52,8 +52,12 @@ def _is_num(v) -> bool:
 
 def _int_want(lo, hi) -> str:
   if hi is not None:
-    return f"an integer in [{lo}, {hi}]"
+    return f"an integer in [{lo}, {hi}]" if lo is not None else f"an integer <= {hi}"
   return {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(lo, f"an integer >= {lo}")
+
+
+def _ints_want(lo) -> str:
+  return {None: "integers", 0: "non-negative integers", 1: "positive integers"}.get(lo, f"integers >= {lo}")
 
 
 def integer(lo: int | None = None, hi: int | None = None, why: str = "") -> Any:
@@ -72,7 +76,7 @@ def _num_want(lo, hi, lo_open) -> str:
     return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
   if lo is not None:
     return f"a finite number {'>' if lo_open else '>='} {lo:g}"
-  return "a finite number"
+  return "a finite number" if hi is None else f"a finite number <= {hi:g}"
 
 
 def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Any:
@@ -116,10 +120,10 @@ def text(nonempty: bool = False, why: str = "") -> Any:
 def integers(lo: int | None = None) -> Any:
   """A sequence of integers >= lo, as a tuple."""
   def parse(path, v):
-    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__") or not all(
-        _is_int(i) and (lo is None or i >= lo) for i in v):
-      raise bad(path, f"a list of {_int_want(lo, None)}s", tuple(v) if hasattr(v, "__iter__") else v)
-    return tuple(int(i) for i in v)
+    vals = tuple(v) if hasattr(v, "__iter__") and not isinstance(v, (str, bytes)) else None
+    if vals is None or not all(_is_int(i) and (lo is None or i >= lo) for i in vals):
+      raise bad(path, f"a list of {_ints_want(lo)}", vals if vals is not None else v)
+    return tuple(int(i) for i in vals)
   return _field(parse)
 
 
@@ -128,7 +132,7 @@ def numbers_in(lo: float, hi: float, nonempty: bool = True) -> Any:
   def parse(path, v):
     vals = tuple(v) if hasattr(v, "__iter__") and not isinstance(v, (str, bytes)) else None
     if vals is None or (nonempty and not vals) or not all(_is_num(q) and lo <= q <= hi for q in vals):
-      raise bad(path, f"{'a non-empty list of numbers' if nonempty else 'numbers'} in [{lo:g}, {hi:g}]",
+      raise bad(path, f"{'a non-empty list' if nonempty else 'a list'} of numbers in [{lo:g}, {hi:g}]",
                 vals if vals is not None else v)
     return tuple(float(q) for q in vals)
   return _field(parse)

@@ -9,7 +9,8 @@ Expected result: var_ratio mean over chains tracks (1 - 1/M)^(g+1) (0.366 at g =
 the original grows (plots/gaussian_var_ratio.png overlays the theory curve); with
 --config.regime.name=accumulate the variance stays near 1.
 """
-from collapse_jax.config import base_config
+from collapse_jax.config import base_config, variants
+from collapse_jax.errors import ConfigError
 
 VARIANTS = ("100", "500", "1000", "10000")
 
@@ -17,10 +18,10 @@ VARIANTS = ("100", "500", "1000", "10000")
 def get_config(arg: str | None = None):
   c = base_config()
   c.family = "gaussian"
-  m = int(arg) if arg else 100
-  if m not in (100, 500, 1000, 10000):
-    raise ValueError(f"configs/gaussian.py:ARG takes a sample size in 100, 500, 1000, 10000; got {arg!r}")
-  c.samples.n = m
+  sizes, _ = variants(arg, VARIANTS)
+  if len(sizes) > 1:
+    raise ConfigError(f"configs/gaussian.py takes one sample size, got {arg!r}")
+  c.samples.n = int(next(iter(sizes), "100"))
   c.generations = 1000
   c.chains = 1000
   c.checkpoint_every = 250

@@ -14,7 +14,8 @@ after compilation, for smoke tests), comma separated; any field by --config.FIEL
 Expected result: the L2 distance to generation 0's GMM grows and the components' spread shrinks over
 generations (the paper's Fig. 'GMM'); scatter snapshots at generations 0, 50, 100, 150, 200, 350, 2000.
 """
-from collapse_jax.config import base_config
+from collapse_jax.config import base_config, variants
+from collapse_jax.errors import ConfigError
 
 VARIANTS = ("quick", "chains=N")
 
@@ -31,14 +32,12 @@ def get_config(arg: str | None = None):
   c.snapshot_size = 1000
   c.gmm = dict(components=2, dim=2, tol=1e-5, max_iter=2000, reg_covar=1e-6, kmeans_iter=300,
                heldout=1000, true_mean=0.0, true_std=1.0)
-  for part in (arg or "").split(","):
-    if not part:
-      continue
-    if part == "quick":
-      c.generations, c.checkpoint_every = 50, 10
-      c.snapshot_generations = (0, 10, 20, 49)
-    elif part.startswith("chains="):
-      c.chains = int(part.split("=", 1)[1])
-    else:
-      raise ValueError(f"configs/gmm.py:ARG takes 'quick' and/or 'chains=N' (comma separated); got {part!r}")
+  flags, values = variants(arg, VARIANTS)
+  if "quick" in flags:
+    c.generations, c.checkpoint_every = 50, 10
+    c.snapshot_generations = (0, 10, 20, 49)
+  if "chains" in values:
+    if not values["chains"].isdigit():
+      raise ConfigError(f"config variant chains=N takes a count, got {values['chains']!r}")
+    c.chains = int(values["chains"])
   return c

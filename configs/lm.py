@@ -58,7 +58,8 @@ figures reproduce on the CPU named (WORKSPACE.md).
 """
 import ml_collections
 
-from collapse_jax.config import base_config
+from collapse_jax.config import base_config, variants
+from collapse_jax.errors import ConfigError
 
 VARIANTS = ("markov", "ci", "opt_wikitext2", "size=NAME", "scratch_wikitext2", "real_fraction", "accumulate")
 
@@ -111,40 +112,33 @@ def get_config(arg: str | None = None):
   c.regime.name = "replace"
   c.snapshot_size = 0              # the continuations of fixed prompts go to samples/ instead
   c.lm = _lm_fields()
-  real_fraction = False
-  for part in (arg or "").split(","):
-    if not part or part == "markov":
-      continue
-    if part == "ci":
-      c.generations = 3
-      c.lm.update(block_len=8, epochs=2, batch_size=8, eval_batch=8, decode_batch=8, text_samples=4, lr=3e-3)
-      c.lm.model_overrides.update(hidden_size=32, num_layers=1, num_heads=2, ffn_dim=64, max_position_embeddings=16)
-      c.lm.decode.num_beams = 2
-      c.lm.markov.update(vocab=48, branching=4, train_blocks=28, valid_blocks=8, test_blocks=8)
-    elif part == "opt_wikitext2":
-      c.generations = 10
-      c.lm.update(data="text", block_len=64, init="hf", model="opt-125m", epochs=5, batch_size=128,
-                  eval_batch=128, lr=2e-5, end_lr=1e-6, decode_batch=128, text_samples=16)
-      c.lm.text.update(kind="wikitext", tokenizer="hf", train_blocks=36864, **_WIKITEXT2_EVAL_BLOCKS)
-    elif part.startswith("size="):
-      size = part[len("size="):]
-      if size not in SCALE:
-        raise ValueError(f"configs/lm.py:size= takes one of {', '.join(SCALE)}; got {size!r}")
-      c.lm.update(model=size, **SCALE[size])
-    elif part == "scratch_wikitext2":
-      c.lm.update(data="text", block_len=64, epochs=5, batch_size=32, eval_batch=64, decode_batch=64, lr=1e-3)
-      c.lm.model_overrides.update(hidden_size=128, num_layers=2, num_heads=4, ffn_dim=512,
-                                  max_position_embeddings=128, vocab_size=8192)
-      c.lm.text.update(kind="files", train_files=f"{_WIKI}/valid.txt", test_files=f"{_WIKI}/test.txt",
-                       tokenizer="bpe", bpe_vocab=8192)
-    elif part == "real_fraction":
-      real_fraction = True
-    elif part == "accumulate":
-      c.regime.name = "accumulate"
-    else:
-      raise ValueError("configs/lm.py:ARG takes markov, ci, opt_wikitext2, size=NAME, scratch_wikitext2, real_fraction "
-                       f"and/or accumulate (comma separated); got {part!r}")
-  if real_fraction:  # after the data variant, whose epochs it overrides
+  # Applied in VARIANTS order whatever the argument's: size after opt_wikitext2 (whose model it replaces),
+  # real_fraction after the data variants (whose epochs it overrides).
+  flags, values = variants(arg, VARIANTS)
+  if "ci" in flags:
+    c.generations = 3
+    c.lm.update(block_len=8, epochs=2, batch_size=8, eval_batch=8, decode_batch=8, text_samples=4, lr=3e-3)
+    c.lm.model_overrides.update(hidden_size=32, num_layers=1, num_heads=2, ffn_dim=64, max_position_embeddings=16)
+    c.lm.decode.num_beams = 2
+    c.lm.markov.update(vocab=48, branching=4, train_blocks=28, valid_blocks=8, test_blocks=8)
+  if "opt_wikitext2" in flags:
+    c.generations = 10
+    c.lm.update(data="text", block_len=64, init="hf", model="opt-125m", epochs=5, batch_size=128,
+                eval_batch=128, lr=2e-5, end_lr=1e-6, decode_batch=128, text_samples=16)
+    c.lm.text.update(kind="wikitext", tokenizer="hf", train_blocks=36864, **_WIKITEXT2_EVAL_BLOCKS)
+  if "size" in values:
+    if values["size"] not in SCALE:
+      raise ConfigError(f"config variant size=NAME takes one of {', '.join(SCALE)}, got {values['size']!r}")
+    c.lm.update(model=values["size"], **SCALE[values["size"]])
+  if "scratch_wikitext2" in flags:
+    c.lm.update(data="text", block_len=64, epochs=5, batch_size=32, eval_batch=64, decode_batch=64, lr=1e-3)
+    c.lm.model_overrides.update(hidden_size=128, num_layers=2, num_heads=4, ffn_dim=512,
+                                max_position_embeddings=128, vocab_size=8192)
+    c.lm.text.update(kind="files", train_files=f"{_WIKI}/valid.txt", test_files=f"{_WIKI}/test.txt",
+                     tokenizer="bpe", bpe_vocab=8192)
+  if "accumulate" in flags:
+    c.regime.name = "accumulate"
+  if "real_fraction" in flags:
     c.regime.name, c.regime.real_fraction = "real_fraction", 0.1
     c.lm.epochs = 10
   # samples.n: one new block per training block (the family refuses any other count, naming the right one).

@@ -30,7 +30,7 @@ Measured (seed 0, jax 0.10.2, 2 CPU cores), generations 0-4: default (digits sta
 t10k (real MNIST, 8,000 training images, 4 minutes per generation): latent std 0.863, 0.795, 0.728, 0.652, 0.579
 and test ELBO -111, -117, -126, -134, -144; with real_fraction, std 0.632 and ELBO -125 at generation 4.
 """
-from collapse_jax.config import base_config
+from collapse_jax.config import base_config, variants
 
 VARIANTS = ("digits", "mnist", "mnist_idx", "t10k", "dataset", "real_fraction", "accumulate", "quick")
 
@@ -63,31 +63,27 @@ def get_config(arg: str | None = None):
       latent_eval_n=10000,         # generated images encoded by the generation-0 encoder per generation
       eval_batch=1024,             # rows per chunk when sampling / evaluating (a multiple of the device count)
   )
-  for part in (arg or "").split(","):
-    if not part or part == "digits":
-      continue
-    if part == "mnist":
-      c.vae.data, c.samples.n = "tfds", _MNIST_TRAIN
-    elif part == "mnist_idx":
-      c.vae.data, c.samples.n = "idx", _MNIST_TRAIN
-    elif part == "t10k":
-      # Only MNIST's 10,000-image test file (as on the offline development machines): train on its first
-      # 8,000 images, measure the test ELBO on the other 2,000.
-      c.vae.data, c.samples.n = "idx", 8000
-      c.vae.train_split, c.vae.test_split = "test[:8000]", "test[8000:]"
-    elif part == "dataset":
-      c.vae.fresh_samples = False
-    elif part in ("real_fraction", "accumulate"):
-      c.vae.fresh_samples = False
-      c.regime.name = part
-    elif part == "quick":
-      c.generations = 2
-      c.samples.n = 64
-      c.snapshot_size = 16
-      c.vae.update(limit=64, batch_size=32, epochs=1, latent_eval_n=64, eval_batch=64)
-    else:
-      raise ValueError("configs/vae.py:ARG takes digits, mnist, mnist_idx, t10k, dataset, real_fraction, accumulate "
-                       f"and/or quick (comma separated); got {part!r}")
+  # Applied in VARIANTS order whatever the argument's: a data source, then the regime, then quick's sizes.
+  flags, _ = variants(arg, VARIANTS)
+  if "mnist" in flags:
+    c.vae.data, c.samples.n = "tfds", _MNIST_TRAIN
+  if "mnist_idx" in flags:
+    c.vae.data, c.samples.n = "idx", _MNIST_TRAIN
+  if "t10k" in flags:
+    # Only MNIST's 10,000-image test file (as on the offline development machines): train on its first
+    # 8,000 images, measure the test ELBO on the other 2,000.
+    c.vae.data, c.samples.n = "idx", 8000
+    c.vae.train_split, c.vae.test_split = "test[:8000]", "test[8000:]"
+  if flags & {"dataset", "real_fraction", "accumulate"}:
+    c.vae.fresh_samples = False
+  for regime in ("real_fraction", "accumulate"):
+    if regime in flags:
+      c.regime.name = regime
+  if "quick" in flags:
+    c.generations = 2
+    c.samples.n = 64
+    c.snapshot_size = 16
+    c.vae.update(limit=64, batch_size=32, epochs=1, latent_eval_n=64, eval_batch=64)
   # Every generation (a VAE run is tens of generations at most; the loop ignores those past config.generations),
   # so that overriding --config.generations keeps a grid per generation.
   c.snapshot_generations = tuple(range(100))

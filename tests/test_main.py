@@ -1,5 +1,6 @@
 """The command line as a new user meets it: a non-editable install of a copy of the project, run from a directory
-that is not the checkout (--help, a named config, an unknown name); config-name resolution; the distributed flags."""
+that is not the checkout (--help, a named config, an unknown name); config-name resolution; every bad input (a
+field, a variant, a value, a distributed flag) as exactly one line `error: ...` and exit status 2."""
 import json
 import os
 import shutil
@@ -8,7 +9,8 @@ import sys
 
 import pytest
 
-from collapse_jax import main
+from collapse_jax import cli, config as config_lib
+from collapse_jax.errors import ConfigError
 from tests.helpers import REPO, load_config
 
 EXPERIMENTS = ("gaussian", "gmm", "lm", "vae")
@@ -45,8 +47,8 @@ def _run(installed, *args, timeout=300):
 
 def test_installed_copy_is_what_runs(installed):
   target, cwd, env = installed
-  r = subprocess.run([sys.executable, "-c", "import collapse_jax, collapse_jax.main as m; "
-                      "print(collapse_jax.__file__); print(m.configs_dir())"],
+  r = subprocess.run([sys.executable, "-c", "import collapse_jax, collapse_jax.config as c; "
+                      "print(collapse_jax.__file__); print(c.configs_dir())"],
                      cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
   assert r.returncode == 0, r.stderr
   pkg, configs = r.stdout.split()
@@ -66,7 +68,7 @@ def test_installed_help_lists_flags_and_experiments(installed):
   for flag in ("--config", "--workdir", "--[no]jax_distributed", "--coordinator_address", "--num_processes",
                "--process_id", "--local_device_ids"):
     assert f"\n  {flag}:" in r.stdout, flag
-  exps = main.experiments()
+  exps = cli.experiments()
   assert tuple(exps) == EXPERIMENTS
   for name, (summary, variants) in exps.items():
     assert f"  {name}  " in r.stdout and summary in r.stdout, name
@@ -93,18 +95,19 @@ def test_installed_unknown_name_is_one_line(installed, tmp_path):
 
 
 def test_resolve_config_names_and_paths():
-  d = main.configs_dir()
-  assert main.resolve_config("gmm:quick") == os.path.join(d, "gmm.py") + ":quick"
-  assert main.resolve_config("gaussian") == os.path.join(d, "gaussian.py")
-  assert main.resolve_config("vae:quick,real_fraction") == os.path.join(d, "vae.py") + ":quick,real_fraction"
+  d = config_lib.configs_dir()
+  assert d == os.path.join(REPO, "configs")  # the checkout's, not an editable install's elsewhere
+  assert cli.resolve_config("gmm:quick") == os.path.join(d, "gmm.py") + ":quick"
+  assert cli.resolve_config("gaussian") == os.path.join(d, "gaussian.py")
+  assert cli.resolve_config("vae:quick,real_fraction") == os.path.join(d, "vae.py") + ":quick,real_fraction"
   # Paths stay exactly as given (relative ones resolve against the working directory, as before).
   for path in ("configs/gmm.py:quick", "configs/gmm.py", "/abs/where/x.py:a:b", "gmm.py", "./gmm"):
-    assert main.resolve_config(path) == path
-  with pytest.raises(ValueError, match="unknown experiment 'nosuch'; known: gaussian, gmm, lm, vae"):
-    main.resolve_config("nosuch:quick")
-  with pytest.raises(ValueError, match="unknown experiment '__init__'"):
-    main.resolve_config("__init__")
-  argv = main._resolve_argv(["prog", "--config", "gmm:quick", "--workdir=w", "-config=lm", "--", "--config=x"])
+    assert cli.resolve_config(path) == path
+  with pytest.raises(ConfigError, match="unknown experiment 'nosuch'; known: gaussian, gmm, lm, vae"):
+    cli.resolve_config("nosuch:quick")
+  with pytest.raises(ConfigError, match="unknown experiment '__init__'"):
+    cli.resolve_config("__init__")
+  argv = cli.resolve_argv(["prog", "--config", "gmm:quick", "--workdir=w", "-config=lm", "--", "--config=x"])
   assert argv == ["prog", "--config", os.path.join(d, "gmm.py:quick"), "--workdir=w",
                   "-config=" + os.path.join(d, "lm.py"), "--", "--config=x"]
 
@@ -112,14 +115,14 @@ def test_resolve_config_names_and_paths():
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_variants_listed_are_the_ones_accepted(name):
   """--help's variants come from each config's VARIANTS: every one must build, and the docstring must name it."""
-  summary, variants = main.experiments()[name]
+  summary, variants = cli.experiments()[name]
   assert summary and variants
-  with open(os.path.join(main.configs_dir(), f"{name}.py")) as fh:
+  with open(os.path.join(config_lib.configs_dir(), f"{name}.py")) as fh:
     doc = fh.read().split('"""')[1]
   for v in variants:  # placeholders: =N a count, =NAME an OPT size
     load_config(name, v.replace("=NAME", "=opt-1.3b").replace("=N", "=4"))
     assert v.split("=")[0] in doc, f"configs/{name}.py's docstring does not mention variant {v}"
-  with pytest.raises(ValueError):
+  with pytest.raises(ConfigError, match=r"^unknown config variant 'no_such_variant' \(known: "):
     load_config(name, "no_such_variant")
 
 
@@ -163,3 +166,40 @@ def test_distributed_flags_reach_initialize_with_gloo_on_cpu(tmp_path):
   # Without the flags, initialize() gets no arguments and finds them itself (Cloud TPU, SLURM).
   r = _cli("--config=gmm:quick", f"--workdir={tmp_path}", "--jax_distributed", code=_STUB)
   assert r.returncode == 0 and r.stdout.strip() == "INIT [] gloo", r.stdout + r.stderr
+
+
+def _one_line_error(r, want: str) -> None:
+  assert r.returncode == 2, r.stdout + r.stderr
+  assert r.stderr.count("\n") == 1 and r.stderr == want + "\n", r.stderr
+
+
+def test_unknown_field_is_one_clean_line(tmp_path):
+  r = _cli("--config=lm:ci", "--config.lm.epochz=3", f"--workdir={tmp_path}")
+  _one_line_error(r, "error: unknown config field lm.epochz (did you mean lm.epochs?)")
+  r = _cli("--config=gmm:quick", "--config.gmm.tool=3", "--config.generatoins=3", f"--workdir={tmp_path}")
+  _one_line_error(r, "error: unknown config field gmm.tool (did you mean gmm.tol?)")
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("config,message", [
+    ("gmm:bogus", "error: --config=gmm:bogus: unknown config variant 'bogus' (known: quick, chains=N)"),
+    ("gmm:quick,chains=x", "error: --config=gmm:quick,chains=x: config variant chains=N takes a count, got 'x'"),
+    ("gaussian:7", "error: --config=gaussian:7: unknown config variant '7' (known: 100, 500, 1000, 10000)"),
+    ("lm:ci,size=opt-2b", "error: --config=lm:ci,size=opt-2b: config variant size=NAME takes one of opt-125m, "
+     "opt-1.3b, opt-6.7b, opt-13b, opt-30b, opt-66b, got 'opt-2b'"),
+    ("configs/vae.py:quick,mnistx", "error: --config=configs/vae.py:quick,mnistx: unknown config variant 'mnistx' "
+     "(known: digits, mnist, mnist_idx, t10k, dataset, real_fraction, accumulate, quick)"),
+    ("nosuch.py", "error: --config=nosuch.py: [Errno 2] No such file or directory: 'nosuch.py'"),
+])
+def test_bad_variant_or_config_file_is_one_line(tmp_path, config, message):
+  _one_line_error(_cli(f"--config={config}", f"--workdir={tmp_path}"), message)
+  assert not os.listdir(tmp_path)
+
+
+def test_bad_value_is_one_line_naming_the_field(tmp_path):
+  r = _cli("--config=lm:ci", "--config.lm.epochs=0", f"--workdir={tmp_path / 'run'}")
+  _one_line_error(r, "error: config.lm.epochs must be a positive integer, got 0")
+  r = _cli("--config=gmm:quick", "--config.keep_checkpoints=1", f"--workdir={tmp_path / 'run'}")
+  assert r.returncode == 2 and r.stderr.startswith("error: config.keep_checkpoints must be an integer >= 2")
+  assert r.stderr.count("\n") == 1, r.stderr
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")

@@ -10,9 +10,6 @@ _SPY = "tests/test_regimes.py::test_every_regime_through_the_loop_trains_on_exac
 _UNIFORM = "tests/test_regimes.py::test_accumulate_subsample_inclusion_is_uniform_over_valid_entries"
 _RF_ROUND = "tests/test_regimes.py::test_real_fraction_takes_round_f_m_distinct_real_rows_on_a_growing_schedule"
 _CFG = "tests/test_config.py"
-_BAD = "tests/test_config.py::test_bad_field_is_refused_by_name"
-_EDGE = "tests/test_config.py::test_boundary_value_is_accepted"
-_COUNTS = "tests/test_config.py::test_sample_counts_by_hand"
 
 LOOP, REG, CFG = "collapse_jax/loop.py", "collapse_jax/regimes.py", "collapse_jax/config.py"
 FAM, FIELDS = "collapse_jax/family.py", "collapse_jax/fields.py"
@@ -174,36 +171,5 @@ MUTANTS = [
     Mutant(name="regime_subsample_setting_ignored", file=REG,
            old="subsample = run.regime.subsample or run.samples.n", new="subsample = run.samples.n",
            tests=(f"{_SPY}[accumulate_subsample]",), why="config.regime.subsample has no effect"),
-    Mutant(name="config_linear_growth_ignored", file=CFG,
-           old="[int(round(s.n + s.growth * g)) for g in range(G)]",
-           new="[int(round(s.n)) for g in range(G)]",
-           tests=(_COUNTS,), why="a linear schedule stays fixed"),
-    Mutant(name="config_geometric_exponent_off_by_one", file=CFG,
-           old="s.n * s.growth**g", new="s.n * s.growth**(g + 1)",
-           tests=(_COUNTS,), why="the geometric schedule starts one step ahead"),
-    Mutant(name="config_keep_checkpoints_bound", file=CFG,
-           old="keep_checkpoints: int = fields.integer(lo=2,", new="keep_checkpoints: int = fields.integer(lo=1,",
-           tests=(_BAD,), why="keep_checkpoints=1 accepted: no checkpoint to fall back to"),
-    Mutant(name="config_geometric_growth_bound", file=CFG,
-           old='if self.schedule == "geometric" and self.growth < 1:',
-           new='if self.schedule == "geometric" and self.growth <= 1:',
-           tests=(f"{_CFG}::test_boundary_growth_is_accepted",), why="growth 1 (a constant schedule) refused"),
-    Mutant(name="config_real_fraction_bound", file=CFG,
-           old="real_fraction: float = fields.number(0.0, 1.0)",
-           new="real_fraction: float = fields.number(0.0, 1.0, lo_open=True)",
-           tests=(_EDGE,), why="real_fraction 0 refused"),
-    Mutant(name="config_quantile_bound", file=FIELDS,
-           old="_is_num(q) and lo <= q <= hi", new="_is_num(q) and lo <= q < hi",
-           tests=(_EDGE,), why="the maximum (quantile 1) refused"),
-    Mutant(name="config_seed_bool_accepted", file=FIELDS,
-           old="return isinstance(v, numbers.Integral) and not isinstance(v, bool)",
-           new="return isinstance(v, numbers.Integral)",
-           tests=(_BAD,), why="seed=True accepted"),
-    Mutant(name="config_snapshot_generation_bound", file=CFG,
-           old="snapshot_generations: tuple[int, ...] = fields.integers(lo=0)",
-           new="snapshot_generations: tuple[int, ...] = fields.integers(lo=-1)",
-           tests=(_BAD,), why="snapshot generation -1 accepted"),
-    Mutant(name="config_n_real_unchecked", file=CFG,
-           old="n_real: int = fields.integer(lo=0)", new="n_real: int = fields.integer()",
-           tests=(_BAD,), why="a negative n_real accepted"),
+    # config.py / fields.py: benchmarks/mutants/config.py
 ]
