@@ -22,7 +22,6 @@ _PLAN = flags.DEFINE_string("plan", None, "Run nothing: compile the run's progra
                             "fit is refused (exit 2). Needs libtpu for TPUs.")
 _PLAN_OUT = flags.DEFINE_string("plan_out", None, "With --plan: where the JSON report goes (default: "
                                 "<workdir>/plan.json with --workdir, else stdout).")
-help_text = cli.help_text  # tests/test_plan.py reads the help from here
 
 
 def main(argv):

@@ -11,8 +11,8 @@ _UNIFORM = "tests/test_regimes.py::test_accumulate_subsample_inclusion_is_unifor
 _RF_ROUND = "tests/test_regimes.py::test_real_fraction_takes_round_f_m_distinct_real_rows_on_a_growing_schedule"
 _CFG = "tests/test_config.py"
 
-LOOP, REG, CFG = "collapse_jax/loop.py", "collapse_jax/regimes.py", "collapse_jax/config.py"
-FAM, FIELDS = "collapse_jax/family.py", "collapse_jax/fields.py"
+LOOP, REG = "collapse_jax/loop.py", "collapse_jax/regimes.py"
+FAM = "collapse_jax/family.py"
 MET = "collapse_jax/metrics.py"
 CKPT = "collapse_jax/checkpoint.py"
 _RESYNC = "tests/test_loop.py::test_metrics_jsonl_follows_the_checkpoint_after_a_kill_byte_for_byte"
