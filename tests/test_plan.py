@@ -198,6 +198,6 @@ def test_cli_plan_and_refusal(tmp_path, repo):
 
 
 def test_help_lists_the_plan_flags():
-  from collapse_jax import cli
+  from collapse_jax import cli, main  # noqa: F401  (main defines the flags the help lists)
   text = cli.help_text()
   assert "\n  --plan:" in text and "\n  --plan_out:" in text
