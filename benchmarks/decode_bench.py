@@ -1,10 +1,10 @@
-"""New tokens per second of collapse_jax.families.lm.decode (one compiled program per corpus) and, optionally, of Hugging Face
-`generate` on the same shape in the same run: 5-beam search with repetition penalty 3.0 (the paper's setting) and
-sampling (top-k 50, top-p 0.95), 64-token prompts continued by 64 new tokens (min = max new tokens, so both sides
-do exactly the same number of steps), random weights.
+"""New tokens per second of collapse_jax.families.lm.decode (one compiled program per corpus) and, optionally,
+of Hugging Face `generate` on the same shape in the same run: 5-beam search with repetition penalty 3.0 (the
+paper's setting) and sampling (top-k 50, top-p 0.95), 64-token prompts continued by 64 new tokens (min = max new
+tokens, so both sides do exactly the same number of steps), random weights.
 
   python benchmarks/decode_bench.py                          # small CPU shape, JAX only
-  python benchmarks/decode_bench.py --hf                     # + HF generate at its best batch (pip install -e '.[bench]')
+  python benchmarks/decode_bench.py --hf                     # + HF generate at its best batch (needs '.[bench]')
   python benchmarks/decode_bench.py --shape opt125m --hf --rows 8 --batch 8 --hf_batches 4,8
 
 "New tokens" counts the continuation tokens returned (64 per prompt), not beam hypotheses. Each side decodes at
@@ -24,8 +24,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from collapse_jax import decode, hardware  # noqa: E402
-from collapse_jax.models import opt  # noqa: E402
+from collapse_jax import hardware  # noqa: E402
+from collapse_jax.families.lm import decode  # noqa: E402
+from collapse_jax.families.lm import model as opt  # noqa: E402
+from collapse_jax.families.lm import sizes  # noqa: E402
 
 SHAPES = {"small": dict(size="tiny"), "opt125m": dict(size="opt-125m")}
 METHODS = {
@@ -47,9 +49,9 @@ def cost(cfg, n_params: int, rows: int, batch: int, prompt: int, dcfg) -> tuple[
   each step reads every weight once per batch (float32 parameters) and each hypothesis's keys and values so far."""
   hyps = dcfg.num_beams if dcfg.method == "beam" else 1
   kv_bytes = 2 * cfg.num_layers * cfg.hidden_size * np.dtype(cfg.dtype).itemsize
-  flops = rows * sum(opt.flops_per_token(cfg, c) / 3 for c in range(1, prompt + 1))
+  flops = rows * sum(sizes.flops_per_token(cfg, c) / 3 for c in range(1, prompt + 1))
   steps = range(prompt, prompt + dcfg.max_new_tokens)
-  flops += rows * hyps * sum(opt.flops_per_token(cfg, c + 1) / 3 for c in steps)
+  flops += rows * hyps * sum(sizes.flops_per_token(cfg, c + 1) / 3 for c in steps)
   nbytes = (rows / batch) * len(steps) * n_params * 4 + rows * hyps * sum(kv_bytes * (c + 1) for c in steps)
   return flops, nbytes
 
@@ -157,9 +159,9 @@ def main(argv=None):
   common.add_args(ap)
   args = ap.parse_args(argv)
   common.check_rounds(args)
-  cfg = opt.get_size(SHAPES[args.shape]["size"], dtype="float32", dropout=0.0)
+  cfg = sizes.get_size(SHAPES[args.shape]["size"], dtype="float32", dropout=0.0)
   params = opt.init_params(cfg, jax.random.key(0))
-  n_params = opt.count_params(params)
+  n_params = sizes.count_params(params)
   ids, mask = prompts(cfg, args.rows, args.prompt)
   out = []
   for name in args.methods.split(","):

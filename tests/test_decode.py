@@ -1,25 +1,24 @@
-"""collapse_jax/families/lm/decode.py: token-for-token parity with Hugging Face generate on the tiny OPT fixture (committed
-outputs of tests/fixtures/make_decode_fixture.py), beam search == exhaustive search on a tiny fake model, sampler
-distributions by chi-square against a fake model of known logits, keys independent of batching and sharding,
-one compile per program, and one-line ConfigErrors raised before compiling."""
+"""collapse_jax/families/lm/decode.py: token-for-token parity with Hugging Face generate on the tiny OPT fixture
+(committed outputs of tests/fixtures/make_decode_fixture.py), keys independent of batching and sharding, left
+padding, the loop's parts and states, one compile per program, one-line ConfigErrors raised before compiling, and
+OPT's cache hooks (beams share their prompt's cache). Beam search against exhaustive search: tests/test_beam.py;
+sampling laws: tests/test_sampling.py."""
 import contextlib
 import dataclasses
 import functools
-import itertools
 import json
-import math
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats
 
 from collapse_jax import sharding
+from collapse_jax.errors import ConfigError
 from collapse_jax.families.lm import decode
 from collapse_jax.families.lm import hf
-from collapse_jax.errors import ConfigError
+from tests.decode_fakes import markov_lm, markov_w
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
@@ -91,178 +90,7 @@ def test_eos_stopping_matches_hf():
   assert check_hf_cases(lambda c: "eos" in c["name"]) == 30
 
 
-# --- fake models ---------------------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def const_lm(vocab):
-  """Logits params["logits"] at every step, whatever the input: each draw is independent with a known law."""
-  def apply(params, ids_BxL, mask_BxL, cache):
-    return jnp.broadcast_to(params["logits"], (*ids_BxL.shape, vocab)), cache
-
-  return decode.LM(apply=apply, init_cache=lambda b, n: {"steps": jnp.zeros((), jnp.int32)}, vocab_size=vocab,
-                   max_len=1 << 20, eos_token_id=None, pad_token_id=0)
-
-
-def markov_w(vocab, max_len, seed=0, scale=1.5):
-  return scale * np.random.default_rng(seed).standard_normal((max_len, vocab, vocab, vocab)).astype(np.float32)
-
-
-@functools.lru_cache(maxsize=None)
-def markov_lm(vocab, max_len, eos=None):
-  """Logits w[position, last token, previous token] (position of the last real token; the first token's
-  previous is 0): history-dependent, so beam search differs from greedy. Its cache is three per-row arrays."""
-  def apply(params, ids_BxL, mask_BxL, cache):
-    def one(c, x):
-      tok_B, real_B = x[0], x[1] > 0
-      last_B = jnp.where(real_B, tok_B, c["last"])
-      prev_B = jnp.where(real_B, c["last"], c["prev"])
-      n_B = c["n"] + real_B
-      return {"last": last_B, "prev": prev_B, "n": n_B}, params["w"][jnp.maximum(n_B - 1, 0), last_B, prev_B]
-
-    cache, logits_LxBxV = jax.lax.scan(one, cache, (ids_BxL.T, mask_BxL.T))
-    return logits_LxBxV.transpose(1, 0, 2), cache
-
-  def init_cache(b, n):
-    return {k: jnp.zeros((b,), jnp.int32) for k in ("last", "prev", "n")}
-
-  return decode.LM(apply=apply, init_cache=init_cache, vocab_size=vocab, max_len=max_len, eos_token_id=eos,
-                   pad_token_id=vocab - 1)
-
-
-def enumerate_best(w, prompt, cfg, eos):
-  """HF's beam objective by brute force: every hypothesis (ending in EOS or at max_new_tokens), scored by its
-  processed log-probabilities (repetition penalty on log-softmax, EOS banned before min_new_tokens) summed and
-  divided by (new tokens) ** length_penalty; float64."""
-  vocab, best = w.shape[1], (-math.inf, None)
-  for length in range(1, cfg.max_new_tokens + 1):
-    for seq in itertools.product(range(vocab), repeat=length):
-      stops_early = eos is not None and seq[-1] == eos
-      if (eos is not None and eos in seq[:-1]) or (length < cfg.max_new_tokens and not stops_early):
-        continue
-      hist, total = list(prompt), 0.0
-      for g, y in enumerate(seq):
-        prev = hist[-2] if len(hist) > 1 else 0
-        z = w[len(hist) - 1, hist[-1], prev].astype(np.float64)
-        logp = z - z.max() - np.log(np.exp(z - z.max()).sum())
-        for s in set(hist):
-          logp[s] = logp[s] * cfg.repetition_penalty if logp[s] < 0 else logp[s] / cfg.repetition_penalty
-        if eos is not None and g < cfg.min_new_tokens:
-          logp[eos] = -math.inf
-        total += logp[y]
-        hist.append(y)
-      score = total / length**cfg.length_penalty
-      if score > best[0]:
-        best = (score, list(seq) + [vocab - 1] * (cfg.max_new_tokens - length))
-  return best
-
-
-@pytest.mark.parametrize("eos,kw", [
-    (None, dict(length_penalty=1.0)),
-    (0, dict(min_new_tokens=1, repetition_penalty=2.0, length_penalty=1.5, early_stopping="never")),
-    (0, dict(repetition_penalty=1.3, length_penalty=-0.5, early_stopping=False)),
-    (1, dict(length_penalty=0.0, early_stopping=True)),
-])
-def test_beam_search_equals_exhaustive_search(eos, kw):
-  """Vocabulary 3, 3 new tokens, 27 beams (>= every hypothesis, so no candidate is cut by the beam width): HF's
-  beam search must return the brute-force best hypothesis and its score, for 4 prompts at once. Where HF's
-  early-stop heuristic is a true bound (early_stopping "never", or length_penalty <= 0) or harmless (True with
-  every hypothesis finished together), that makes it exact."""
-  vocab, max_len = 3, 8
-  lm, w = markov_lm(vocab, max_len, eos), markov_w(vocab, max_len, seed=1)
-  cfg = decode.DecodeConfig(method="beam", max_new_tokens=3, num_beams=27, **kw)
-  prompts = np.array([[0, 1], [2, 2], [1, 0], [2, 1]])
-  out = decode.decode_corpus(lm, {"w": w}, prompts, np.ones_like(prompts), cfg, batch_size=4)
-  for r, prompt in enumerate(prompts):
-    score, seq = enumerate_best(w, prompt, cfg, eos)
-    assert np.asarray(out["tokens"])[r].tolist() == seq, (r, score)
-    assert abs(float(out["scores"][r]) - score) < 1e-5
-
-
-# --- sampling ------------------------------------------------------------------------------------------------------
-
-# Not sorted: a sampler that returns a token's rank instead of its id (e.g. after top-k) draws the wrong law.
-LOGITS = np.log(np.array([0.08, 0.22, 0.03, 0.14, 0.02, 0.18, 0.06, 0.12, 0.05, 0.1]))
-
-
-def expected_law(logits, temperature=1.0, top_k=0, top_p=1.0, spare=0):
-  """The sampling law from the definitions (float64): softmax(logits / T), keep the k largest, then drop the
-  least likely tokens while their total mass stays <= 1 - top_p (always keeping the most likely); `spare`
-  more tokens left in the nucleus models an off-by-one there."""
-  z = logits / temperature
-  keep = np.ones_like(z, bool)
-  if top_k:
-    keep &= z >= np.sort(z)[-top_k]
-  p = np.where(keep, np.exp(z - z.max()), 0.0)
-  p /= p.sum()
-  if top_p < 1.0:
-    mass = 0.0
-    for i in np.argsort(p)[:-1]:  # ascending, never the top token
-      if keep[i] and mass + p[i] <= 1.0 - top_p:
-        mass += p[i]
-        keep[i] = False
-      elif keep[i]:
-        break
-    dropped = [i for i in np.argsort(-p) if not keep[i] and p[i] > 0]
-    keep[dropped[:spare]] = True
-  p = np.where(keep, p, 0.0)
-  return p / p.sum()
-
-
-SAMPLERS = [dict(temperature=1.0), dict(temperature=0.5), dict(temperature=2.0, top_k=4), dict(top_p=0.7),
-            dict(temperature=0.7, top_k=6, top_p=0.8)]
-ROWS, STEPS = 256, 40  # 10,240 independent draws per setting
-ALPHA = 1e-3
-
-
-def wrong_laws(kw):
-  """The bugs the test must catch, as the laws they would sample from."""
-  t, k, p = kw.get("temperature", 1.0), kw.get("top_k", 0), kw.get("top_p", 1.0)
-  law = expected_law(LOGITS, t, k, p)
-  out = {"token ids shifted by one": np.roll(law, 1)}
-  if kw != dict(temperature=1.0):
-    out["no warping"] = expected_law(LOGITS)
-  if t != 1.0:
-    out["temperature multiplied"] = expected_law(LOGITS, 1.0 / t, k, p)
-  if k:
-    out["top_k off by one"] = expected_law(LOGITS, t, k + 1, p)
-  if p < 1.0:
-    out["one more nucleus token"] = expected_law(LOGITS, t, k, p, spare=1)
-  return out
-
-
-def power(law, alt, n):
-  """Power of the chi-square test (level ALPHA, over law's support) against draws from alt: mass outside the
-  support is caught by the zero-count check with probability 1 - (1 - outside) ** n."""
-  support = law > 0
-  outside = alt[~support].sum()
-  lam = n * (((alt - law)[support] ** 2) / law[support]).sum()
-  df = support.sum() - 1
-  chi = stats.ncx2.sf(stats.chi2.isf(ALPHA, df), df, lam) if df > 0 else 0.0
-  return 1.0 - (1.0 - chi) * (1.0 - outside) ** n
-
-
-@pytest.mark.parametrize("kw", SAMPLERS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
-def test_sampler_law_chi_square(kw):
-  """Draw 10,240 tokens from a model whose logits never change and test them against the law computed from the
-  definitions: no draw outside its support, and a chi-square goodness-of-fit p-value above 1e-3. The power of
-  that test against each plausible bug (token ids off by one, no warping, temperature multiplied instead of
-  divided, top-k off by one, a nucleus one token too wide) is computed below from the noncentral chi-square and
-  must be >= 0.99.
-  Subtler errors are caught less surely: logits 10% too sharp has power 0.84 at T = 1 and 0.999 at T = 0.5, but
-  only 0.01-0.3 once top-k / top-p have cut the support to 4 tokens (computed with `power`, not asserted)."""
-  n = ROWS * STEPS
-  law = expected_law(LOGITS, **kw)
-  for name, alt in wrong_laws(kw).items():
-    assert power(law, alt, n) >= 0.99, f"{name}: power {power(law, alt, n):.3f}"
-  cfg = decode.DecodeConfig(method="sample", max_new_tokens=STEPS, **kw)
-  prompts = np.zeros((ROWS, 1), np.int32)
-  out = decode.decode_corpus(const_lm(len(LOGITS)), {"logits": jnp.asarray(LOGITS, jnp.float32)}, prompts,
-                             np.ones_like(prompts), cfg, jax.random.key(7), batch_size=ROWS)
-  counts = np.bincount(np.asarray(out["tokens"]).ravel(), minlength=len(LOGITS))
-  assert counts[law == 0].sum() == 0, counts
-  pval = stats.chisquare(counts[law > 0], n * law[law > 0]).pvalue
-  assert pval > ALPHA, (counts.tolist(), (n * law).round(1).tolist())
-
+# --- batching, padding, knobs ------------------------------------------------------------------------------------
 
 def test_samples_do_not_depend_on_batching_or_mesh():
   """Row i draws with fold_in(key, i) and step t with fold_in(row key, t): 7 prompts in batches of 8 over an
@@ -318,17 +146,59 @@ def test_knobs_do_not_recompile():
   assert not np.array_equal(np.asarray(first["tokens"]), np.asarray(again["tokens"]))
 
 
+def test_loop_parts_named_states_run_by_hand_equal_generate_batch():
+  """loop_parts as the planner uses it: the state after the first token is a SampleState / BeamState whose named
+  fields have the documented shapes, and body run by hand while cond holds, then finish, gives generate_batch's
+  tokens (its while_loop) exactly, sampling with top-k and beam search, both with the repetition penalty on."""
+  vocab, max_len, b, n = 5, 12, 3, 6
+  lm, params = markov_lm(vocab, max_len, eos=4), {"w": jnp.asarray(markov_w(vocab, max_len, seed=6))}
+  ids = np.random.default_rng(2).integers(0, 4, (b, 4)).astype(np.int32)
+  mask = np.ones_like(ids)
+  keys = jax.random.key_data(jax.vmap(lambda r: jax.random.fold_in(jax.random.key(5), r))(jnp.arange(b)))
+  for cfg in (decode.DecodeConfig(method="sample", max_new_tokens=n, top_k=3, repetition_penalty=1.3),
+              decode.DecodeConfig(method="beam", max_new_tokens=n, num_beams=2, repetition_penalty=1.3)):
+    def parts(k, cfg=cfg):
+      return decode.loop_parts(lm, cfg, params, ids, mask, jax.random.wrap_key_data(k))
+
+    state = jax.jit(lambda k: parts(k)[0])(keys)
+    body = jax.jit(lambda k, s: parts(k)[1](s))
+    cond_finish = jax.jit(lambda k, s: (parts(k)[2](s), parts(k)[3](s)))
+    if cfg.method == "beam":
+      assert isinstance(state, decode.BeamState)
+      assert state.run_seq_BxKxN.shape == state.fin_seq_BxKxN.shape == (b, 2, n)
+      assert state.run_score_BxK.shape == state.fin_score_BxK.shape == state.fin_BxK.shape == (b, 2)
+      assert state.open_B.shape == (b,) and state.seen_RxV.shape == (b * 2, vocab)
+    else:
+      assert isinstance(state, decode.SampleState)
+      assert state.tokens_BxN.shape == (b, n) and state.seen_BxV.shape == (b, vocab) and state.done_B.shape == (b,)
+    assert int(state.t) == 1
+    go, got = cond_finish(keys, state)
+    while bool(go):
+      state = body(keys, state)
+      go, got = cond_finish(keys, state)
+    want = jax.jit(lambda k: decode.generate_batch(lm, cfg, params, ids, mask, jax.random.wrap_key_data(k)))(keys)
+    np.testing.assert_array_equal(np.asarray(got["tokens"]), np.asarray(want["tokens"]))
+    np.testing.assert_allclose(np.asarray(got["scores"]), np.asarray(want["scores"]), rtol=0, atol=1e-6)
+
+
 # --- bad input -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("change,match", [
-    (dict(max_new_tokens=13), r"prompt length 4 \+ DecodeConfig.max_new_tokens=13 exceeds the model's cache length 16"),
-    (dict(num_beams=0), r"DecodeConfig.num_beams=0"),
-    (dict(top_p=0.0), r"DecodeConfig.top_p=0.0: must be in \(0, 1\]"),
-    (dict(top_p=1.5), r"DecodeConfig.top_p=1.5"),
-    (dict(method="nucleus"), r"DecodeConfig.method='nucleus': must be one of greedy, sample, beam"),
-    (dict(min_new_tokens=9), r"DecodeConfig.min_new_tokens=9"),
-    (dict(temperature=0.0), r"DecodeConfig.temperature=0.0"),
-    (dict(early_stopping="always"), r"DecodeConfig.early_stopping='always'"),
+    (dict(max_new_tokens=13),
+     r"^prompt length 4 \+ DecodeConfig.max_new_tokens=13 exceeds the model's cache length 16$"),
+    (dict(max_new_tokens=0), r"^DecodeConfig\.max_new_tokens must be a positive integer, got 0$"),
+    (dict(num_beams=0), r"^DecodeConfig\.num_beams must be a positive integer, got 0$"),
+    (dict(num_beams=True), r"^DecodeConfig\.num_beams must be a positive integer, got True$"),
+    (dict(top_p=0.0), r"^DecodeConfig\.top_p must be in \(0, 1\], got 0\.0$"),
+    (dict(top_p=1.5), r"^DecodeConfig\.top_p must be in \(0, 1\], got 1\.5$"),
+    (dict(top_k=-1), r"^DecodeConfig\.top_k must be a non-negative integer \(0: off\), got -1$"),
+    (dict(method="nucleus"), r"^DecodeConfig\.method='nucleus' is not one of greedy, sample, beam$"),
+    (dict(min_new_tokens=9), r"^DecodeConfig\.min_new_tokens must be an integer in \[0, max_new_tokens=8\], got 9$"),
+    (dict(temperature=0.0), r"^DecodeConfig\.temperature must be a finite number > 0, got 0\.0$"),
+    (dict(repetition_penalty=-1.0), r"^DecodeConfig\.repetition_penalty must be a finite number > 0, got -1\.0$"),
+    (dict(length_penalty=float("nan")), r"^DecodeConfig\.length_penalty must be a finite number, got nan$"),
+    (dict(early_stopping="always"), r"^DecodeConfig\.early_stopping must be True, False or 'never', got 'always'$"),
+    (dict(early_stopping=1), r"^DecodeConfig\.early_stopping must be True, False or 'never', got 1$"),
 ])
 def test_bad_config_is_refused_before_compiling(change, match):
   lm, params = markov_lm(5, 16), {"w": markov_w(5, 16)}
@@ -337,6 +207,19 @@ def test_bad_config_is_refused_before_compiling(change, match):
   with counting_compiles() as compiles, pytest.raises(ConfigError, match=match) as e:
     decode.decode_corpus(lm, params, ids, np.ones_like(ids), cfg, batch_size=3)
   assert "\n" not in str(e.value) and not compiles
+
+
+def test_validate_bounds_and_accepted_types():
+  """validate's boundaries, checked directly: the last accepted value of each bound passes and NumPy scalars
+  count as numbers (configs built from arrays); a prompt plus its new tokens may fill the cache exactly."""
+  ok = decode.DecodeConfig(method="sample", max_new_tokens=np.int64(4), min_new_tokens=4, num_beams=np.int32(1),
+                           temperature=np.float32(1e-3), top_k=0, top_p=1.0, repetition_penalty=np.float64(0.5),
+                           length_penalty=-3, early_stopping="never")
+  ok.validate(prompt_len=12, cache_len=16)
+  with pytest.raises(ConfigError, match=r"^prompt length 13 \+ DecodeConfig.max_new_tokens=4 exceeds"):
+    ok.validate(prompt_len=13, cache_len=16)
+  for change in (dict(top_p=1e-6), dict(min_new_tokens=0), dict(early_stopping=True), dict(early_stopping=False)):
+    dataclasses.replace(ok, **change).validate()
 
 
 def test_bad_call_is_refused_before_compiling():

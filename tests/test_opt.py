@@ -1,5 +1,6 @@
 """OPT model: logits parity with Hugging Face (committed fixtures made by tests/fixtures/make_opt_fixture.py),
-causality, left-padding invariance, bf16 vs fp32, KV-cache decoding == full forward, dropout, sizes, FLOPs."""
+causality, left-padding invariance, bf16 vs fp32, KV-cache decoding == full forward, dropout; sizes.py's published
+sizes, FLOPs and config errors."""
 import dataclasses
 import functools
 import os
@@ -13,6 +14,7 @@ from collapse_jax.families.lm import hf
 from collapse_jax.errors import ConfigError
 from collapse_jax.families.lm import dense
 from collapse_jax.families.lm import model as opt
+from collapse_jax.families.lm import sizes
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 VARIANTS = ("opt_preln", "opt_postln")
@@ -213,12 +215,12 @@ def test_init_axes_and_published_sizes():
   assert len(flat_axes) == len(leaves) and all(len(t) == a.ndim for t, a in zip(flat_axes, leaves))
   assert axes["embed_tokens"] == ("vocab", "proj")
   assert axes["layers"]["self_attn"]["q_proj"]["kernel"] == ("layers", "embed", "heads", "kv")
-  tiny = jax.eval_shape(lambda: opt.init_params(opt.SIZES["tiny"], jax.random.key(0)))
+  tiny = jax.eval_shape(lambda: opt.init_params(sizes.SIZES["tiny"], jax.random.key(0)))
   assert opt.logical_axes(tiny)["embed_tokens"] == ("vocab", "embed") and "project_in" not in tiny
   # Parameter counts HF reports for the released checkpoints (lm_head tied, so not counted twice).
   for name, n in (("opt-125m", 125_239_296), ("opt-350m", 331_196_416), ("opt-1.3b", 1_315_758_080)):
-    shapes = jax.eval_shape(lambda name=name: opt.init_params(opt.SIZES[name], jax.random.key(0)))
-    assert opt.count_params(shapes) == n, name
+    shapes = jax.eval_shape(lambda name=name: opt.init_params(sizes.SIZES[name], jax.random.key(0)))
+    assert sizes.count_params(shapes) == n, name
 
 
 def test_flops_per_token_matches_xla_count():
@@ -231,19 +233,19 @@ def test_flops_per_token_matches_xla_count():
   tok = jax.ShapeDtypeStruct((1, seq), jnp.int32)
   compiled = jax.jit(functools.partial(opt.apply, cfg)).lower(shapes, tok, tok).compile()
   xla = 3 * compiled.cost_analysis()["flops"]
-  assert abs(xla / (opt.flops_per_token(cfg, seq) * seq) - 1) < 0.1  # modelling slack (elementwise ops), no rounding
+  assert abs(xla / (sizes.flops_per_token(cfg, seq) * seq) - 1) < 0.1  # modelling slack (elementwise ops), no rounding
 
 
 def test_bad_config_and_inputs_raise_one_line():
   with pytest.raises(ConfigError, match="'opt-7b'.*opt-125m") as e:
-    opt.get_size("opt-7b")
+    sizes.get_size("opt-7b")
   assert "\n" not in str(e.value)
   with pytest.raises(ConfigError, match="n_layers"):
-    opt.get_size("tiny", n_layers=3)
+    sizes.get_size("tiny", n_layers=3)
   with pytest.raises(ConfigError, match="dtype"):
-    opt.get_size("tiny", dtype="int8")
+    sizes.get_size("tiny", dtype="int8")
   with pytest.raises(ConfigError, match="num_heads"):
-    opt.get_size("tiny", num_heads=5)
+    sizes.get_size("tiny", num_heads=5)
   cfg = opt.get_size("tiny")
   params = jax.eval_shape(lambda: opt.init_params(cfg, jax.random.key(0)))
   with pytest.raises(ConfigError, match="mask_BxL"):

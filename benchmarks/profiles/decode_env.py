@@ -39,7 +39,8 @@ def child(args):
   from benchmarks.decode_bench import METHODS, SHAPES, prompts
   from collapse_jax.families.lm import decode
   from collapse_jax.families.lm import model as opt
-  cfg = opt.get_size(SHAPES[args.shape]["size"], dtype="float32", dropout=0.0)
+  from collapse_jax.families.lm import sizes
+  cfg = sizes.get_size(SHAPES[args.shape]["size"], dtype="float32", dropout=0.0)
   params = opt.init_params(cfg, jax.random.key(0))
   ids, mask = prompts(cfg, args.rows, 64)
   lm, dcfg = decode.opt_lm(cfg), METHODS[args.method]

@@ -1,4 +1,5 @@
-"""Per-op profile of collapse_jax.families.lm.decode on the decode_bench shapes: which XLA:CPU ops take what share of a decode.
+"""Per-op profile of collapse_jax.families.lm.decode on the decode_bench shapes: which XLA:CPU ops take what
+share of a decode.
 
   python benchmarks/profiles/decode_step.py [--method beam5_rep3|sample] [--shape small|opt125m] [--rows 64]
       [--batch 64] [--top 30]
@@ -24,8 +25,9 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from benchmarks.decode_bench import METHODS, SHAPES, prompts  # noqa: E402
-from collapse_jax import decode  # noqa: E402
-from collapse_jax.models import opt  # noqa: E402
+from collapse_jax.families.lm import decode  # noqa: E402
+from collapse_jax.families.lm import model as opt  # noqa: E402
+from collapse_jax.families.lm import sizes  # noqa: E402
 
 
 def main():
@@ -36,7 +38,7 @@ def main():
   ap.add_argument("--batch", type=int, default=64)
   ap.add_argument("--top", type=int, default=30)
   args = ap.parse_args()
-  cfg = opt.get_size(SHAPES[args.shape]["size"], dtype="float32", dropout=0.0)
+  cfg = sizes.get_size(SHAPES[args.shape]["size"], dtype="float32", dropout=0.0)
   params = opt.init_params(cfg, jax.random.key(0))
   ids, mask = prompts(cfg, args.rows, 64)
   lm, dcfg = decode.opt_lm(cfg), METHODS[args.method]

@@ -10,80 +10,78 @@ The model enters as an `LM` (apply + cache constructor + a few ids), so a fake m
 stand in for OPT in tests. Caches are pytrees of batch-leading arrays plus scalars shared by every row; beam
 search expands a prompt cache to its beams and reorders rows through the LM's hooks, whose defaults copy the
 prompt's cache to every beam (`beam_cache`) and gather every batch-leading leaf (`reorder`). OPT's hooks
-(`opt_lm`) keep the prompt's K/V once per prompt, read in place by its beams (opt.share_prefix), and never move
+(`opt_lm`) keep the prompt's K/V once per prompt, read in place by its beams (kv_cache.share_prefix), and never move
 the beams' own K/V: reordering moves which beam's slots each row reads (kv_cache.reorder_copies).
 
-HF details kept on purpose (tests/fixtures/decode_hf.json checks them token for token):
-- the repetition penalty sees the prompt's real tokens (not its left pads, as transformers 5.x) and the tokens
-  generated so far; greedy/sampling penalise logits, beam search penalises log-softmax scores;
-- min_new_tokens sets EOS to -inf; sampling then applies temperature, top-k (ties with the k-th kept), top-p
-  (the smallest-probability tokens whose mass is <= 1 - top_p are dropped, the top token always kept);
-- beam search keeps 2K candidates per step, finished hypotheses enter only from the top K, and its -1e9
-  bookkeeping, length penalty (new tokens ** length_penalty) and early-stop heuristic are HF's.
+HF details kept on purpose (tests/fixtures/decode_hf.json checks them token for token): the logits processors
+of warp.py, in HF's order; beam search keeps 2K candidates per step, finished hypotheses enter only from the top
+K, and its -1e9 bookkeeping, length penalty (new tokens ** length_penalty) and early-stop heuristic are HF's.
+
+Each loop's carry is a NamedTuple (`SampleState`, `BeamState`, as flax's wmt example's BeamState): its fields name
+what they hold and their shapes, so the loop bodies, a planner costing one step, or a debugger read them by name.
 
 Keys: row i of a corpus draws with fold_in(key, i), and step t of that row with fold_in(row key, t), so a
 sample does not depend on the batch size, the batch a row lands in, or the mesh.
 """
 import dataclasses
 import functools
-import math
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax import progress, sharding
+from collapse_jax import fields, ops, progress, sharding
 from collapse_jax.errors import ConfigError
+from collapse_jax.families.lm import warp
 
 METHODS = ("greedy", "sample", "beam")
 NEG = -1.0e9  # HF's "never pick this" score in beam bookkeeping (added, not assigned, as HF does)
 ES_FALSE, ES_TRUE, ES_NEVER = 0, 1, 2  # early_stopping as a traced integer
+EARLY_STOPPING = {False: ES_FALSE, True: ES_TRUE, "never": ES_NEVER}
+
+
+def _checked(default, rule):
+  """A field with its default (DecodeConfig is built in code, by library users and the LM family) and its rule
+  from collapse_jax.fields, the project's one set of field rules."""
+  return dataclasses.field(default=default, metadata=rule.metadata)
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeConfig:
-  method: str = "greedy"
-  max_new_tokens: int = 64
-  min_new_tokens: int = 0
-  num_beams: int = 1
-  temperature: float = 1.0
-  top_k: int = 0                 # 0: off
-  top_p: float = 1.0             # 1: off
-  repetition_penalty: float = 1.0
-  length_penalty: float = 1.0
-  early_stopping: bool | str = False
+class _Ruled:
+  """DecodeConfig's fields that a rule of collapse_jax.fields checks (`DecodeConfig.validate`)."""
+  method: str = _checked("greedy", fields.choice(METHODS))
+  max_new_tokens: int = _checked(64, fields.integer(lo=1))
+  min_new_tokens: int = _checked(0, fields.integer(lo=0))  # and <= max_new_tokens
+  num_beams: int = _checked(1, fields.integer(lo=1))
+  temperature: float = _checked(1.0, fields.number(lo=0.0, lo_open=True))
+  top_k: int = _checked(0, fields.integer(lo=0, why="0: off"))
+  top_p: float = _checked(1.0, fields.number(0.0, 1.0, lo_open=True))  # 1: off
+  repetition_penalty: float = _checked(1.0, fields.number(lo=0.0, lo_open=True))  # 1: off
+  length_penalty: float = _checked(1.0, fields.number())
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig(_Ruled):
+  """How decoding continues prompts: Hugging Face generate's arguments of the same names (`static` and `knobs`
+  split them into what a compiled program depends on and what it takes as arguments)."""
+  early_stopping: bool | str = False  # True, False or "never" (HF's): no rule of collapse_jax.fields says that
 
   def validate(self, prompt_len: int | None = None, cache_len: int | None = None) -> None:
+    """Raises a one-line ConfigError naming the field (`DecodeConfig.top_p must be in (0, 1], got 0`), with
+    prompt_len and cache_len also if a prompt and its new tokens overrun the model's cache."""
+    try:
+      fields.parse(_Ruled, {f.name: getattr(self, f.name) for f in dataclasses.fields(_Ruled)}, "DecodeConfig")
+    except ConfigError as e:  # the rules' messages, naming the library's class rather than a config file's path
+      raise ConfigError(str(e).removeprefix("config.")) from None
+
     def bad(field, want):
-      raise ConfigError(f"DecodeConfig.{field}={getattr(self, field)!r}: {want}")
+      return ConfigError(f"DecodeConfig.{field} must be {want}, got {getattr(self, field)!r}")
 
-    def is_int(v):
-      return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-    def is_num(v):
-      return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
-
-    if self.method not in METHODS:
-      bad("method", f"must be one of {', '.join(METHODS)}")
-    if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-      bad("max_new_tokens", "must be a positive integer")
-    if not is_int(self.min_new_tokens) or not 0 <= self.min_new_tokens <= self.max_new_tokens:
-      bad("min_new_tokens", f"must be an integer in [0, max_new_tokens={self.max_new_tokens}]")
-    if not is_int(self.num_beams) or self.num_beams < 1:
-      bad("num_beams", "must be an integer >= 1")
-    if not is_num(self.temperature) or self.temperature <= 0:
-      bad("temperature", "must be > 0")
-    if not is_int(self.top_k) or self.top_k < 0:
-      bad("top_k", "must be an integer >= 0 (0: off)")
-    if not is_num(self.top_p) or not 0 < self.top_p <= 1:
-      bad("top_p", "must be in (0, 1]")
-    if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
-      bad("repetition_penalty", "must be > 0 (1: off)")
-    if not is_num(self.length_penalty):
-      bad("length_penalty", "must be a finite number")
-    if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):
-      bad("early_stopping", "must be True, False or 'never'")
+    if self.min_new_tokens > self.max_new_tokens:
+      raise bad("min_new_tokens", f"an integer in [0, max_new_tokens={self.max_new_tokens}]")
+    if not isinstance(self.early_stopping, (bool, str)) or self.early_stopping not in EARLY_STOPPING:
+      raise bad("early_stopping", "True, False or 'never'")
     if prompt_len is not None and cache_len is not None and prompt_len + self.max_new_tokens > cache_len:
       raise ConfigError(f"prompt length {prompt_len} + DecodeConfig.max_new_tokens={self.max_new_tokens} exceeds "
                         f"the model's cache length {cache_len}")
@@ -137,76 +135,38 @@ def opt_lm(cfg) -> LM:
             grow=kv_cache.grow_cache)
 
 
-# --- logits processing (HF's LogitsProcessors, in HF's order) ---------------------------------------------------
-
-def _penalise(kn, scores_RxV, seen_RxV):
-  if seen_RxV is None:
-    return scores_RxV
-  p = kn["repetition_penalty"]
-  return jnp.where(seen_RxV, jnp.where(scores_RxV < 0, scores_RxV * p, scores_RxV / p), scores_RxV)
-
-
-def _ban_eos(kn, scores_RxV, step):
-  eos_1xV = jnp.arange(scores_RxV.shape[-1]) == kn["eos"]  # eos -1 (none) matches nothing
-  return jnp.where(eos_1xV & (step < kn["min_new_tokens"]), -jnp.inf, scores_RxV)
-
-
-def _nucleus_floor(kn, asc_RxV):
-  """The smallest score top-p keeps, from the scores sorted ascending."""
-  cum_RxV = jnp.cumsum(jax.nn.softmax(asc_RxV, axis=-1), axis=-1)
-  # cum is non-decreasing, so the dropped tokens are a prefix of the ascending order; the top one never is.
-  dropped_Rx1 = jnp.minimum((cum_RxV <= 1.0 - kn["top_p"]).sum(-1, keepdims=True), asc_RxV.shape[-1] - 1)
-  return jnp.take_along_axis(asc_RxV, dropped_Rx1, axis=-1)
-
-
-def warp(cfg: DecodeConfig, kn, scores_RxV):
-  """Temperature and top-p over the whole vocabulary, as HF's warpers, for sampling without top-k (with top-k on,
-  `_draw` warps the k best only)."""
-  scores_RxV = scores_RxV / kn["temperature"]
-  if cfg.top_p < 1.0:
-    scores_RxV = jnp.where(scores_RxV < _nucleus_floor(kn, jnp.sort(scores_RxV, axis=-1)), -jnp.inf, scores_RxV)
-  return scores_RxV
-
-
-def _draw(cfg: DecodeConfig, kn, keys_B, scores_BxV):
-  """One sampled token per row. With top-k on, only the k best scores are warped and drawn from: the same law as
-  warping all V (every other token has probability 0; of tokens tied with the k-th, exactly k are kept). top_k
-  returns them sorted (descending), so top-p needs no sort, and the draw inverts the kept tokens' cumulative
-  weights at one uniform per row: the same law as the Gumbel draw of jax.random.categorical, which hashes k
-  random numbers per row (on CPU, with the sort, most of a sampling step)."""
-  if 0 < cfg.top_k < scores_BxV.shape[-1]:
-    top_BxK, idx_BxK = jax.lax.top_k(scores_BxV, cfg.top_k)
-    z_BxK = top_BxK / kn["temperature"]
-    keep_BxK = jnp.ones(z_BxK.shape, bool)
-    if cfg.top_p < 1.0:
-      keep_BxK = z_BxK >= _nucleus_floor(kn, z_BxK[:, ::-1])
-    w_BxK = jnp.where(keep_BxK, jnp.exp(z_BxK - z_BxK[:, :1]), 0.0)  # the top token has weight 1
-    cum_BxK = jnp.cumsum(w_BxK, axis=-1)
-    u_Bx1 = jax.vmap(jax.random.uniform)(keys_B)[:, None] * cum_BxK[:, -1:]
-    # The first token whose cumulative weight exceeds u; min: u rounded up to the total picks the last kept one.
-    j_Bx1 = jnp.minimum((cum_BxK <= u_Bx1).sum(-1, keepdims=True), keep_BxK.sum(-1, keepdims=True) - 1)
-    return jnp.take_along_axis(idx_BxK, j_Bx1, axis=-1)[:, 0]
-  return jax.vmap(jax.random.categorical)(keys_B, warp(cfg, kn, scores_BxV))
-
-
-def _seen(ids_BxL, mask_BxL, vocab: int):
-  """Tokens each row has seen (its real prompt tokens), for the repetition penalty."""
-  b = ids_BxL.shape[0]
-  where_BxL = jnp.where(mask_BxL > 0, ids_BxL, vocab)  # pads go to an extra column that is dropped
-  return jnp.zeros((b, vocab + 1), bool).at[jnp.arange(b)[:, None], where_BxL].set(True)[:, :vocab]
-
-
-def _mark(seen_RxV, tok_R):
-  return None if seen_RxV is None else seen_RxV.at[jnp.arange(tok_R.shape[0]), tok_R].set(True)
-
-
 # --- one batch ---------------------------------------------------------------------------------------------------
+
+class SampleState(NamedTuple):
+  """Greedy / sampling's while_loop carry once tokens 0 .. t - 1 are chosen."""
+  t: jax.Array                  # () int32: the step the next body call takes
+  tok_B: jax.Array              # int32: each row's last token, the next step's input
+  cache: Any                    # the LM's cache, holding every token before tok_B
+  seen_BxV: jax.Array | None    # bool: tokens each row has seen (the repetition penalty's); None when it is off
+  done_B: jax.Array             # bool: rows past EOS (they emit pad_token_id)
+  tokens_BxN: jax.Array         # int32: the new tokens so far, pad_token_id from t on
+
+
+class BeamState(NamedTuple):
+  """Beam search's while_loop carry once steps 0 .. t - 1 are taken: per prompt b, K running beams (cache rows
+  b * K + k) and the K best finished hypotheses (HF's BeamHypotheses)."""
+  t: jax.Array                  # () int32: the step the next body call takes
+  run_seq_BxKxN: jax.Array      # int32: running beams' new tokens, pad_token_id from t on
+  run_score_BxK: jax.Array      # float32: their summed processed log-probabilities, best first (NEG: dummy beam)
+  fin_seq_BxKxN: jax.Array      # int32: finished hypotheses' new tokens
+  fin_score_BxK: jax.Array      # float32: their length-penalised scores, best first (NEG: an empty slot)
+  fin_BxK: jax.Array            # bool: slots that hold a finished hypothesis
+  open_B: jax.Array             # bool: prompts whose best running beam may still beat a finished one (HF's ~done)
+  cache: Any                    # the LM's cache of the running beams, rows b * K + k
+  seen_RxV: jax.Array | None    # bool: tokens each running beam has seen; None when the penalty is off
+  go: jax.Array                 # () bool: some prompt is open, some candidate runs on, early stopping allows
+
 
 def _prefill(lm: LM, cfg: DecodeConfig, params, ids_BxP, mask_BxP, slots: int):
   b, p = ids_BxP.shape
   cache = lm.init_cache(b, slots)
   logits_BxPxV, cache = lm.apply(params, ids_BxP, mask_BxP, cache)
-  seen_BxV = _seen(ids_BxP, mask_BxP, lm.vocab_size) if cfg.repetition_penalty != 1.0 else None
+  seen_BxV = warp.seen_tokens(ids_BxP, mask_BxP, lm.vocab_size) if cfg.repetition_penalty != 1.0 else None
   return logits_BxPxV[:, -1].astype(jnp.float32), cache, seen_BxV  # left padding: the last slot is real
 
 
@@ -217,26 +177,31 @@ def _sample_parts(lm: LM, cfg: DecodeConfig, kn, params, ids_BxP, mask_BxP, keys
   cache = lm.grow(cache, p + n) if lm.grow else cache
 
   def choose(t, logits_BxV, seen_BxV, done_B):
-    scores_BxV = _ban_eos(kn, _penalise(kn, logits_BxV, seen_BxV), t)
+    scores_BxV = warp.ban_eos(kn, warp.penalise(kn, logits_BxV, seen_BxV), t)
     if cfg.method == "greedy":
       tok_B = jnp.argmax(scores_BxV, axis=-1)
     else:
-      tok_B = _draw(cfg, kn, jax.vmap(lambda k: jax.random.fold_in(k, t))(keys_B), scores_BxV)
+      tok_B = warp.draw(cfg, kn, jax.vmap(lambda k: jax.random.fold_in(k, t))(keys_B), scores_BxV)
     tok_B = jnp.where(done_B, lm.pad_token_id, tok_B).astype(jnp.int32)
-    return tok_B, _mark(seen_BxV, tok_B), done_B | (tok_B == kn["eos"])
+    return tok_B, warp.mark(seen_BxV, tok_B), done_B | (tok_B == kn["eos"])
 
-  out_BxN = jnp.full((b, n), lm.pad_token_id, jnp.int32)
+  tokens_BxN = jnp.full((b, n), lm.pad_token_id, jnp.int32)
   tok_B, seen_BxV, done_B = choose(0, logits_BxV, seen_BxV, jnp.zeros((b,), bool))
-  state = (jnp.ones((), jnp.int32), tok_B, cache, seen_BxV, done_B, out_BxN.at[:, 0].set(tok_B))
+  first = SampleState(jnp.ones((), jnp.int32), tok_B, cache, seen_BxV, done_B, tokens_BxN.at[:, 0].set(tok_B))
 
-  def body(state):
-    t, tok_B, cache, seen_BxV, done_B, out_BxN = state
-    logits_Bx1xV, cache = lm.apply(params, tok_B[:, None], jnp.ones((b, 1), jnp.int32), cache)
-    tok_B, seen_BxV, done_B = choose(t, logits_Bx1xV[:, 0].astype(jnp.float32), seen_BxV, done_B)
-    return t + 1, tok_B, cache, seen_BxV, done_B, jax.lax.dynamic_update_slice(out_BxN, tok_B[:, None], (0, t))
+  def body(s: SampleState) -> SampleState:
+    logits_Bx1xV, cache = lm.apply(params, s.tok_B[:, None], jnp.ones((b, 1), jnp.int32), s.cache)
+    tok_B, seen_BxV, done_B = choose(s.t, logits_Bx1xV[:, 0].astype(jnp.float32), s.seen_BxV, s.done_B)
+    return SampleState(s.t + 1, tok_B, cache, seen_BxV, done_B,
+                       jax.lax.dynamic_update_slice(s.tokens_BxN, tok_B[:, None], (0, s.t)))
 
-  return state, body, lambda s: (s[0] < n) & ~jnp.all(s[4]), lambda s: {"tokens": s[-1],
-                                                                          "scores": jnp.zeros((b,), jnp.float32)}
+  def cond(s: SampleState):
+    return (s.t < n) & ~jnp.all(s.done_B)
+
+  def finish(s: SampleState) -> dict:
+    return {"tokens": s.tokens_BxN, "scores": jnp.zeros((b,), jnp.float32)}
+
+  return first, body, cond, finish
 
 
 def _take(x_BxK, idx_BxJ):
@@ -250,17 +215,16 @@ def _beam_parts(lm: LM, cfg: DecodeConfig, kn, params, ids_BxP, mask_BxP):
   lp, es = kn["length_penalty"], kn["early_stopping"]
   p = ids_BxP.shape[1]
   logits_BxV, cache, seen_BxV = _prefill(lm, cfg, params, ids_BxP, mask_BxP, p if lm.shares_prompt else p + n)
-  cache = lm.beam_cache(cache, k, n)
-  seen_RxV = None if seen_BxV is None else jnp.repeat(seen_BxV, k, axis=0)
-  logits_RxV = jnp.repeat(logits_BxV, k, axis=0)
   top_k_mask_2K = jnp.arange(2 * k) < k  # only the best K candidates may become finished hypotheses
 
-  def step(t, logits_RxV, seen_RxV, s):
-    logp_RxV = _ban_eos(kn, _penalise(kn, jax.nn.log_softmax(logits_RxV, axis=-1), seen_RxV), t)
-    acc_BxKV = (logp_RxV.reshape(b, k, v) + s["run_score"][:, :, None]).reshape(b, k * v)
+  def step(s: BeamState, logits_RxV) -> BeamState:
+    """Step s.t from the running beams' next-token logits: the next state, its cache rows reordered."""
+    t = s.t
+    logp_RxV = warp.ban_eos(kn, warp.penalise(kn, jax.nn.log_softmax(logits_RxV, axis=-1), s.seen_RxV), t)
+    acc_BxKV = (logp_RxV.reshape(b, k, v) + s.run_score_BxK[:, :, None]).reshape(b, k * v)
     cand_score_Bx2K, cand_idx_Bx2K = jax.lax.top_k(acc_BxKV, 2 * k)
     parent_Bx2K, tok_Bx2K = cand_idx_Bx2K // v, (cand_idx_Bx2K % v).astype(jnp.int32)
-    cand_seq_Bx2KxN = jax.lax.dynamic_update_slice(_take(s["run_seq"], parent_Bx2K), tok_Bx2K[:, :, None],
+    cand_seq_Bx2KxN = jax.lax.dynamic_update_slice(_take(s.run_seq_BxKxN, parent_Bx2K), tok_Bx2K[:, :, None],
                                                    (0, 0, t))
     hits_Bx2K = (tok_Bx2K == kn["eos"]) | (t + 1 >= n)
     # Running beams: the best K candidates that did not just stop.
@@ -269,46 +233,49 @@ def _beam_parts(lm: LM, cfg: DecodeConfig, kn, params, ids_BxP, mask_BxP):
     # Finished hypotheses: merge the stopping top-K candidates (length-penalised) into the K kept so far.
     did_Bx2K = hits_Bx2K & top_k_mask_2K
     fin_cand_Bx2K = cand_score_Bx2K / ((t + 1).astype(jnp.float32) ** lp)
-    full_Bx1 = jnp.all(s["fin"], axis=-1, keepdims=True) & (es == ES_TRUE)
+    full_Bx1 = jnp.all(s.fin_BxK, axis=-1, keepdims=True) & (es == ES_TRUE)
     fin_cand_Bx2K += full_Bx1.astype(jnp.float32) * NEG
-    fin_cand_Bx2K += (~s["unsat"]).astype(jnp.float32)[:, None] * NEG
+    fin_cand_Bx2K += (~s.open_B).astype(jnp.float32)[:, None] * NEG
     fin_cand_Bx2K += (~did_Bx2K).astype(jnp.float32) * NEG
-    merged_Bx3K = jnp.concatenate([s["fin_score"], fin_cand_Bx2K], axis=1)
+    merged_Bx3K = jnp.concatenate([s.fin_score_BxK, fin_cand_Bx2K], axis=1)
     best_BxK = jax.lax.top_k(merged_Bx3K, k)[1]
-    new = {
-        "run_seq": _take(cand_seq_Bx2KxN, keep_BxK), "run_score": _take(run_cand_Bx2K, keep_BxK),
-        "fin_seq": _take(jnp.concatenate([s["fin_seq"], cand_seq_Bx2KxN], axis=1), best_BxK),
-        "fin_score": _take(merged_Bx3K, best_BxK),
-        "fin": _take(jnp.concatenate([s["fin"], did_Bx2K], axis=1), best_BxK),
-    }
+    run_score_BxK = _take(run_cand_Bx2K, keep_BxK)
+    fin_score_BxK = _take(merged_Bx3K, best_BxK)
+    fin_BxK = _take(jnp.concatenate([s.fin_BxK, did_Bx2K], axis=1), best_BxK)
     # HF's early-stop heuristic: can the best running beam still beat the worst finished one?
     best_len = jnp.where((es == ES_NEVER) & (lp > 0), float(n), (t + 1).astype(jnp.float32))
-    best_run_Bx1 = new["run_score"][:, :1] / best_len**lp
-    worst_BxK = jnp.where(new["fin"], jnp.min(new["fin_score"], axis=1, keepdims=True), NEG)
-    new["unsat"] = s["unsat"] & jnp.any(best_run_Bx1 > worst_BxK, axis=-1)
-    go = jnp.any(new["unsat"]) & ~jnp.all(hits_Bx2K) & ~(jnp.all(new["fin"]) & (es == ES_TRUE))
+    best_run_Bx1 = run_score_BxK[:, :1] / best_len**lp
+    worst_BxK = jnp.where(fin_BxK, jnp.min(fin_score_BxK, axis=1, keepdims=True), NEG)
+    open_B = s.open_B & jnp.any(best_run_Bx1 > worst_BxK, axis=-1)
+    go = jnp.any(open_B) & ~jnp.all(hits_Bx2K) & ~(jnp.all(fin_BxK) & (es == ES_TRUE))
     rows_R = (jnp.arange(b)[:, None] * k + _take(parent_Bx2K, keep_BxK)).reshape(-1)
-    seen_RxV = None if seen_RxV is None else _mark(seen_RxV[rows_R], _take(tok_Bx2K, keep_BxK).reshape(-1))
-    return new, rows_R, seen_RxV, go
+    seen_RxV = None if s.seen_RxV is None else warp.mark(s.seen_RxV[rows_R], _take(tok_Bx2K, keep_BxK).reshape(-1))
+    return BeamState(t=t + 1, run_seq_BxKxN=_take(cand_seq_Bx2KxN, keep_BxK), run_score_BxK=run_score_BxK,
+                     fin_seq_BxKxN=_take(jnp.concatenate([s.fin_seq_BxKxN, cand_seq_Bx2KxN], axis=1), best_BxK),
+                     fin_score_BxK=fin_score_BxK, fin_BxK=fin_BxK, open_B=open_B,
+                     cache=lm.reorder(s.cache, rows_R), seen_RxV=seen_RxV, go=go)
 
-  s = {"run_seq": jnp.full((b, k, n), lm.pad_token_id, jnp.int32),
-       "run_score": jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, NEG).astype(jnp.float32), (b, 1)),
-       "fin_seq": jnp.full((b, k, n), lm.pad_token_id, jnp.int32),
-       "fin_score": jnp.full((b, k), NEG, jnp.float32), "fin": jnp.zeros((b, k), bool),
-       "unsat": jnp.ones((b,), bool)}
-  s, rows_R, seen_RxV, go = step(jnp.zeros((), jnp.int32), logits_RxV, seen_RxV, s)
-  cache = lm.reorder(cache, rows_R)
+  empty_BxKxN = jnp.full((b, k, n), lm.pad_token_id, jnp.int32)
+  start = BeamState(
+      t=jnp.zeros((), jnp.int32), run_seq_BxKxN=empty_BxKxN,
+      run_score_BxK=jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, NEG).astype(jnp.float32), (b, 1)),
+      fin_seq_BxKxN=empty_BxKxN, fin_score_BxK=jnp.full((b, k), NEG, jnp.float32), fin_BxK=jnp.zeros((b, k), bool),
+      open_B=jnp.ones((b,), bool), cache=lm.beam_cache(cache, k, n),
+      seen_RxV=None if seen_BxV is None else jnp.repeat(seen_BxV, k, axis=0), go=jnp.ones((), bool))
+  first = step(start, jnp.repeat(logits_BxV, k, axis=0))
 
-  def body(state):
-    t, s, cache, seen_RxV, _ = state
-    tok_R = s["run_seq"].reshape(b * k, n)[:, t - 1]
-    logits_Rx1xV, cache = lm.apply(params, tok_R[:, None], jnp.ones((b * k, 1), jnp.int32), cache)
-    s, rows_R, seen_RxV, go = step(t, logits_Rx1xV[:, 0].astype(jnp.float32), seen_RxV, s)
-    return t + 1, s, lm.reorder(cache, rows_R), seen_RxV, go
+  def body(s: BeamState) -> BeamState:
+    tok_R = s.run_seq_BxKxN.reshape(b * k, n)[:, s.t - 1]
+    logits_Rx1xV, cache = lm.apply(params, tok_R[:, None], jnp.ones((b * k, 1), jnp.int32), s.cache)
+    return step(s._replace(cache=cache), logits_Rx1xV[:, 0].astype(jnp.float32))
 
-  state = (jnp.ones((), jnp.int32), s, cache, seen_RxV, go)
-  return state, body, lambda st: (st[0] < n) & st[-1], lambda st: {"tokens": st[1]["fin_seq"][:, 0],
-                                                                   "scores": st[1]["fin_score"][:, 0]}
+  def cond(s: BeamState):
+    return (s.t < n) & s.go
+
+  def finish(s: BeamState) -> dict:
+    return {"tokens": s.fin_seq_BxKxN[:, 0], "scores": s.fin_score_BxK[:, 0]}
+
+  return first, body, cond, finish
 
 
 def knobs(lm: LM, cfg: DecodeConfig, eos_token_id: int | None | str = "model") -> dict:
@@ -317,7 +284,7 @@ def knobs(lm: LM, cfg: DecodeConfig, eos_token_id: int | None | str = "model") -
   return {"temperature": np.float32(cfg.temperature), "top_p": np.float32(cfg.top_p),
           "repetition_penalty": np.float32(cfg.repetition_penalty), "length_penalty": np.float32(cfg.length_penalty),
           "min_new_tokens": np.int32(cfg.min_new_tokens), "eos": np.int32(-1 if eos is None else eos),
-          "early_stopping": np.int32({False: ES_FALSE, True: ES_TRUE, "never": ES_NEVER}[cfg.early_stopping])}
+          "early_stopping": np.int32(EARLY_STOPPING[cfg.early_stopping])}
 
 
 def static(cfg: DecodeConfig) -> DecodeConfig:
@@ -337,9 +304,9 @@ def generate_batch(lm: LM, cfg: DecodeConfig, params, ids_BxP, mask_BxP, keys_B=
 
 
 def loop_parts(lm: LM, cfg: DecodeConfig, params, ids_BxP, mask_BxP, keys_B=None, kn=None):
-  """One batch's decoding as (state after the prefill and first token, body: one more token, cond, finish:
-  state -> generate_batch's result); generate_batch runs body in a while_loop. Apart, they let a planner cost
-  the prefill and one step (XLA's cost analysis counts a loop body once)."""
+  """One batch's decoding as (state after the prefill and first token: a SampleState or BeamState, body: one more
+  token, cond, finish: state -> generate_batch's result); generate_batch runs body in a while_loop. Apart, they
+  let a planner cost the prefill and one step (XLA's cost analysis counts a loop body once)."""
   kn = knobs(lm, cfg) if kn is None else kn
   cfg = static(cfg)
   if cfg.method == "beam":
@@ -351,7 +318,6 @@ def loop_parts(lm: LM, cfg: DecodeConfig, params, ids_BxP, mask_BxP, keys_B=None
 
 def check(lm: LM, cfg: DecodeConfig, ids_NxP, mask_NxP, batch_size: int, mesh=None, key=None) -> None:
   """Every ConfigError decode_corpus can raise, from shapes alone: nothing is traced or compiled."""
-  cfg.validate()
   shape = getattr(ids_NxP, "shape", None)
   if shape is None or len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
     raise ConfigError(f"prompt ids must be a non-empty [rows, length] array, got shape {shape}")
@@ -399,15 +365,11 @@ def decode_corpus(lm: LM, params, ids_NxP, mask_NxP, cfg: DecodeConfig, key=None
   the mesh's batch axes; eos_token_id overrides the LM's (None: no EOS), as generate's argument. Returns
   {"tokens": [N, max_new_tokens], "scores": [N]} on device."""
   check(lm, cfg, ids_NxP, mask_NxP, batch_size, mesh, key)
-  n, p = ids_NxP.shape
-  m = -(-n // batch_size)
-  fill = m * batch_size - n
-  ids = jnp.pad(jnp.asarray(ids_NxP, jnp.int32), ((0, fill), (0, 0)), constant_values=lm.pad_token_id)
-  mask = jnp.pad(jnp.asarray(mask_NxP, jnp.int32), ((0, fill), (0, 0)))
-  ids, mask = ids.reshape(m, batch_size, p), mask.reshape(m, batch_size, p)
+  ids = ops.to_chunks(jnp.asarray(ids_NxP, jnp.int32), batch_size, fill=lm.pad_token_id)
+  mask = ops.to_chunks(jnp.asarray(mask_NxP, jnp.int32), batch_size)
   if mesh is not None:
     where = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.batch_axes(mesh)))
     ids, mask = jax.device_put(ids, where), jax.device_put(mask, where)
   key = jax.random.key(0) if key is None else key
   out = _program(lm, static(cfg), mesh)(params, ids, mask, key, knobs(lm, cfg, eos_token_id))
-  return jax.tree.map(lambda x: x.reshape(m * batch_size, *x.shape[2:])[:n], out)
+  return ops.from_chunks(out, ids_NxP.shape[0])
