@@ -26,20 +26,28 @@ from typing import Any, Callable
 from collapse_jax.errors import ConfigError
 
 _CHECK = "collapse_jax.check"
+_NO_DEFAULT = dataclasses.MISSING
 
 
 def bad(path: str, want: str, value) -> ConfigError:
-  """The one shape of a field error: `config.PATH must be WANT, got VALUE`."""
-  return ConfigError(f"config.{path} must be {want}, got {value!r}")
+  """The one shape of a field error: `config.PATH must be WANT, got VALUE` (for rules that join fields, raised from
+  a section's __post_init__)."""
+  return _bad(f"config.{path}", want, value)
+
+
+def _bad(where: str, want: str, value) -> ConfigError:
+  return ConfigError(f"{where} must be {want}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class _Rule:
-  parse: Callable[[str, Any], Any]   # (path, value) -> the typed value, or raises ConfigError
+  parse: Callable[[str, Any], Any]   # (full name, e.g. config.lm.epochs, value) -> the typed value, or raises
 
 
-def _field(parse, **kw) -> Any:
-  return dataclasses.field(metadata={_CHECK: _Rule(parse)}, **kw)
+def _field(parse, default=_NO_DEFAULT) -> Any:
+  """A dataclass field carrying its rule. `default`: for classes that code also builds (decode.DecodeConfig);
+  config sections take every value from configs/*.py and have none."""
+  return dataclasses.field(default=default, metadata={_CHECK: _Rule(parse)})
 
 
 def _is_int(v) -> bool:
@@ -60,96 +68,99 @@ def _ints_want(lo) -> str:
   return {None: "integers", 0: "non-negative integers", 1: "positive integers"}.get(lo, f"integers >= {lo}")
 
 
-def integer(lo: int | None = None, hi: int | None = None, why: str = "") -> Any:
+def integer(lo: int | None = None, hi: int | None = None, why: str = "", default=_NO_DEFAULT) -> Any:
   """An integer in [lo, hi] (either bound optional). `why` is appended to the error (e.g. what 0 means)."""
   want = _int_want(lo, hi) + (f" ({why})" if why else "")
 
-  def parse(path, v):
+  def parse(where, v):
     if not _is_int(v) or (lo is not None and v < lo) or (hi is not None and v > hi):
-      raise bad(path, want, v)
+      raise _bad(where, want, v)
     return int(v)
-  return _field(parse)
+  return _field(parse, default)
 
 
-def _num_want(lo, hi, lo_open) -> str:
+def _num_want(lo, hi, lo_open, hi_open) -> str:
   if lo is not None and hi is not None:
-    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+    return f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
   if lo is not None:
     return f"a finite number {'>' if lo_open else '>='} {lo:g}"
-  return "a finite number" if hi is None else f"a finite number <= {hi:g}"
+  return "a finite number" if hi is None else f"a finite number {'<' if hi_open else '<='} {hi:g}"
 
 
-def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Any:
-  """A finite number in [lo, hi] ((lo, hi] with lo_open), as a float."""
-  want = _num_want(lo, hi, lo_open)
+def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
+           default=_NO_DEFAULT) -> Any:
+  """A finite number in [lo, hi] (an open end with lo_open / hi_open), as a float."""
+  want = _num_want(lo, hi, lo_open, hi_open)
 
-  def parse(path, v):
-    if not _is_num(v) or (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
-      raise bad(path, want, v)
+  def parse(where, v):
+    if (not _is_num(v) or (lo is not None and (v <= lo if lo_open else v < lo))
+        or (hi is not None and (v >= hi if hi_open else v > hi))):
+      raise _bad(where, want, v)
     return float(v)
-  return _field(parse)
+  return _field(parse, default)
 
 
-def choice(options: tuple[str, ...]) -> Any:
-  def parse(path, v):
-    if v not in options:
-      raise ConfigError(f"config.{path}={v!r} is not one of {', '.join(options)}")
+def choice(options: tuple, default=_NO_DEFAULT) -> Any:
+  """One of `options`, equal in value and type (so 1 is not True, and True is not 1)."""
+  def parse(where, v):
+    if not any(v == o and type(v) is type(o) for o in options):
+      raise ConfigError(f"{where}={v!r} is not one of {', '.join(map(str, options))}")
     return v
-  return _field(parse)
+  return _field(parse, default)
 
 
-def boolean() -> Any:
-  def parse(path, v):
+def boolean(default=_NO_DEFAULT) -> Any:
+  def parse(where, v):
     if not isinstance(v, bool):
-      raise bad(path, "True or False", v)
+      raise _bad(where, "True or False", v)
     return v
-  return _field(parse)
+  return _field(parse, default)
 
 
-def text(nonempty: bool = False, why: str = "") -> Any:
+def text(nonempty: bool = False, why: str = "", default=_NO_DEFAULT) -> Any:
   """A string (a name, a path, a comma-separated list); paths are checked where they are read, by field."""
   want = ("a non-empty string" if nonempty else "a string") + (f" ({why})" if why else "")
 
-  def parse(path, v):
+  def parse(where, v):
     if not isinstance(v, str) or (nonempty and not v):
-      raise bad(path, want, v)
+      raise _bad(where, want, v)
     return v
-  return _field(parse)
+  return _field(parse, default)
 
 
 def integers(lo: int | None = None) -> Any:
   """A sequence of integers >= lo, as a tuple."""
-  def parse(path, v):
+  def parse(where, v):
     vals = tuple(v) if hasattr(v, "__iter__") and not isinstance(v, (str, bytes)) else None
     if vals is None or not all(_is_int(i) and (lo is None or i >= lo) for i in vals):
-      raise bad(path, f"a list of {_ints_want(lo)}", vals if vals is not None else v)
+      raise _bad(where, f"a list of {_ints_want(lo)}", vals if vals is not None else v)
     return tuple(int(i) for i in vals)
   return _field(parse)
 
 
 def numbers_in(lo: float, hi: float, nonempty: bool = True) -> Any:
   """A (non-empty) sequence of numbers in [lo, hi], as a tuple of floats."""
-  def parse(path, v):
+  def parse(where, v):
     vals = tuple(v) if hasattr(v, "__iter__") and not isinstance(v, (str, bytes)) else None
     if vals is None or (nonempty and not vals) or not all(_is_num(q) and lo <= q <= hi for q in vals):
-      raise bad(path, f"{'a non-empty list' if nonempty else 'a list'} of numbers in [{lo:g}, {hi:g}]",
-                vals if vals is not None else v)
+      raise _bad(where, f"{'a non-empty list' if nonempty else 'a list'} of numbers in [{lo:g}, {hi:g}]",
+                 vals if vals is not None else v)
     return tuple(float(q) for q in vals)
   return _field(parse)
 
 
 def mapping() -> Any:
   """A free-form {name: value} section (e.g. model-size overrides, checked by their user), as a plain dict."""
-  def parse(path, v):
+  def parse(where, v):
     if not hasattr(v, "items"):
-      raise bad(path, "a mapping of field names to values", v)
+      raise _bad(where, "a mapping of field names to values", v)
     return dict(v.to_dict() if hasattr(v, "to_dict") else v)
   return _field(parse)
 
 
 def section(cls) -> Any:
   """A nested section: parsed into its own frozen dataclass, its errors naming `config.outer.inner.field`."""
-  return _field(lambda path, v: parse(cls, v, path))
+  return _field(lambda where, v: parse(cls, v, where.removeprefix("config.")))
 
 
 def parse(cls, node, path: str, ignore: tuple[str, ...] = ()):
@@ -166,8 +177,16 @@ def parse(cls, node, path: str, ignore: tuple[str, ...] = ()):
     where = f"{path}.{name}" if path else name
     if name not in node:
       raise ConfigError(f"config.{where} is missing (start from the experiment's config file)")
-    values[name] = f.metadata[_CHECK].parse(where, node[name])
+    values[name] = f.metadata[_CHECK].parse(f"config.{where}", node[name])
   return cls(**values)
+
+
+def check(obj, name: str) -> None:
+  """The rules of a dataclass instance built in code (decode.DecodeConfig by a library user), errors naming
+  `NAME.field`: the same rules and messages as a config section's."""
+  for f in dataclasses.fields(obj):
+    if _CHECK in f.metadata:
+      f.metadata[_CHECK].parse(f"{name}.{f.name}", getattr(obj, f.name))
 
 
 def unknown_field(path: str, known) -> ConfigError:

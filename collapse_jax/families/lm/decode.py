@@ -41,47 +41,29 @@ ES_FALSE, ES_TRUE, ES_NEVER = 0, 1, 2  # early_stopping as a traced integer
 EARLY_STOPPING = {False: ES_FALSE, True: ES_TRUE, "never": ES_NEVER}
 
 
-def _checked(default, rule):
-  """A field with its default (DecodeConfig is built in code, by library users and the LM family) and its rule
-  from collapse_jax.fields, the project's one set of field rules."""
-  return dataclasses.field(default=default, metadata=rule.metadata)
-
-
 @dataclasses.dataclass(frozen=True)
-class _Ruled:
-  """DecodeConfig's fields that a rule of collapse_jax.fields checks (`DecodeConfig.validate`)."""
-  method: str = _checked("greedy", fields.choice(METHODS))
-  max_new_tokens: int = _checked(64, fields.integer(lo=1))
-  min_new_tokens: int = _checked(0, fields.integer(lo=0))  # and <= max_new_tokens
-  num_beams: int = _checked(1, fields.integer(lo=1))
-  temperature: float = _checked(1.0, fields.number(lo=0.0, lo_open=True))
-  top_k: int = _checked(0, fields.integer(lo=0, why="0: off"))
-  top_p: float = _checked(1.0, fields.number(0.0, 1.0, lo_open=True))  # 1: off
-  repetition_penalty: float = _checked(1.0, fields.number(lo=0.0, lo_open=True))  # 1: off
-  length_penalty: float = _checked(1.0, fields.number())
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeConfig(_Ruled):
+class DecodeConfig:
   """How decoding continues prompts: Hugging Face generate's arguments of the same names (`static` and `knobs`
-  split them into what a compiled program depends on and what it takes as arguments)."""
-  early_stopping: bool | str = False  # True, False or "never" (HF's): no rule of collapse_jax.fields says that
+  split them into what a compiled program depends on and what it takes as arguments). Each field carries its rule
+  from collapse_jax.fields, the project's one set of field rules; `validate` applies them."""
+  method: str = fields.choice(METHODS, default="greedy")
+  max_new_tokens: int = fields.integer(lo=1, default=64)
+  min_new_tokens: int = fields.integer(lo=0, default=0)  # and <= max_new_tokens
+  num_beams: int = fields.integer(lo=1, default=1)
+  temperature: float = fields.number(lo=0.0, lo_open=True, default=1.0)
+  top_k: int = fields.integer(lo=0, why="0: off", default=0)
+  top_p: float = fields.number(0.0, 1.0, lo_open=True, default=1.0)  # 1: off
+  repetition_penalty: float = fields.number(lo=0.0, lo_open=True, default=1.0)  # 1: off
+  length_penalty: float = fields.number(default=1.0)
+  early_stopping: bool | str = fields.choice(tuple(EARLY_STOPPING), default=False)  # HF's True, False or "never"
 
   def validate(self, prompt_len: int | None = None, cache_len: int | None = None) -> None:
     """Raises a one-line ConfigError naming the field (`DecodeConfig.top_p must be in (0, 1], got 0`), with
     prompt_len and cache_len also if a prompt and its new tokens overrun the model's cache."""
-    try:
-      fields.parse(_Ruled, {f.name: getattr(self, f.name) for f in dataclasses.fields(_Ruled)}, "DecodeConfig")
-    except ConfigError as e:  # the rules' messages, naming the library's class rather than a config file's path
-      raise ConfigError(str(e).removeprefix("config.")) from None
-
-    def bad(field, want):
-      return ConfigError(f"DecodeConfig.{field} must be {want}, got {getattr(self, field)!r}")
-
+    fields.check(self, "DecodeConfig")
     if self.min_new_tokens > self.max_new_tokens:
-      raise bad("min_new_tokens", f"an integer in [0, max_new_tokens={self.max_new_tokens}]")
-    if not isinstance(self.early_stopping, (bool, str)) or self.early_stopping not in EARLY_STOPPING:
-      raise bad("early_stopping", "True, False or 'never'")
+      raise ConfigError(f"DecodeConfig.min_new_tokens must be an integer in [0, max_new_tokens="
+                        f"{self.max_new_tokens}], got {self.min_new_tokens!r}")
     if prompt_len is not None and cache_len is not None and prompt_len + self.max_new_tokens > cache_len:
       raise ConfigError(f"prompt length {prompt_len} + DecodeConfig.max_new_tokens={self.max_new_tokens} exceeds "
                         f"the model's cache length {cache_len}")
