@@ -7,10 +7,10 @@ again from the initial model (config lm.start='initial', the paper's way) or fro
 `fit` is the trainer's `fit` (train.py: every epoch in one lax.scan, the model best on validation perplexity kept,
 the paper's rule), the same function lm_train.train runs for tests and benchmarks. `sample` continues blocks by
 exactly block_len new tokens with decode.decode_corpus (by default 5-way beam search, repetition penalty 3.0, no
-early EOS), and the new tokens are the next generation's blocks. Prompts (lm.prompts): 'own' (the paper's): every block of this generation's training set, so
-samples.n must equal the number of training blocks; in accumulating regimes the training set is larger than
-samples.n and the prompts are samples.n of its valid blocks drawn uniformly without replacement. 'real': the
-real training blocks every generation.
+early EOS), and the new tokens are the next generation's blocks. Prompts (lm.prompts): 'own' (the paper's):
+every block of this generation's training set, so samples.n must equal the number of training blocks; in
+accumulating regimes the training set is larger than samples.n and the prompts are samples.n of its valid blocks
+drawn uniformly without replacement. 'real': the real training blocks every generation.
 
 Accumulating regimes hand `fit` a buffer of static capacity whose first rows are valid: lm_train's epoch
 batches only the valid rows, skips the steps past them, and the cosine runs over the valid rows' step count,
