@@ -1,5 +1,6 @@
-"""LM training throughput: our compiled epoch (lm_train.train_epoch) against Hugging Face's OPTForCausalLM in
-PyTorch, same config, AdamW + cosine schedule, same batch and sequence length, in the same run.
+"""LM training throughput: the experiment's trainer (lm_train.fit, as the LM family runs it each generation)
+against Hugging Face's OPTForCausalLM in PyTorch, same config, AdamW + cosine schedule, same batch and sequence
+length, in the same run.
 
   python benchmarks/lm_bench.py [--shape cpu|opt125m] [--steps 8] [--rounds 5] [--torch-device auto]
   python benchmarks/lm_bench.py --shape opt125m          # on a GPU: seq 64 x batch 256 and seq 1024 x batch 16
@@ -10,8 +11,10 @@ float32 on both sides.
 under torch.autocast(bfloat16)), the paper's blocks (seq 64 x batch 256) and long blocks (seq 1024 x batch 16).
 Dropout 0.1 on both sides (the model's default, as fine-tuning runs it).
 
-JAX: one compile stage, then timed calls of the jitted epoch over `steps` batches (shuffle, gather, lax.scan of
-train steps, state donated), ending in block_until_ready. PyTorch (skipped with a message when torch or
+JAX: one compile stage (lm_train.program), then timed calls of fit for one epoch over `steps` batches (optimizer
+init, shuffle, gather, lax.scan of train steps, then fit's validation perplexity and best-epoch selection, on one
+row per batch shard: a few forward rows against `steps` x batch trained ones), ending in block_until_ready; each
+call trains afresh from the same parameters. PyTorch (skipped with a message when torch or
 transformers is missing): a warm-up call, then the same number of steps per call, loss from labels=input_ids,
 zero_grad / backward / step / scheduler.step, ending in .item(); torch gets the cores JAX uses. Method (quiet
 machine, alternating rounds, medians and spread, machine/versions/commit in every row): benchmarks/common.py.
@@ -27,12 +30,12 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from collapse_jax import hardware, lm_train, sharding  # noqa: E402
-from collapse_jax.models import opt  # noqa: E402
+from collapse_jax import hardware, sharding  # noqa: E402
+from collapse_jax.families.lm import model as opt  # noqa: E402
+from collapse_jax.families.lm import train as lm_train  # noqa: E402
 
 SHAPES = {
     # name: (model config overrides on top of a get_size base, [(seq_len, batch), ...])
@@ -44,19 +47,20 @@ SHAPES = {
 
 
 def jax_runner(cfg, ids_NxL, batch, mesh):
-  tcfg = lm_train.TrainConfig(batch_size=batch, epochs=1000, verbose=False)  # the schedule never reaches its end
+  shards = sharding.batch_shards(mesh)
+  tcfg = lm_train.TrainConfig(batch_size=batch, epochs=1, eval_batch=shards, verbose=False)
   params = opt.init_params(cfg, jax.random.key(0))
-  state, state_sh, tx = lm_train.setup(tcfg, cfg, params, ids_NxL.shape[0], jax.random.key(1), mesh)
-  blocks = jax.device_put(lm_train.as_blocks(ids_NxL), sharding.replicated(mesh))
+  rep = sharding.replicated(mesh)
+  p_sh = sharding.param_shardings(params, opt.logical_axes(params), mesh)
+  args = (jax.device_put(params, p_sh), jax.device_put(lm_train.as_blocks(ids_NxL), rep),
+          jax.device_put(lm_train.as_blocks(ids_NxL[:shards]), rep), jax.random.key_data(jax.random.key(1)))
   t0 = time.perf_counter()
-  epoch = lm_train.epoch_program(tcfg, cfg, tx, state_sh, mesh).lower(state, blocks, jnp.int32(0)).compile()
+  fit = lm_train.program(tcfg, cfg, params, mesh).lower(*args).compile()
   compile_s = time.perf_counter() - t0
-  holder = {"state": state, "e": 0}
 
   def run():
-    holder["state"], m = epoch(holder["state"], blocks, jnp.int32(holder["e"]))
-    holder["e"] += 1
-    return float(m["loss"])  # waits for the device
+    _, best, _ = fit(*args)
+    return float(best["train_loss"])  # waits for the device
 
   return run, compile_s, f"jax {jax.__version__} ({mesh.devices.size} x {jax.devices()[0].device_kind})"
 

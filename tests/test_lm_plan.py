@@ -10,9 +10,10 @@ import pytest
 
 from collapse_jax import loop, plan, sharding
 from collapse_jax.errors import ConfigError
-from collapse_jax.families.lm.family import LMFamily
 from collapse_jax.families.lm import model as opt
 from helpers import load_config
+
+# num_devices=0: every chip of the target (helpers.load_config's default of 1 would plan one chip of it).
 
 GiB = 2**30
 
@@ -21,7 +22,7 @@ GiB = 2**30
 def test_lm_plan_runs_from_shapes_alone(tmp_path, target):
   """The CI config (3 layers here: scanned, so XLA counts one; the probes extrapolate) planned whole: chunk
   compiled, steps costed with their counts, JSON written, no data read."""
-  cfg = load_config("lm", "ci", lm__mesh_fsdp=2, lm__model_overrides__num_layers=3)
+  cfg = load_config("lm", "ci", num_devices=0, lm__mesh_fsdp=2, lm__model_overrides__num_layers=3)
   rep = plan.run(cfg, target, out_path=str(tmp_path / "plan.json"))
   assert json.loads((tmp_path / "plan.json").read_text())["fits"] == rep["fits"]
   assert rep["chunk"]["argument_bytes"] > 0 and rep["chunk"]["temp_bytes"] > 0
@@ -42,8 +43,8 @@ def test_lm_plan_runs_from_shapes_alone(tmp_path, target):
 def _opt125m(tgt, fsdp):
   """opt-125m's (the paper's config) train step and decode programs, compiled for tgt on a (1, fsdp, 1) mesh."""
   from collapse_jax.families.lm import plan as lm_plan
-  cfg = load_config("lm", "opt_wikitext2", lm__mesh_fsdp=fsdp, lm__dtype="bfloat16")
-  exp = loop.Experiment(cfg, LMFamily.make_mesh(cfg, tgt.devices), abstract=True)
+  cfg = load_config("lm", "opt_wikitext2", num_devices=0, lm__mesh_fsdp=fsdp, lm__dtype="bfloat16")
+  exp = loop.Experiment(cfg, abstract=True, devices=tgt.devices)
   steps = [plan.Step(*s) for s in lm_plan._programs(exp.family, exp, exp.family.model_cfg)]
   return exp.family, {s.name: m for s, m in zip(steps, plan.step_memory(steps, tgt))}
 
@@ -81,7 +82,7 @@ def test_an_lm_too_large_is_refused_naming_its_buffers(tmp_path):
   previous and generation-0 weights, plus the trained copy, Adam's moments and gradients, does not fit a v5e chip
   data-parallel (no fsdp): refused before anything runs, naming the stacked kernels and what would help. (The
   compiled chunk's refusal, whole=True, names its HLO buffers the same way: test_plan.py; ~90 s for this model.)"""
-  cfg = load_config("lm", "ci", lm__model_overrides__hidden_size=8192, lm__model_overrides__num_heads=64,
+  cfg = load_config("lm", "ci", num_devices=0, lm__model_overrides__hidden_size=8192, lm__model_overrides__num_heads=64,
                     lm__model_overrides__ffn_dim=8192, lm__model_overrides__num_layers=2)
   with pytest.raises(ConfigError, match=r"does not fit v5e:2x2.*biggest buffers: .*\[2,8192,8192\].*mesh_fsdp") as e:
     plan.run(cfg, "v5e:2x2", out_path=str(tmp_path / "plan.json"), whole=False)

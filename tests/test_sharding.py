@@ -8,7 +8,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from collapse_jax import sharding
+from collapse_jax import ops, sharding
 from collapse_jax.families.lm import train as lm_train
 from collapse_jax.families.lm import model as opt
 from tests.helpers import U32, adam_interval, check_adam, grad_bound, inside, names, token_grads
@@ -148,7 +148,8 @@ def _per_token_grads(cfg, state, blocks, e):
   """d(loss)/d(params) of each (row, target) token of epoch e's batch, float32, in float64: the N terms whose sum
   is the gradient. The batch, its order, masks and dropout key are rebuilt as lm_train.train_epoch draws them."""
   key = jnp.asarray(state.key)
-  order = lm_train.shuffled(jax.random.fold_in(jax.random.fold_in(key, lm_train.SHUFFLE), e), jnp.ones(N_BLOCKS, bool))
+  order = ops.permutation_valid_first(jax.random.fold_in(jax.random.fold_in(key, lm_train.SHUFFLE), e),
+                                      jnp.ones(N_BLOCKS, bool))
   order, keep = jnp.pad(order, (0, B - N_BLOCKS)), (jnp.arange(B) < N_BLOCKS).astype(jnp.int32)
   ids, mask = jnp.asarray(blocks["ids"])[order], jnp.asarray(blocks["mask"])[order] * keep[:, None]
   drop = jax.random.fold_in(jax.random.fold_in(key, lm_train.DROPOUT), state.step)

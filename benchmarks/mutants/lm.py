@@ -1,10 +1,12 @@
-"""Mutants of the LM trainer (collapse_jax/families/lm/train.py) and the LM sharding (collapse_jax/sharding.py): the loss's
-shift and mask, the optimizer and its schedule, the epoch's shuffle and remainder, ragged buffers, key streams,
-perplexity's padding, best-on-validation, validation of input, and the FSDP placement; and the progress lines
-from inside compiled programs (collapse_jax/progress.py, with the trainer that reports to it)."""
+"""Mutants of the LM trainer (collapse_jax/families/lm/train.py, its loss in loss.py) and the LM sharding
+(collapse_jax/sharding.py): the loss's shift and mask, the optimizer and its schedule, the epoch's shuffle and
+remainder, ragged buffers, key streams, perplexity's padding, best-on-validation, validation of input, and the FSDP
+placement; and the progress lines from inside compiled programs (collapse_jax/progress.py, with the trainer that
+reports to it)."""
 from benchmarks.mutants import Mutant
 
 _TRAIN, _SHARD = "collapse_jax/families/lm/train.py", "collapse_jax/sharding.py"
+_LOSS, _OPS = "collapse_jax/families/lm/loss.py", "collapse_jax/ops.py"
 _T, _S = "tests/test_lm_train.py::", "tests/test_sharding.py::"
 _NLL = _T + "test_token_nll_shift_and_mask"
 _PPL = _T + "test_perplexity_batched_equals_one_pass"
@@ -25,10 +27,10 @@ _P_KEY = _P + "test_new_key_is_a_new_run_and_only_process_0_prints"
 _P_OFF = _P + "test_outputs_bit_identical_with_progress_off"
 
 MUTANTS = [
-    Mutant(name="lm_loss_no_shift", file=_TRAIN,
+    Mutant(name="lm_loss_no_shift", file=_LOSS,
            old="next_BxL = jnp.pad(ids_BxL[:, 1:], ((0, 0), (0, 1)))", new="next_BxL = ids_BxL",
            tests=(_NLL,), why="each position scores its own token, not the next one"),
-    Mutant(name="lm_loss_grad_no_shift", file=_TRAIN,
+    Mutant(name="lm_loss_grad_no_shift", file=_LOSS,
            old="next_BxL = jnp.pad(ids_BxL[:, 1:], pad, constant_values=-1)", new="next_BxL = ids_BxL",
            tests=("tests/test_lm_train.py::test_token_nll_gradient_is_autodiffs",),
            why="the hand-written loss gradient's one-hot marks each position's own token, not the next one"),
@@ -42,15 +44,15 @@ MUTANTS = [
            new="dx_TxP = _contract(g_TxV, jnp.flip(table_VxP, 0), (1,), (0,), jnp.float32)",
            tests=("tests/test_opt.py::test_dense_and_lm_head_gradients_are_autodiffs",),
            why="the LM head's input gradient reads the embedding rows in the wrong order"),
-    Mutant(name="lm_loss_mask_label_only", file=_TRAIN,
+    Mutant(name="lm_loss_mask_label_only", file=_LOSS,
            old="(mask_BxL[:, 1:] * mask_BxL[:, :-1])", new="(mask_BxL[:, 1:])",
            tests=(_NLL,), why="a token predicted from a padded position counts"),
     Mutant(name="lm_ppl_pad_rows_count", file=_TRAIN,
-           old="jnp.pad(mask_NxL, pad)", new="jnp.pad(mask_NxL, pad, constant_values=1)",
+           old="mask_CxExL = ops.to_chunks(mask_NxL, E)", new="mask_CxExL = ops.to_chunks(mask_NxL, E, fill=1)",
            tests=(_PPL,), why="perplexity's padding rows count as tokens"),
     Mutant(name="lm_schedule_per_epoch", file=_TRAIN,
-           old="tx = make_optimizer(tcfg, tcfg.epochs * steps_per_epoch(n_train, tcfg.batch_size))",
-           new="tx = make_optimizer(tcfg, steps_per_epoch(n_train, tcfg.batch_size))",
+           old="return make_optimizer(tcfg, E * steps_per_epoch(n_blocks, B),",
+           new="return make_optimizer(tcfg, steps_per_epoch(n_blocks, B),",
            tests=(_HAND_WD,), why="the cosine decays over one epoch, not the run"),
     Mutant(name="lm_decay_on_all_params", file=_TRAIN,
            old="weight_decay=tcfg.weight_decay, mask=decay_mask)", new="weight_decay=tcfg.weight_decay)",
@@ -69,22 +71,23 @@ MUTANTS = [
            old="jax.random.fold_in(jax.random.fold_in(state.key, DROPOUT), state.step)",
            new="jax.random.fold_in(state.key, DROPOUT)",
            tests=(_T + "test_dropout_key_follows_step",), why="every step drops the same units"),
+    # The trainer's selection seen from the host-side run (the family's: lm_family.py's lm_keeps_last_epoch).
     Mutant(name="lm_best_is_last", file=_TRAIN,
-           old="if ppl < history[\"best_valid_ppl\"]:", new="if True:",
+           old='better = ppl < best["valid_ppl"]', new="better = ppl == ppl",
            tests=(_BEST,), why="the last epoch is kept, not the best on validation"),
-    Mutant(name="lm_best_not_copied", file=_TRAIN,
-           old="best, history[\"best_epoch\"], history[\"best_valid_ppl\"] = copy_fn(state.params)",
-           new="best, history[\"best_epoch\"], history[\"best_valid_ppl\"] = state.params",
-           tests=(_BEST,), why="the kept model is the donated (then deleted) training buffer"),
+    Mutant(name="lm_train_params_donated", file=_TRAIN,
+           old="out_shardings=(rep, best_sh, rep))", new="out_shardings=(rep, best_sh, rep), donate_argnums=0)",
+           tests=(_BEST,), why="the caller's parameters are consumed by the compiled fine-tune"),
     Mutant(name="lm_vocab_unchecked", file=_TRAIN,
            old="if lo < 0 or hi >= model_cfg.vocab_size:", new="if lo < 0:",
            tests=(_BAD,), why="token ids past the vocabulary are gathered silently (clamped)"),
     Mutant(name="lm_batch_shards_unchecked", file=_TRAIN,
-           old="    if getattr(tcfg, f) % shards:", new="    if False:",
-           tests=(_BAD,), why="a batch the mesh cannot split fails inside compilation"),
+           old="    if value % shards:", new="    if False:",
+           tests=(_BAD, "tests/test_lm_config.py::test_bad_input_refused_before_compiling"),
+           why="a batch the mesh cannot split fails inside compilation"),
     # --- ragged buffers (accumulate regimes): valid rows only, skipped steps, the schedule over the valid steps
     Mutant(name="lm_ragged_steps_not_skipped", file=_TRAIN,
-           old="return jax.lax.cond(s < steps, train, skip, state, s)", new="return train(state, s)",
+           old="ops.ragged_scan(train, state, S, steps if ragged else None)", new="ops.ragged_scan(train, state, S)",
            tests=(_RAGGED_EPOCH, _RAGGED), why="Adam steps on batches past the valid rows (all masked)"),
     Mutant(name="lm_ragged_order_ignores_validity", file=_TRAIN,
            old="jax.random.fold_in(state.key, SHUFFLE), epoch), valid_N)",
@@ -93,7 +96,7 @@ MUTANTS = [
     Mutant(name="lm_ragged_mask_capacity", file=_TRAIN,
            old="keep = (jnp.arange(S * B) < n_valid)", new="keep = (jnp.arange(S * B) < n)",
            tests=(_RAGGED,), why="the last valid batch is filled up with invalid rows, which train"),
-    Mutant(name="lm_shuffle_not_permutation", file=_TRAIN,
+    Mutant(name="lm_shuffle_not_permutation", file=_OPS,
            old="  for _ in range(rounds):", new="  for _ in range(rounds + 1):",
            tests=(_EPOCH,), why="a full buffer's order is no longer jax.random.permutation's (replace runs change)"),
     Mutant(name="lm_schedule_ignores_valid_steps", file=_TRAIN,
@@ -140,7 +143,7 @@ MUTANTS = [
            "model_cfg=model_cfg, tx=tx)",
            tests=(_P_OFF,), why="the progress path changes what is computed (here: the batch's row order)"),
     Mutant(name="shard_no_divisibility", file=_SHARD,
-           old="      if dim % _axis_size(mesh, axis) == 0:", new="      if True:",
+           old=" and shape[d] % size == 0:", new=":",
            tests=(_S + "test_logical_spec_rules",),
            why="an odd dimension is split (a compile error) instead of replicated"),
     Mutant(name="shard_opt_state_replicated", file=_SHARD,
@@ -148,6 +151,6 @@ MUTANTS = [
            tests=(_S + "test_opt_state_mirrors_param_shardings",), why="Adam's moments are not split with the params"),
     Mutant(name="shard_batch_data_only", file=_SHARD,
            old='  return NamedSharding(mesh, P(batch_axes(mesh)))', new='  return NamedSharding(mesh, P(AXIS))',
-           tests=(_S + "test_2d_mesh_and_batch_sharding",),
+           tests=(_S + "test_lm_mesh_and_batch_sharding",),
            why="the batch is not split over 'fsdp' (fsdp ranks duplicate work)"),
 ]

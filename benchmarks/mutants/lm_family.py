@@ -1,9 +1,10 @@
-"""Mutants of the LM family (collapse_jax/families/lm/family.py) and of the loop hooks it uses (collapse_jax/loop.py): prompts,
-what is handed on, best-on-validation, the start model, masking, every metric's model and data, the sharding
-hooks and the non-finite stop."""
+"""Mutants of the LM family (collapse_jax/families/lm/: family.py, its config and data, and the trainer's `fit` it
+runs) and of the loop hooks it uses (collapse_jax/loop.py): prompts, what is handed on, best-on-validation, the
+start model, masking, every metric's model and data, the sharding hooks and the non-finite stop."""
 from benchmarks.mutants import Mutant
 
 _LM, _LOOP = "collapse_jax/families/lm/family.py", "collapse_jax/loop.py"
+_CFG, _TRAIN = "collapse_jax/families/lm/config.py", "collapse_jax/families/lm/train.py"
 _TEXT = "collapse_jax/families/lm/text_metrics.py"
 _T = "tests/test_lm.py::"
 _CONT = _T + "test_each_generation_continues_its_own_training_blocks"
@@ -13,7 +14,7 @@ _NGRAM = _T + "test_ngram_rates_match_python_sets"
 _NAN = _T + "test_nan_metric_stops_before_checkpointing_and_a_rerun_resumes"
 _EIGHT = _T + "test_eight_devices_agree_with_one_and_hold_models_fsdp_sharded"
 _WRITE = _T + "test_loop_writes_every_metric_figure_and_text_and_compiles_once"
-_BAD = _T + "test_bad_input_refused_before_compiling"
+_BAD = "tests/test_lm_config.py::test_bad_input_refused_before_compiling"
 
 MUTANTS = [
     Mutant(name="lm_prompts_always_real", file=_LM,
@@ -22,18 +23,17 @@ MUTANTS = [
     Mutant(name="lm_hands_on_prompts", file=_LM,
            old="return new_NxL, metrics", new="return prompts_NxL, metrics",
            tests=(_CONT,), why="the prompts, not the new tokens, become the next generation's blocks"),
-    Mutant(name="lm_rep_penalty_ignored", file=_LM,
+    Mutant(name="lm_rep_penalty_ignored", file=_CFG,
            old="repetition_penalty=d.repetition_penalty,", new="repetition_penalty=1.0,",
            tests=(_CONT,), why="config.lm.decode.repetition_penalty does not reach the decoder"),
-    Mutant(name="lm_keeps_last_epoch", file=_LM,
+    Mutant(name="lm_keeps_last_epoch", file=_TRAIN,
            old='better = ppl < best["valid_ppl"]', new="better = ppl == ppl",
            tests=(_FIT,), why="the last epoch is kept, not the one best on validation"),
     Mutant(name="lm_start_from_previous", file=_LM,
            old='start = init if self.c.start == "initial" else', new='start = init if self.c.start != "initial" else',
            tests=(_FIT,), why="lm.start='initial' fine-tunes the previous generation's model"),
     Mutant(name="lm_weights_ignored", file=_LM,
-           old="valid_N = self.tcfg.batch_size, self.tcfg.epochs, w > 0",
-           new="valid_N = self.tcfg.batch_size, self.tcfg.epochs, w > -1",
+           old="valid_N=gen.w > 0)", new="valid_N=gen.w > -1)",
            tests=(_FIT,), why="rows of weight 0 (not yet valid) are trained on"),
     Mutant(name="lm_data_ppl0_current_model", file=_LM,
            old='self._block_nll(model0["params"]', new='self._block_nll(model["params"]',
@@ -58,23 +58,24 @@ MUTANTS = [
     Mutant(name="lm_rep_across_blocks", file=_TEXT,
            old="(total - distinct([block_X] + cols)) / total", new="(total - distinct(cols)) / total",
            tests=(_NGRAM,), why="rep-n counts repeats across blocks, not within a block"),
-    Mutant(name="lm_samples_n_unchecked", file=_LM,
-           old="  if samples_n != n_blocks:", new="  if False:",
+    Mutant(name="lm_samples_n_unchecked", file=_CFG,
+           old="  if run.samples.n != n_train:", new="  if False:",
            tests=(_BAD,), why="samples.n different from the block count is not refused"),
     Mutant(name="loop_sample_metrics_dropped", file=_LOOP,
            old="metrics = {**metrics, **sample_metrics}", new="metrics = metrics",
            tests=(_WRITE,), why="metrics returned by sample (the generated corpus's) are lost"),
     Mutant(name="loop_model_shardings_ignored", file=_LOOP,
-           old="    if model_sh is not None:\n", new="    if False:\n",
+           old='    placed["prev"] = self.family.model_shardings(shapes["prev"])\n'
+               '    placed["model0"] = self.family.model_shardings(shapes["model0"])\n', new="",
            tests=(_EIGHT,), why="the family's FSDP placement of the carried models is ignored"),
     Mutant(name="loop_non_finite_not_checked", file=_LOOP,
            old="    if bad is not None:  # before", new="    if False:  # before",
            tests=(_NAN,), why="a NaN metric is checkpointed and the run goes on"),
-    Mutant(name="lm_fit_buffer_not_ragged", file=_LM,
+    Mutant(name="lm_fit_buffer_not_ragged", file=_TRAIN,
            old="state_shardings=state_sh, valid_N=valid_N, epochs=E)", new="state_shardings=state_sh, epochs=E)",
            tests=(_FIT,), why="rows of weight 0 take batch slots and Adam steps on their all-masked batches"),
-    Mutant(name="lm_fit_cosine_over_capacity", file=_LM,
-           old="E * lm_train.steps_per_epoch(jnp.sum(valid_N, dtype=jnp.int32), B))",
-           new="E * lm_train.steps_per_epoch(x.shape[0], B))",
+    Mutant(name="lm_fit_cosine_over_capacity", file=_TRAIN,
+           old="None if n_valid is None else E * steps_per_epoch(n_valid, B))",
+           new="None if n_valid is None else E * steps_per_epoch(n_blocks, B))",
            tests=(_FIT,), why="a ragged buffer's cosine runs over its capacity's steps, not its valid rows'"),
 ]

@@ -21,22 +21,10 @@ from collapse_jax.families.lm import kv_cache
 from collapse_jax.families.lm import model as opt_model
 
 
-def block_counts(fam) -> tuple[int, int, int]:
-  """(train, valid, test) blocks: from the config where it says (the Markov language; text with
-  lm.text.train_blocks/valid_blocks/test_blocks all set), else by reading the data."""
-  c = fam.c
-  if fam.markov:
-    return c.markov.train_blocks, c.markov.valid_blocks, c.markov.test_blocks
-  t = c.text
-  if t.train_blocks and t.valid_blocks and t.test_blocks:
-    return t.train_blocks, t.valid_blocks, t.test_blocks
-  d = fam._load()
-  return len(d["train"]), len(d["valid"]), len(d["test"])
-
-
 def abstract_shared(fam) -> dict:
-  """`fam.shared()` as ShapeDtypeStructs: the initial parameters' shapes (no weights read) and the blocks."""
-  n_train, n_valid, n_test = block_counts(fam)
+  """The family's shared arrays as ShapeDtypeStructs: the initial parameters' shapes (no weights read) and the
+  blocks, by the counts load_data found (fam.counts)."""
+  n_train, n_valid, n_test = fam.counts
   L, i32 = fam.c.block_len, jnp.int32
   out = {"init": jax.eval_shape(lambda: opt_model.init_params(fam.model_cfg, jax.random.PRNGKey(0))),
          "train": jax.ShapeDtypeStruct((n_train, L), i32), "valid": jax.ShapeDtypeStruct((n_valid, L), i32),
@@ -75,7 +63,7 @@ def step_programs(fam, exp) -> list:
 def _programs(fam, exp, mcfg) -> list[tuple]:
   """(name, phase, jitted fn, abstract args, count, model FLOPs per call) of each step, for model config mcfg."""
   c, mesh, L = fam.c, fam.mesh, fam.c.block_len
-  n_train, n_valid, n_test = block_counts(fam)
+  n_train, n_valid, n_test = fam.counts
   rep, bs = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   params = jax.eval_shape(lambda: opt_model.init_params(mcfg, jax.random.PRNGKey(0)))
   per_token = opt_model.flops_per_token(fam.model_cfg, L)

@@ -1,6 +1,7 @@
 """Fine-tuning an OPT language model on 64-token blocks, as the paper's main experiment does with OPT-125m on
 wikitext-2: AdamW (lr 2e-5) with cosine decay to 1e-6 over the run's steps, batch 128, 5 epochs, the model
-best on validation perplexity kept.
+best on validation perplexity kept. `fit` is that whole fine-tune as one pure function: the LM family runs it
+inside each generation, and `train` compiles the same function for blocks on the host (tests, benchmarks).
 
 Data: blocks of token ids `ids_NxL` (int) with an optional `mask_NxL` (1 = real token). They live on the device
 (wikitext-2's ~2.4M tokens are ~10 MB as int32), replicated; each batch is gathered from them and split over the
@@ -9,16 +10,12 @@ fold_in(shuffle key, epoch); the last batch's rows past N are masked (a DataLoad
 block is seen once per epoch, the last step averages over fewer tokens).
 
 Ragged buffers (the accumulate regimes: a static capacity N, only some rows valid): the order puts the valid
-rows first, shuffled among themselves, and the steps past ceil(n_valid / batch) are skipped whole (lax.cond),
+rows first, shuffled among themselves (ops.permutation_valid_first: a full buffer's order is
+jax.random.permutation(key, N)), and the steps past ceil(n_valid / batch) are skipped whole (ops.ragged_scan),
 so the parameters, Adam's moments and step count are those of training on the valid rows alone (given an
-optimizer whose schedule ends at the valid rows' steps: make_optimizer's valid_steps). The order is
-jax.random.permutation's algorithm (sorts by random 32-bit keys) with invalid rows sorted last: valid rows
-that form a prefix are visited as permutation(key, n_valid) would visit them (exactly while N and n_valid
-need the same number of sort rounds: both under 1,626 rows, or both under 2.6M), and a full buffer's order is
-permutation(key, N) itself.
+optimizer whose schedule ends at the valid rows' steps: make_optimizer's valid_steps).
 
-Loss: next-token cross-entropy (predict ids[1:] from ids[:-1], as HF's OPTForCausalLM with labels=input_ids),
-averaged over the batch's real tokens (a token counts where it and its predecessor are unmasked).
+Loss: loss.token_nll's next-token cross-entropy, averaged over the batch's real tokens.
 
 Keys: the state carries one training key; the shuffle of epoch e is fold_in(fold_in(key, 0), e), the dropout of
 step s fold_in(fold_in(key, 1), s), so any step can be replayed alone.
@@ -28,7 +25,6 @@ the model), batches over ('data', 'fsdp'); on one device it is plain jit.
 """
 import dataclasses
 import functools
-import math
 import time
 from typing import Any, NamedTuple
 
@@ -37,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from collapse_jax import hardware, progress, sharding
+from collapse_jax import hardware, ops, progress, sharding
 from collapse_jax.errors import ConfigError
 from collapse_jax.families.lm import model as opt_model
+from collapse_jax.families.lm.loss import token_nll
 
 SHUFFLE, DROPOUT = 0, 1  # fold_in tags for the two key streams
 
@@ -68,19 +65,7 @@ class TrainState(NamedTuple):
   key: jax.Array     # the run's training key (uint32[2]); per-step keys are folded from it
 
 
-# --- validation (host side, before anything is compiled) -------------------------------------------------------
-def _fail(field: str, want: str, value) -> None:
-  raise ConfigError(f"TrainConfig.{field} must be {want}, got {value!r}")
-
-
-def _is_int(v) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
+# --- input (host side, before anything is compiled) ---------------------------------------------------------------
 def as_blocks(blocks, name: str = "blocks") -> dict:
   """{'ids': int32[N, L], 'mask': int32[N, L]} on the host from an array of ids or a dict with 'ids' (and 'mask')."""
   ids, mask = (blocks.get("ids"), blocks.get("mask")) if isinstance(blocks, dict) else (blocks, None)
@@ -98,39 +83,35 @@ def steps_per_epoch(n_blocks, batch: int):
   return -(-n_blocks // batch)
 
 
-def validate(tcfg: TrainConfig, model_cfg, train_blocks: dict, valid_blocks: dict, mesh) -> None:
-  """Raise ConfigError naming the field for anything that would fail (or silently mistrain) later."""
-  for f in ("batch_size", "epochs", "eval_batch"):
-    if not _is_int(getattr(tcfg, f)) or getattr(tcfg, f) < 1:
-      _fail(f, "a positive integer", getattr(tcfg, f))
-  for f in ("lr", "b1", "b2", "eps"):
-    if not _is_num(getattr(tcfg, f)) or not getattr(tcfg, f) > 0:
-      _fail(f, "> 0", getattr(tcfg, f))
-  for f in ("end_lr", "weight_decay", "grad_clip", "peak_flops"):
-    if not _is_num(getattr(tcfg, f)) or getattr(tcfg, f) < 0:
-      _fail(f, ">= 0", getattr(tcfg, f))
-  if not _is_int(tcfg.warmup_steps) or tcfg.warmup_steps < 0:
-    _fail("warmup_steps", "a non-negative integer", tcfg.warmup_steps)
+def check_batch_shards(mesh, batches: dict) -> None:
+  """Each {name: batch size} a whole multiple of the mesh's batch shards (a batch is split over them)."""
   shards = sharding.batch_shards(mesh)
-  for f in ("batch_size", "eval_batch"):
-    if getattr(tcfg, f) % shards:
-      _fail(f, f"a multiple of the {shards} batch shards ({' x '.join(sharding.batch_axes(mesh))})", getattr(tcfg, f))
-  for name, b in (("train_blocks", train_blocks), ("valid_blocks", valid_blocks)):
+  for name, value in batches.items():
+    if value % shards:
+      raise ConfigError(f"{name}={value} must be a multiple of the {shards} batch shards "
+                        f"({' x '.join(sharding.batch_axes(mesh))})")
+
+
+def validate(tcfg: TrainConfig, model_cfg, train_blocks: dict, valid_blocks: dict, name: str = "TrainConfig") -> None:
+  """What only the data can refuse (blocks empty, too short or long for the model, ids outside its vocabulary;
+  a warmup as long as the run), before anything is compiled. TrainConfig's own fields come checked: the
+  experiment's from config.lm (config.py); `name` is what an error calls them."""
+  for what, b in (("train_blocks", train_blocks), ("valid_blocks", valid_blocks)):
     n, length = b["ids"].shape
     if n == 0 or not b["mask"].any():
-      raise ConfigError(f"{name} is empty: no blocks (or all masked)")
+      raise ConfigError(f"{what} is empty: no blocks (or all masked)")
     if length < 2:
-      raise ConfigError(f"{name} blocks have length {length}; next-token prediction needs at least 2")
+      raise ConfigError(f"{what} blocks have length {length}; next-token prediction needs at least 2")
     if length > model_cfg.max_position_embeddings:
-      raise ConfigError(f"{name} blocks have length {length} > model max_position_embeddings "
+      raise ConfigError(f"{what} blocks have length {length} > model max_position_embeddings "
                         f"{model_cfg.max_position_embeddings}")
     lo, hi = int(b["ids"].min()), int(b["ids"].max())
     if lo < 0 or hi >= model_cfg.vocab_size:
-      raise ConfigError(f"{name} holds token id {hi if hi >= model_cfg.vocab_size else lo} outside the model's "
+      raise ConfigError(f"{what} holds token id {hi if hi >= model_cfg.vocab_size else lo} outside the model's "
                         f"vocab_size {model_cfg.vocab_size} (tokenizer and model disagree)")
   total = tcfg.epochs * steps_per_epoch(train_blocks["ids"].shape[0], tcfg.batch_size)
   if tcfg.warmup_steps >= total:
-    _fail("warmup_steps", f"< the run's {total} steps", tcfg.warmup_steps)
+    raise ConfigError(f"{name}.warmup_steps must be < the run's {total} steps, got {tcfg.warmup_steps!r}")
 
 
 # --- optimizer ----------------------------------------------------------------------------------------------------
@@ -159,51 +140,15 @@ def make_optimizer(tcfg: TrainConfig, total_steps: int, valid_steps=None) -> opt
   return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), adamw) if tcfg.grad_clip > 0 else adamw
 
 
+def optimizer(tcfg: TrainConfig, n_blocks: int, n_valid=None) -> optax.GradientTransformation:
+  """AdamW for a run on n_blocks: the cosine over epochs x its steps per epoch, or, given a ragged buffer's valid
+  rows n_valid (traced), over theirs."""
+  E, B = tcfg.epochs, tcfg.batch_size
+  return make_optimizer(tcfg, E * steps_per_epoch(n_blocks, B),
+                        None if n_valid is None else E * steps_per_epoch(n_valid, B))
+
+
 # --- the pure steps -------------------------------------------------------------------------------------------------
-def token_nll(logits_BxLxV, ids_BxL, mask_BxL):
-  """(summed next-token NLL, number of predicted tokens) of a batch."""
-  w_BxT = (mask_BxL[:, 1:] * mask_BxL[:, :-1]).astype(jnp.float32)
-  return _weighted_nll(logits_BxLxV, ids_BxL, w_BxT), jnp.sum(w_BxT)
-
-
-@jax.custom_vjp
-def _weighted_nll(logits_BxLxV, ids_BxL, w_BxT):
-  return _weighted_nll_fwd(logits_BxLxV, ids_BxL, w_BxT)[0]
-
-
-def _weighted_nll_fwd(logits_BxLxV, ids_BxL, w_BxT):
-  # log_softmax's arithmetic at the picked token only: log(sum exp(x - max)) - (x_picked - max). Row statistics
-  # of all L positions (the last one's are dropped): a [:, :-1] slice read by three consumers is a copy.
-  x_BxLxV = logits_BxLxV.astype(jnp.float32)
-  max_BxL = jnp.max(x_BxLxV, axis=-1)
-  logsum_BxL = jnp.log(jnp.sum(jnp.exp(x_BxLxV - max_BxL[..., None]), axis=-1))
-  next_BxL = jnp.pad(ids_BxL[:, 1:], ((0, 0), (0, 1)))
-  picked_BxL = jnp.take_along_axis(x_BxLxV, next_BxL[..., None], axis=-1)[..., 0]
-  nll_BxT = (logsum_BxL - (picked_BxL - max_BxL))[:, :-1]
-  return jnp.sum(nll_BxT * w_BxT), (logits_BxLxV, ids_BxL, w_BxT, (max_BxL + logsum_BxL)[:, :-1])
-
-
-def _weighted_nll_bwd(res, g):
-  # d/dlogits = g * w * (softmax - onehot(next id)) as one pass over [B, L, V], written for all L positions (the
-  # last one predicts nothing: zero), so no slice/pad copies of the logits and no one-hot scatter; autodiff of
-  # the forward gives the same values in ~6 passes (measured: benchmarks/profiles/lm_train_profile.py).
-  logits_BxLxV, ids_BxL, w_BxT, lse_BxT = res
-  b, l, v = logits_BxLxV.shape
-  pad = ((0, 0), (0, 1))
-  scale_BxL = jnp.pad(g * w_BxT, pad)
-  lse_BxL = jnp.pad(lse_BxT, pad)
-  next_BxL = jnp.pad(ids_BxL[:, 1:], pad, constant_values=-1)
-  x_BxLxV = logits_BxLxV.astype(jnp.float32)
-  hit_BxLxV = jnp.arange(v, dtype=next_BxL.dtype) == next_BxL[..., None]
-  d_BxLxV = (jnp.exp(x_BxLxV - lse_BxL[..., None]) - hit_BxLxV.astype(jnp.float32)) * scale_BxL[..., None]
-  # where, not a product: the last position's (exp(x - 0)) could overflow, and inf * 0 is NaN.
-  d_BxLxV = jnp.where((jnp.arange(l) < l - 1)[None, :, None], d_BxLxV, 0.0)
-  return d_BxLxV.astype(logits_BxLxV.dtype), None, None
-
-
-_weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
-
-
 def _has_dropout(model_cfg) -> bool:
   return model_cfg.dropout > 0 or model_cfg.attention_dropout > 0
 
@@ -236,18 +181,6 @@ def _constrain(tree, shardings):
   return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
 
-def shuffled(key, valid_N):
-  """Row indices, valid rows first in random order, then the invalid ones: jax.random.permutation's rounds of
-  sorts by random 32-bit keys (the same bits, the same rounds), with the invalid flag as the leading sort key."""
-  n = valid_N.shape[0]
-  rounds = math.ceil(3 * math.log(max(1, n)) / math.log(np.iinfo(np.uint32).max))
-  last_N, idx_N = (~valid_N).astype(jnp.uint32), jnp.arange(n, dtype=jnp.int32)
-  for _ in range(rounds):
-    key, sub = jax.random.split(key)
-    last_N, _, idx_N = jax.lax.sort((last_N, jax.random.bits(sub, (n,), jnp.uint32), idx_N), num_keys=2)
-  return idx_N
-
-
 def train_epoch(state: TrainState, blocks: dict, epoch, *, model_cfg, tx, batch_size: int, batch_sharding=None,
                 state_shardings=None, valid_N=None, epochs: int | None = None):
   """One shuffled pass over `blocks` as a lax.scan of train_step; pure, so it can sit inside a bigger program.
@@ -263,7 +196,7 @@ def train_epoch(state: TrainState, blocks: dict, epoch, *, model_cfg, tx, batch_
   valid_N = jnp.ones((n,), bool) if valid_N is None else valid_N > 0
   n_valid = jnp.sum(valid_N, dtype=jnp.int32) if ragged else n
   steps = steps_per_epoch(n_valid, B) if ragged else S
-  order = shuffled(jax.random.fold_in(jax.random.fold_in(state.key, SHUFFLE), epoch), valid_N)
+  order = ops.permutation_valid_first(jax.random.fold_in(jax.random.fold_in(state.key, SHUFFLE), epoch), valid_N)
   order = jnp.pad(order, (0, S * B - n))
   keep = (jnp.arange(S * B) < n_valid).astype(mask_NxL.dtype)
 
@@ -277,21 +210,14 @@ def train_epoch(state: TrainState, blocks: dict, epoch, *, model_cfg, tx, batch_
     # Keeps FSDP placement of the carry through the scan instead of leaving it to propagation.
     return _constrain(state, state_shardings), (m["nll"], m["tokens"])
 
-  def body(state, s):
-    if not ragged:
-      return train(state, s)
-    # Past the valid rows a batch would be all padding: no step, so Adam's count and moments stay put.
-    skip = lambda state, s: (state, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)))  # noqa: E731
-    return jax.lax.cond(s < steps, train, skip, state, s)
-
-  state, (nll_S, tokens_S) = jax.lax.scan(body, state, jnp.arange(S))
+  # Past the valid rows a batch would be all padding: no step, so Adam's count and moments stay put.
+  state, (nll_S, tokens_S) = ops.ragged_scan(train, state, S, steps if ragged else None)
   return state, {"loss": jnp.sum(nll_S) / jnp.maximum(jnp.sum(tokens_S), 1.0), "tokens": jnp.sum(tokens_S)}
 
 
 def eval_chunk(n: int, eval_batch: int, shards: int) -> int:
-  """Rows per evaluation chunk of a set of n: eval_batch, but never padding a small set far past its size, and a
-  whole multiple of the batch shards."""
-  return min(eval_batch, -(-n // shards) * shards)
+  """Rows per evaluation chunk of a set of n (the family's and the planner's too)."""
+  return ops.chunk_size(n, eval_batch, shards)
 
 
 def state_shardings(params, opt_state, mesh) -> "TrainState":
@@ -305,12 +231,10 @@ def state_shardings(params, opt_state, mesh) -> "TrainState":
 def perplexity(params, blocks: dict, *, model_cfg, eval_batch: int, batch_sharding=None):
   """Token-weighted perplexity exp(total NLL / predicted tokens) of `blocks`, in batches of `eval_batch`."""
   ids_NxL, mask_NxL = blocks["ids"], blocks["mask"]
-  n = ids_NxL.shape[0]
-  E = eval_chunk(n, eval_batch, 1 if batch_sharding is None else sharding.batch_shards(batch_sharding.mesh))
-  C = -(-n // E)
-  pad = ((0, C * E - n), (0, 0))
-  ids_CxExL = jnp.pad(ids_NxL, pad).reshape(C, E, -1)
-  mask_CxExL = jnp.pad(mask_NxL, pad).reshape(C, E, -1)  # padded rows carry mask 0: they count for nothing
+  shards = 1 if batch_sharding is None else sharding.batch_shards(batch_sharding.mesh)
+  E = eval_chunk(ids_NxL.shape[0], eval_batch, shards)
+  ids_CxExL = ops.to_chunks(ids_NxL, E)
+  mask_CxExL = ops.to_chunks(mask_NxL, E)  # padded rows carry mask 0: they count for nothing
 
   def body(acc, xs):
     batch = _constrain({"ids": xs[0], "mask": xs[1]}, batch_sharding)
@@ -319,6 +243,37 @@ def perplexity(params, blocks: dict, *, model_cfg, eval_batch: int, batch_shardi
 
   (nll, count), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(())), (ids_CxExL, mask_CxExL))
   return jnp.exp(nll / jnp.maximum(count, 1.0))
+
+
+# --- the fine-tune: what the experiment runs each generation -------------------------------------------------------
+def fit(tcfg: TrainConfig, model_cfg, start, train_blocks: dict, valid_blocks: dict, key, *, mesh, valid_N=None):
+  """tcfg.epochs epochs of `train_epoch` from the parameters `start` in one lax.scan, validation perplexity after
+  each, the parameters best on it kept (the paper's rule; NaN is never better, so a diverged run keeps an earlier
+  model, or `start` at epoch 0). Pure: it sits inside the loop's generation, or jitted alone (`program`).
+
+  key: the run's training key (uint32[2]); valid_N: which training rows are valid (a ragged buffer; None: all),
+  the cosine then ending at the valid rows' steps. Returns (best, per_epoch): best = {'params', 'valid_ppl',
+  'best_epoch' (1-based), 'train_loss' (the last epoch's)}, per_epoch = {'train_loss', 'valid_ppl'}, each [epochs].
+  """
+  E, bs = tcfg.epochs, sharding.batch_sharding(mesh)
+  tx = optimizer(tcfg, train_blocks["ids"].shape[0], None if valid_N is None else jnp.sum(valid_N, dtype=jnp.int32))
+  state_sh = state_shardings(start, jax.eval_shape(tx.init, start), mesh)
+  state = TrainState(jnp.zeros((), jnp.int32), start, tx.init(start), key)
+
+  def epoch(carry, e):
+    state, best, _ = carry
+    state, m = train_epoch(state, train_blocks, e, model_cfg=model_cfg, tx=tx, batch_size=tcfg.batch_size,
+                           batch_sharding=bs, state_shardings=state_sh, valid_N=valid_N, epochs=E)
+    ppl = perplexity(state.params, valid_blocks, model_cfg=model_cfg, eval_batch=tcfg.eval_batch, batch_sharding=bs)
+    better = ppl < best["valid_ppl"]
+    new = {"params": state.params, "valid_ppl": ppl, "best_epoch": e + 1}
+    best = jax.tree.map(lambda a, b: jnp.where(better, a, b), new, best)
+    return (state, best, m["loss"]), {"train_loss": m["loss"], "valid_ppl": ppl}
+
+  best = {"params": start, "valid_ppl": jnp.asarray(jnp.inf, jnp.float32), "best_epoch": jnp.int32(0)}
+  carry = (state, best, jnp.zeros((), jnp.float32))
+  (_, best, last_loss), per_epoch = jax.lax.scan(epoch, carry, jnp.arange(E, dtype=jnp.int32))
+  return dict(best, train_loss=last_loss), per_epoch
 
 
 # --- throughput ---------------------------------------------------------------------------------------------------
@@ -344,7 +299,7 @@ def mfu(model_cfg, seq_len: int, tokens_per_s: float, peak: float | None) -> flo
 # --- the host-side run ----------------------------------------------------------------------------------------------
 def setup(tcfg: TrainConfig, model_cfg, params, n_train: int, key, mesh):
   """(state placed on the mesh, its shardings, optimizer) for a run of `n_train` blocks."""
-  tx = make_optimizer(tcfg, tcfg.epochs * steps_per_epoch(n_train, tcfg.batch_size))
+  tx = optimizer(tcfg, n_train)
   state_sh = state_shardings(params, jax.eval_shape(tx.init, params), mesh)
   key = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
   # A copy, not a view: the state is donated, and the caller's params must survive the run.
@@ -362,54 +317,56 @@ def epoch_program(tcfg: TrainConfig, model_cfg, tx, state_sh, mesh):
                  donate_argnums=0)
 
 
-def perplexity_program(tcfg: TrainConfig, model_cfg, params_sh, mesh):
-  rep = sharding.replicated(mesh)
-  fn = functools.partial(perplexity, model_cfg=model_cfg, eval_batch=tcfg.eval_batch,
-                         batch_sharding=sharding.batch_sharding(mesh))
-  return jax.jit(sharding.on_mesh(fn, mesh), in_shardings=(params_sh, rep), out_shardings=rep)
+def program(tcfg: TrainConfig, model_cfg, params, mesh):
+  """`fit` jitted for the mesh, after the validation perplexity of the parameters it starts from: (params,
+  train blocks, valid blocks, key) -> (initial valid ppl, best, per_epoch); the parameters are placed by their
+  logical axes (FSDP), the blocks replicated. Nothing is donated: the caller's parameters survive."""
+  rep, bs = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  p_sh = sharding.param_shardings(params, opt_model.logical_axes(params), mesh)
+
+  def run(params, train_b, valid_b, key):
+    ppl0 = perplexity(params, valid_b, model_cfg=model_cfg, eval_batch=tcfg.eval_batch, batch_sharding=bs)
+    return (ppl0, *fit(tcfg, model_cfg, params, train_b, valid_b, key, mesh=mesh))
+
+  best_sh = {"params": p_sh, "valid_ppl": rep, "best_epoch": rep, "train_loss": rep}
+  return jax.jit(sharding.on_mesh(run, mesh), in_shardings=(p_sh, rep, rep, rep), out_shardings=(rep, best_sh, rep))
 
 
 def train(tcfg: TrainConfig, model_cfg, params, train_blocks, valid_blocks, key, mesh=None, log=print):
-  """Fine-tune `params`; returns (the params best on validation perplexity, history).
+  """Fine-tune `params` on the host's blocks with the experiment's trainer (`fit`, compiled by `program`); returns
+  (the params best on validation perplexity, history).
 
-  history: 'epochs' (per epoch: train_loss, valid_ppl, seconds, tokens_per_s, mfu), 'best_epoch' (1-based),
-  'best_valid_ppl', 'initial_valid_ppl', 'compile_s', 'steps_per_epoch'.
+  history: 'epochs' (per epoch: epoch, train_loss, valid_ppl), 'best_epoch' (1-based; 0: no epoch's perplexity
+  was finite), 'best_valid_ppl', 'initial_valid_ppl', 'steps_per_epoch', 'compile_s', and for the one compiled
+  call (every epoch with its validation): 'seconds', 'tokens_per_s' (training tokens), 'mfu' (None: no peak known).
   """
   mesh = sharding.make_lm_mesh(1, 1) if mesh is None else mesh
+  check_batch_shards(mesh, {"TrainConfig.batch_size": tcfg.batch_size, "TrainConfig.eval_batch": tcfg.eval_batch})
   train_b, valid_b = as_blocks(train_blocks, "train_blocks"), as_blocks(valid_blocks, "valid_blocks")
-  validate(tcfg, model_cfg, train_b, valid_b, mesh)
+  validate(tcfg, model_cfg, train_b, valid_b)
   n, seq_len = train_b["ids"].shape
-  S = steps_per_epoch(n, tcfg.batch_size)
+  key = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
   t0 = time.perf_counter()
-  state, state_sh, tx = setup(tcfg, model_cfg, params, n, key, mesh)
-  train_d, valid_d = jax.device_put((train_b, valid_b), sharding.replicated(mesh))
-  copy_fn = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=state_sh.params)
-  # Compiled ahead so the first epoch's rate is a rate, not a compile time.
-  epoch_fn = epoch_program(tcfg, model_cfg, tx, state_sh, mesh).lower(state, train_d, jnp.int32(0)).compile()
-  ppl_fn = perplexity_program(tcfg, model_cfg, state_sh.params, mesh).lower(state.params, valid_d).compile()
+  fn = program(tcfg, model_cfg, params, mesh)
+  args = (params, train_b, valid_b, key)
+  compiled = fn.lower(*args).compile()  # ahead, so that the rate below is a rate, not a compile time
   compile_s = time.perf_counter() - t0
-  peak = peak_flops(mesh.devices.flat, model_cfg.dtype, tcfg.peak_flops)
-  history = {"epochs": [], "initial_valid_ppl": float(ppl_fn(state.params, valid_d)), "compile_s": compile_s,
-             "steps_per_epoch": S, "best_epoch": 0, "best_valid_ppl": math.inf}
-  best, t_run = None, time.perf_counter()
-  for e in range(tcfg.epochs):
-    t = time.perf_counter()
-    state, m = epoch_fn(state, train_d, jnp.int32(e))
-    loss = float(m["loss"])  # waits for the epoch
-    dt = time.perf_counter() - t
-    ppl = float(ppl_fn(state.params, valid_d))
-    tok_s = n * seq_len / dt
-    row = {"epoch": e + 1, "train_loss": loss, "valid_ppl": ppl, "seconds": dt, "tokens_per_s": tok_s,
-           "mfu": mfu(model_cfg, seq_len, tok_s, peak)}
-    history["epochs"].append(row)
-    if ppl < history["best_valid_ppl"]:  # the paper's checkpoint rule: keep the epoch best on validation
-      best, history["best_epoch"], history["best_valid_ppl"] = copy_fn(state.params), e + 1, ppl
-    if tcfg.verbose:
-      eta = (time.perf_counter() - t_run) / (e + 1) * (tcfg.epochs - e - 1)
-      mfu_txt = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
-      log(f"[lm] epoch {e + 1}/{tcfg.epochs} ({100 * (e + 1) / tcfg.epochs:.0f}%)  train loss {loss:.4f}  "
-          f"valid ppl {ppl:.3f}{' (best)' if history['best_epoch'] == e + 1 else ''}  {tok_s:.4g} tok/s  "
-          f"MFU {mfu_txt}  ETA {progress.fmt_time(eta)}")
-  if best is None:  # every epoch's perplexity was NaN: hand back the last model rather than nothing
-    best, history["best_epoch"] = state.params, tcfg.epochs
-  return best, history
+  t = time.perf_counter()
+  ppl0, best, per_epoch = jax.block_until_ready(compiled(*args))
+  seconds = time.perf_counter() - t
+  tok_s = tcfg.epochs * n * seq_len / seconds
+  losses, ppls = np.asarray(per_epoch["train_loss"]), np.asarray(per_epoch["valid_ppl"])
+  history = {"epochs": [{"epoch": e + 1, "train_loss": float(losses[e]), "valid_ppl": float(ppls[e])}
+                        for e in range(tcfg.epochs)],
+             "best_epoch": int(best["best_epoch"]), "best_valid_ppl": float(best["valid_ppl"]),
+             "initial_valid_ppl": float(ppl0), "steps_per_epoch": steps_per_epoch(n, tcfg.batch_size),
+             "compile_s": compile_s, "seconds": seconds, "tokens_per_s": tok_s,
+             "mfu": mfu(model_cfg, seq_len, tok_s, peak_flops(mesh.devices.flat, model_cfg.dtype, tcfg.peak_flops))}
+  if tcfg.verbose:
+    for r in history["epochs"]:
+      log(f"[lm] epoch {r['epoch']}/{tcfg.epochs}  train loss {r['train_loss']:.4f}  valid ppl {r['valid_ppl']:.3f}"
+          f"{' (best)' if history['best_epoch'] == r['epoch'] else ''}")
+    mfu_txt = "n/a" if history["mfu"] is None else f"{100 * history['mfu']:.1f}%"
+    log(f"[lm] {tcfg.epochs} epochs in {seconds:.3g} s (compiled in {compile_s:.3g} s)  {tok_s:.4g} tok/s  "
+        f"MFU {mfu_txt}")
+  return best["params"], history
