@@ -295,7 +295,7 @@ RUN_FILES = ("loop.py", "checkpoint.py", "metrics.py", "plots.py") + tuple(sorte
                                                                                            "families", "*", "*.py"))
     if os.path.relpath(p, os.path.join(REPO, "collapse_jax")) not in INPUT_READERS))
 # Reads of inputs that are not files of the run (a Hugging Face model folder's config.json).
-NOT_RUN_FILES = {("families/lm/family.py", "with open(path) as fh:")}
+NOT_RUN_FILES = {("families/lm/config.py", "with open(path) as fh:")}
 
 
 def test_run_files_go_through_the_path_layer():
