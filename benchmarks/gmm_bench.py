@@ -31,11 +31,10 @@ def jax_runner(chains: int, generations: int, rounds: int):
   mean EM iterations per generation."""
   cfg = load_config("gmm", generations=generations, chains=chains, checkpoint_every=generations)
   exp = loop.Experiment(cfg)
-  shared = jax.device_put(exp.family.shared())
-  exp.carry_shapes(shared)
+  shared = jax.device_put(exp.data.shared, exp.shared_shardings)
   gs = np.arange(generations, dtype=np.int32)
   t = time.perf_counter()
-  compiled = exp.chunk_fn(jax.tree.map(lambda _: None, shared)).lower(exp.init_carry(shared), gs, shared).compile()
+  compiled = exp.chunk_fn().lower(exp.init_carry(shared), gs, shared).compile()
   compile_s = time.perf_counter() - t
   carries = [jax.block_until_ready(exp.init_carry(shared)) for _ in range(rounds + 1)]
   out = {}

@@ -24,31 +24,25 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from collapse_jax import sharding  # noqa: E402
-from collapse_jax.models import vae as vae_model  # noqa: E402
+from collapse_jax import config as config_lib, registry, sharding  # noqa: E402
+from collapse_jax.family import Generation  # noqa: E402
+from collapse_jax.families.vae import model as vae_model  # noqa: E402
 
 
 def jax_runner(x_NxHxWxC: np.ndarray, batch: int, devices: int):
-  import importlib.util
-
-  from collapse_jax.families.vae.family import VAEFamily
-
-  spec = importlib.util.spec_from_file_location("vae_config", os.path.join(_REPO, "configs", "vae.py"))
-  config = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(config)
-  cfg = config.get_config()
-  cfg.vae.batch_size, cfg.vae.epochs = batch, 1
-  mesh = sharding.make_mesh(devices or None)
-  fam = VAEFamily(cfg, mesh)  # no data is loaded: the benchmark feeds its own images
+  cfg = config_lib.load("vae", vae__batch_size=batch, vae__epochs=1)
+  _, fam = registry.build(cfg, sharding.make_mesh(devices or None))  # load_data is not called: own images
+  mesh = fam.mesh
   x = jax.device_put(jnp.asarray(x_NxHxWxC), sharding.leading(mesh) if len(x_NxHxWxC) % mesh.devices.size == 0
                      else sharding.replicated(mesh))
   w = jnp.ones((x.shape[0],), jnp.float32)
   prev = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fam.init_model, jax.random.PRNGKey(0), {}))
+  gen = Generation(jnp.int32(0), x, w, prev, prev, {}, {})  # fit at generation 0 reads the buffer only
   fit = jax.jit(fam.fit)
   calls = iter(range(1 << 30))
 
   def run():
-    model = fit(x, w, jax.random.PRNGKey(next(calls)), prev, jnp.int32(0), {})
+    model = fit(gen, jax.random.PRNGKey(next(calls)))
     jax.block_until_ready(model)
     return float(model["train_loss"])
 

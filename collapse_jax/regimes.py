@@ -15,6 +15,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from collapse_jax import ops
+
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
@@ -97,9 +99,7 @@ def training_set(spec: Spec, data: dict, g, key, n_g) -> tuple[jax.Array, jax.Ar
   if spec.name == "accumulate":
     return data["pool"], _rows(data["pool_n"], spec.pool_size)
   # accumulate_subsample: a uniform sample without replacement of the pool's valid entries.
-  u = jax.random.uniform(key, (spec.pool_size,))
-  u = jnp.where(jnp.arange(spec.pool_size) < data["pool_n"], u, 2.0)
-  _, idx = jax.lax.top_k(-u, N)
+  idx = ops.valid_first(key, jnp.arange(spec.pool_size) < data["pool_n"], N)
   return data["pool"][idx], _rows(jnp.minimum(N, data["pool_n"]), N)
 
 

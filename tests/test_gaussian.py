@@ -8,16 +8,14 @@ import pytest
 from scipy import linalg
 
 from collapse_jax import loop, registry
+from collapse_jax.family import Generation
 from collapse_jax.families.gaussian import family as gaussian
 from collapse_jax.metrics import read_jsonl
 from tests.helpers import load_config, refused_before_compilation
 
 
 def _family(**gauss):
-  cfg = load_config("gaussian", "100", **{f"gaussian__{k}": v for k, v in gauss.items()})
-  cls = registry.family_class(cfg.family)
-  cls.validate(cfg)
-  return cls(cfg, None)
+  return registry.build(load_config("gaussian", "100", **{f"gaussian__{k}": v for k, v in gauss.items()}))[1]
 
 
 def test_fit_moments_match_numpy_and_ignore_masked_rows():
@@ -61,7 +59,8 @@ def test_family_fit_honours_estimator_and_weights(estimator, ddof):
   x = rng.normal(size=(40, 3)) * [1.0, 2.0, 0.5] + [1.0, -1.0, 3.0]
   buf = np.r_[x, np.full((9, 3), 1e3)].astype(np.float32)  # padding rows a fit must not see
   w = np.r_[np.ones(40), np.zeros(9)].astype(np.float32)
-  model = jax.jit(fam.fit, static_argnums=(4,))(jnp.asarray(buf), jnp.asarray(w), jax.random.key(0), None, 0, None)
+  gen = Generation(jnp.int32(0), jnp.asarray(buf), jnp.asarray(w), None, None, {}, {})
+  model = jax.jit(fam.fit)(gen, jax.random.key(0))
   # float32 vs float64, 40 rows with |x| <= ~6: gamma(40) * max|x| ~ 1.4e-5 worst case for the mean, the random
   # walk ~ sqrt(40) u * 3 ~ 1e-6; the cov's centred squares likewise, its rtol 1e-4 covers the mean's shift.
   np.testing.assert_allclose(model["mean"], x.mean(0), rtol=1e-5, atol=1e-5)
@@ -78,7 +77,7 @@ def test_family_evaluate_metrics_against_numpy_and_scipy():
   cov = a @ a.T + 0.1 * np.eye(d)  # anisotropic: tr(sqrt(cov)) != sqrt(tr(cov))
   mu = rng.normal(size=d)
   model = {"mean": jnp.asarray(mu, jnp.float32), "cov": jnp.asarray(cov, jnp.float32)}
-  got = jax.jit(fam.evaluate)(model, model, {}, {})
+  got = jax.jit(fam.evaluate)(model, Generation(jnp.int32(0), None, None, None, model, {}, {}))
   cov0 = s0**2 * np.eye(d)
   root0 = linalg.sqrtm(cov0).real
   w2_sq = np.sum((mu - mu0) ** 2) + np.trace(cov + cov0) - 2 * np.trace(linalg.sqrtm(root0 @ cov @ root0).real)
@@ -99,8 +98,8 @@ def test_family_evaluate_metrics_against_numpy_and_scipy():
 def test_family_init_chain_draws_n_real_rows_of_the_true_gaussian():
   n, d, mu0, s0 = 20_000, 3, -2.0, 0.5
   cfg = load_config("gaussian", "100", n_real=n, gaussian__dim=d, gaussian__true_mean=mu0, gaussian__true_std=s0)
-  fam = registry.family_class("gaussian")(cfg, None)
-  x, aux = jax.jit(fam.init_chain)(jax.random.key(4), {})
+  _, fam = registry.build(cfg)
+  x, aux = jax.jit(fam.init_chain)(jax.random.key(4), fam.load_data().shared)
   x = np.asarray(x, np.float64)
   assert x.shape == (n, d) and aux == {}
   # 5 standard errors of the sample mean (s0/sqrt(n)) and of the sample variance (s0^2 sqrt(2/n)).
@@ -228,14 +227,18 @@ def test_bad_config_refused_before_compilation(tmp_path, monkeypatch, overrides,
 
 
 def test_missing_section_refused_before_compilation(tmp_path, monkeypatch):
-  cfg = load_config("gmm", "quick", family="gaussian", plots=False)
+  cfg = load_config("gaussian", "100", plots=False)
+  del cfg["gaussian"]
   refused_before_compilation(tmp_path, monkeypatch, cfg, r"config\.gaussian is missing")
+  # Another family's section in its place is not taken for it: refused by its name.
+  cfg = load_config("gmm", "quick", family="gaussian", plots=False)
+  refused_before_compilation(tmp_path, monkeypatch, cfg, r"unknown config field gmm")
 
 
 def test_smallest_valid_settings_are_accepted():
   for overrides in (dict(gaussian__dim=1, gaussian__estimator="unbiased", samples__n=2, n_real=2),
                     dict(gaussian__true_std=1e-3, gaussian__true_mean=-5.0, samples__n=1)):
-    registry.family_class("gaussian").validate(load_config("gaussian", "100", **overrides))
+    registry.build(load_config("gaussian", "100", **overrides))
 
 
 def test_expected_var_ratio_and_theory_figure(tmp_path):

@@ -14,6 +14,7 @@ from sklearn.mixture import GaussianMixture
 from sklearn.mixture._gaussian_mixture import _estimate_gaussian_parameters
 
 from collapse_jax import loop, registry
+from collapse_jax.family import Generation
 from collapse_jax.families.gmm import em
 from tests.helpers import chain_stats_close, load_config, refused_before_compilation
 
@@ -103,10 +104,8 @@ _N = 300
 
 
 def _gmm_family(**gmm):
-  cfg = load_config("gmm", "quick", samples__n=_N, **{f"gmm__{k}": v for k, v in {**_GMM, **gmm}.items()})
-  cls = registry.family_class(cfg.family)
-  cls.validate(cfg)
-  return cls(cfg, None)
+  return registry.build(load_config("gmm", "quick", samples__n=_N,
+                                    **{f"gmm__{k}": v for k, v in {**_GMM, **gmm}.items()}))[1]
 
 
 def _draw(seed):
@@ -141,7 +140,7 @@ def fitted():
     def fit_and_seeds(buf, w, key):
       # The start is k-means++ from the key fit is given (trailing padding changes no draw); everything after
       # the seeds is scikit-learn's.
-      return fam.fit(buf, w, key, None, 0, None), em._kmeans_plusplus(buf.T, w, 3, key)
+      return fam.fit(Generation(0, buf, w, None, None, None, None), key), em._kmeans_plusplus(buf.T, w, 3, key)
 
     for name, seed in _DATA_SEEDS.items():
       x = _draw(seed)
@@ -156,7 +155,7 @@ def fitted():
     @jax.jit
     def evaluate(model, model0, key):
       aux = fam.init_chain(key, None)[1]
-      return aux, fam.evaluate(model, model0, aux, None)
+      return aux, fam.evaluate(model, Generation(0, None, None, None, model0, aux, None))
 
     aux, metrics = evaluate(out["tol"]["model"], out["cap"]["model"], jax.random.key(9))
     out["aux"], out["metrics"] = jax.tree.map(np.asarray, aux), jax.tree.map(float, metrics)
@@ -223,8 +222,8 @@ def test_family_evaluate_metrics_against_sklearn_and_scipy(fitted):
 def test_family_init_chain_draws_configured_real_and_heldout_sets():
   n, d, mu0, s0 = 4000, 3, -2.0, 0.5
   cfg = load_config("gmm", "quick", n_real=n, gmm__dim=d, gmm__heldout=n, gmm__true_mean=mu0, gmm__true_std=s0)
-  fam = registry.family_class("gmm")(cfg, None)
-  x, aux = jax.jit(fam.init_chain)(jax.random.key(10), None)
+  _, fam = registry.build(cfg)
+  x, aux = jax.jit(fam.init_chain)(jax.random.key(10), fam.load_data().shared)
   x, h = np.asarray(x, np.float64), np.asarray(aux["heldout"], np.float64)
   assert x.shape == (n, d) and h.shape == (n, d)
   for a in (x, h):
@@ -242,14 +241,14 @@ def test_family_init_chain_draws_configured_real_and_heldout_sets():
 _BAD = [(f, v, rf"config\.gmm\.{f} must be a positive integer")
         for f in ("components", "dim", "max_iter", "kmeans_iter", "heldout") for v in (0, -1)]
 _BAD += [("components", True, r"config\.gmm\.components must be a positive integer"),
-         ("tol", -1e-3, r"config\.gmm\.tol must be a finite non-negative number"),
-         ("tol", float("nan"), r"config\.gmm\.tol must be a finite non-negative number"),
-         ("reg_covar", -1e-6, r"config\.gmm\.reg_covar must be a finite non-negative number"),
-         ("reg_covar", float("inf"), r"config\.gmm\.reg_covar must be a finite non-negative number"),
-         ("true_std", 0.0, r"config\.gmm\.true_std must be finite and > 0"),
-         ("true_std", -1.0, r"config\.gmm\.true_std must be finite and > 0"),
-         ("true_std", float("inf"), r"config\.gmm\.true_std must be finite and > 0"),
-         ("true_mean", float("nan"), r"config\.gmm\.true_mean must be finite")]
+         ("tol", -1e-3, r"config\.gmm\.tol must be a finite number >= 0"),
+         ("tol", float("nan"), r"config\.gmm\.tol must be a finite number >= 0"),
+         ("reg_covar", -1e-6, r"config\.gmm\.reg_covar must be a finite number >= 0"),
+         ("reg_covar", float("inf"), r"config\.gmm\.reg_covar must be a finite number >= 0"),
+         ("true_std", 0.0, r"config\.gmm\.true_std must be a finite number > 0"),
+         ("true_std", -1.0, r"config\.gmm\.true_std must be a finite number > 0"),
+         ("true_std", float("inf"), r"config\.gmm\.true_std must be a finite number > 0"),
+         ("true_mean", float("nan"), r"config\.gmm\.true_mean must be a finite number")]
 
 
 @pytest.mark.parametrize("field,value,match", _BAD, ids=[f"{f}={v}" for f, v, _ in _BAD])
@@ -260,13 +259,19 @@ def test_bad_field_refused_before_compilation(tmp_path, monkeypatch, field, valu
 @pytest.mark.parametrize("overrides,match", [
     (dict(samples__n=4, gmm__components=5), r"config\.gmm\.components=5 exceeds config\.samples\.n=4"),
     (dict(n_real=3, gmm__components=4), r"config\.gmm\.components=4 exceeds config\.n_real=3"),
-    (dict(family="gaussian"), r"config\.gaussian is missing"),
-], ids=["samples", "n_real", "missing_section"])
+], ids=["samples", "n_real"])
 def test_bad_combination_refused_before_compilation(tmp_path, monkeypatch, overrides, match):
   refused_before_compilation(tmp_path, monkeypatch, _quick(**overrides), match)
 
 
+def test_missing_section_refused_before_compilation(tmp_path, monkeypatch):
+  # Without a section at all: another family's section in its place is refused first, as an unknown field.
+  cfg = _quick()
+  del cfg["gmm"]
+  refused_before_compilation(tmp_path, monkeypatch, cfg, r"config\.gmm is missing")
+
+
 def test_boundary_settings_are_accepted():
   # tol = 0 (run max_iter iterations), reg_covar = 0, and as many components as data are all legitimate.
-  registry.family_class("gmm").validate(_quick(gmm__tol=0.0, gmm__reg_covar=0.0, gmm__components=4, samples__n=4,
-                                               gmm__max_iter=1, gmm__kmeans_iter=1, gmm__heldout=1))
+  registry.build(_quick(gmm__tol=0.0, gmm__reg_covar=0.0, gmm__components=4, samples__n=4, gmm__max_iter=1,
+                        gmm__kmeans_iter=1, gmm__heldout=1))

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from collapse_jax import config as config_lib, regimes
+from collapse_jax import config as config_lib, family, regimes
 
 
 def _cfg(name, n=6, frac=0.5, subsample=0, generations=4, schedule="fixed", growth=0.0):
@@ -15,9 +15,10 @@ def _cfg(name, n=6, frac=0.5, subsample=0, generations=4, schedule="fixed", grow
 
 
 def _setup(cfg, n_real):
-  counts = config_lib.sample_counts(cfg)
+  run = config_lib.parse(cfg)
+  counts = run.sample_counts()
   counts[0] = n_real
-  spec = regimes.make_spec(cfg, n_real, counts)
+  spec = regimes.make_spec(run, n_real, counts)
   # Real data are tagged 1000+i, generation g's samples 100*(g+1)+j: the source of every row is readable.
   real = (1000 + jnp.arange(n_real, dtype=jnp.float32))[:, None]
   return spec, counts, regimes.init(spec, real)
@@ -90,9 +91,9 @@ def test_accumulate_subsample_draws_without_replacement_from_all_so_far():
 
 def test_growing_schedules_size_the_buffers():
   cfg = _cfg("replace", n=10, schedule="linear", growth=5, generations=4)
-  assert config_lib.sample_counts(cfg) == [10, 15, 20, 25]
+  assert config_lib.parse(cfg).sample_counts() == [10, 15, 20, 25]
   cfg = _cfg("replace", n=10, schedule="geometric", growth=2, generations=4)
-  counts = config_lib.sample_counts(cfg)
+  counts = config_lib.parse(cfg).sample_counts()
   assert counts == [10, 20, 40, 80]
   spec, counts, data = _setup(cfg, n_real=10)
   assert spec.m_max == 80 and spec.train_size == 80
@@ -184,21 +185,22 @@ def test_accumulate_subsample_inclusion_is_uniform_over_valid_entries():
 U_GEN = 1000  # tag stride per generation (> any M_g here): sample j of generation h is tagged 1 + 1000 h + j
 
 
-class _Spy:
+class _Spy(family.Family):
   """Real row i is tagged -(i+1); `fit` histograms the weighted training rows by tag (bin i for real row i,
   R + 1000 h + j for sample j of generation h, the last bin for never-written zeros), `evaluate` reports it."""
-  name, vmap_chains, datum_dtype, metric_names = "spy", True, jnp.float32, ("n_train",)
+  name, metric_names = "spy", ("n_train",)
 
-  @staticmethod
-  def validate(cfg):
-    pass
+  @classmethod
+  def parse(cls, run, section):
+    return None  # no config section: everything it needs is the loop's
 
-  def __init__(self, cfg, mesh):
-    self.n_real, self.datum_shape = cfg.n_real, (1,)
-    self.bins = cfg.n_real + U_GEN * cfg.generations + 1
+  def __init__(self, run, c, mesh, abstract=False):
+    super().__init__(run, c, mesh, abstract)
+    self.n_real = run.n_real
+    self.bins = run.n_real + U_GEN * run.generations + 1
 
-  def shared(self):
-    return {}
+  def load_data(self):
+    return family.Data(self.n_real, {})
 
   def init_chain(self, key, shared):
     return -(1.0 + jnp.arange(self.n_real, dtype=jnp.float32))[:, None], {}
@@ -206,19 +208,16 @@ class _Spy:
   def init_model(self, key, shared):
     return {"g": jnp.zeros((), jnp.int32), "hist": jnp.zeros((self.bins,)), "n": jnp.zeros(())}
 
-  def fit(self, x, w, key, prev_model, g, shared):
-    t = x[:, 0]
+  def fit(self, gen, key):
+    t, w = gen.x[:, 0], gen.w
     b = jnp.where(t < 0, -t - 1, jnp.where(t > 0, self.n_real + t - 1, self.bins - 1)).astype(jnp.int32)
-    return {"g": jnp.asarray(g, jnp.int32), "hist": jnp.zeros((self.bins,)).at[b].add(w), "n": w.sum()}
+    return {"g": jnp.asarray(gen.g, jnp.int32), "hist": jnp.zeros((self.bins,)).at[b].add(w), "n": w.sum()}
 
-  def sample(self, model, n, key, shared, train=None):
-    return (1.0 + U_GEN * model["g"] + jnp.arange(n)).astype(jnp.float32)[:, None]
+  def sample(self, model, n, key, gen):
+    return (1.0 + U_GEN * model["g"] + jnp.arange(n)).astype(jnp.float32)[:, None], {}
 
-  def evaluate(self, model, model0, aux, shared, train=None):
+  def evaluate(self, model, gen):
     return {"n_train": model["n"], "hist": model["hist"]}
-
-  def plot(self, *a):
-    pass
 
 
 def _gen_key(seed, g):
@@ -276,12 +275,13 @@ def test_every_regime_through_the_loop_trains_on_exactly_the_right_rows(tmp_path
   if name in ("real_fraction", "accumulate_subsample"):
     # The random rows come from the documented mixing key fold_in(generation key, 0): the same regime code
     # fed that key and the data state rebuilt by hand picks the same rows as the loop did.
-    counts, spy = [R] + M[1:], _Spy(cfg, None)
-    spec = regimes.make_spec(cfg, R, counts)
+    run = config_lib.parse(cfg)
+    counts, spy = [R] + M[1:], _Spy(run, None, None)
+    spec = regimes.make_spec(run, R, counts)
     for g in range(1, G):
       data = regimes.init(spec, spy.init_chain(None, None)[0])
       for p in (range(g) if name == "accumulate_subsample" else [g - 1]):
-        data = regimes.update(spec, data, spy.sample({"g": p}, spec.m_max, None, None), counts[p + 1])
+        data = regimes.update(spec, data, spy.sample({"g": p}, spec.m_max, None, None)[0], counts[p + 1])
       x, w = regimes.training_set(spec, data, g, jax.random.fold_in(_gen_key(3, g), 0), counts[g])
-      np.testing.assert_array_equal(spy.fit(x, w, None, None, g, None)["hist"], hist["arrays"]["hist"][g],
-                                    err_msg=f"generation {g}")
+      gen = family.Generation(g, x, w, None, None, {}, {})
+      np.testing.assert_array_equal(spy.fit(gen, None)["hist"], hist["arrays"]["hist"][g], err_msg=f"generation {g}")

@@ -1,4 +1,4 @@
-"""The VAE's fit checked step by step (tests/test_vae.py): each step the fit takes is recorded and checked from
+"""The VAE's fit checked step by step (tests/test_vae_fit.py): each step the fit takes is recorded and checked from
 the very state it started in, against a float64 reference gradient with a float32 summation bound and Adam's
 update rule with its roundings (the invariants that hold on any CPU, instead of a whole trajectory)."""
 import functools

@@ -1,5 +1,5 @@
-"""Mutants of the GMM family (collapse_jax/families/gmm/family.py) and its EM math (collapse_jax/families/gmm/em.py), each caught by the named
-tests in tests/test_gmm.py / tests/test_em.py."""
+"""Mutants of the GMM family (collapse_jax/families/gmm/family.py) and its EM math (collapse_jax/families/gmm/em.py),
+each caught by the named tests in tests/test_gmm.py / tests/test_em.py."""
 from benchmarks.mutants import Mutant
 
 _FIT = "tests/test_gmm.py::test_family_fit_matches_sklearn_with_configured_settings"
@@ -21,8 +21,8 @@ MUTANTS = [
            new="em.fit(x, w, init, self.reg_covar, self.max_iter, self.tol)", tests=(_FIT,),
            why="tolerance and covariance regularisation passed in each other's place"),
     Mutant(name="gmm_max_iter_from_kmeans_iter", file="collapse_jax/families/gmm/family.py",
-           old="self.tol, self.max_iter, self.reg_covar = float(c.tol), c.max_iter, float(c.reg_covar)",
-           new="self.tol, self.max_iter, self.reg_covar = float(c.tol), c.kmeans_iter, float(c.reg_covar)",
+           old="self.tol, self.max_iter, self.reg_covar = c.tol, c.max_iter, c.reg_covar",
+           new="self.tol, self.max_iter, self.reg_covar = c.tol, c.kmeans_iter, c.reg_covar",
            tests=(_FIT,), why="EM's iteration cap read from the k-means field"),
     Mutant(name="gmm_kmeans_iter_ignored", file="collapse_jax/families/gmm/family.py", old=_KM_INIT,
            new="em.kmeans_init(x, w, self.k, key, reg_covar=self.reg_covar)", tests=(_FIT,),
@@ -40,7 +40,7 @@ MUTANTS = [
            new='{"heldout": self._real(k_heldout, self.n_real)}', tests=(_EVAL,),
            why="config.gmm.heldout is not honoured"),
     Mutant(name="gmm_n_real_ignores_config", file="collapse_jax/families/gmm/family.py",
-           old="self.n_real = cfg.n_real or cfg.samples.n", new="self.n_real = cfg.samples.n", tests=(_INIT,),
+           old="self.n_real = run.n_real_or_samples", new="self.n_real = run.samples.n", tests=(_INIT,),
            why="generation 0 trains on samples.n real data instead of config.n_real"),
     Mutant(name="gmm_true_mean_dropped", file="collapse_jax/families/gmm/family.py",
            old="return self.mu0 + self.sigma0 * jax.random.normal(key, (n, self.dim))",
@@ -77,16 +77,15 @@ MUTANTS = [
            why="em_iters reports the converged flag"),
     # --- validation
     Mutant(name="gmm_validate_heldout_unchecked", file="collapse_jax/families/gmm/family.py",
-           old='for f in ("components", "dim", "max_iter", "kmeans_iter", "heldout"):',
-           new='for f in ("components", "dim", "max_iter", "kmeans_iter"):',
+           old="heldout: int = fields.integer(lo=1)", new="heldout: int = fields.integer()",
            tests=(f"{_BAD}[heldout=0]",), why="heldout=0 reaches compilation"),
     Mutant(name="gmm_validate_zero_tol_refused", file="collapse_jax/families/gmm/family.py",
-           old="math.isfinite(c[f]) and c[f] >= 0", new="math.isfinite(c[f]) and c[f] > 0",
+           old="tol: float = fields.number(lo=0.0)", new="tol: float = fields.number(lo=0.0, lo_open=True)",
            tests=("tests/test_gmm.py::test_boundary_settings_are_accepted",),
-           why="tol=0 (run max_iter iterations) and reg_covar=0 are refused"),
+           why="tol=0 (run max_iter iterations) is refused"),
     Mutant(name="gmm_validate_components_vs_n_real", file="collapse_jax/families/gmm/family.py",
-           old='for path, n in config_lib.data_per_generation(cfg):',
-           new='for path, n in config_lib.data_per_generation(cfg)[:1]:',
+           old="for path, n in run.data_per_generation():",
+           new="for path, n in run.data_per_generation()[:1]:",
            tests=("tests/test_gmm.py::test_bad_combination_refused_before_compilation[n_real]",),
            why="more components than real data at generation 0 is not refused"),
     # --- EM and k-means math (em.py)

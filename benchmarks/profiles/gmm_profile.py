@@ -28,7 +28,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-from collapse_jax import gmm as gmm_family, loop  # noqa: E402
+from collapse_jax import loop  # noqa: E402
+from collapse_jax.families.gmm import family as gmm_family  # noqa: E402
 from collapse_jax.config import load as load_config  # noqa: E402
 
 _BASE = flags.DEFINE_string("baseline", "HEAD", "git revision whose collapse_jax/families/gmm/em.py is the A side ('' = none)")
@@ -64,7 +65,7 @@ def while_bodies(hlo: str) -> dict:
 
 def load_em(rev: str | None):
   if rev is None:
-    path = os.path.join(ROOT, "collapse_jax", "em.py")
+    path = os.path.join(ROOT, "collapse_jax", "families", "gmm", "em.py")
   else:
     src = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:collapse_jax/families/gmm/em.py"], check=True,
                          capture_output=True, text=True).stdout
@@ -83,10 +84,9 @@ def build(em_mod, g, **gmm_overrides):
   for k, v in gmm_overrides.items():
     cfg.gmm[k] = v
   exp = loop.Experiment(cfg)
-  shared = jax.device_put(exp.family.shared())
-  exp.carry_shapes(shared)
+  shared = jax.device_put(exp.data.shared, exp.shared_shardings)
   gs = np.arange(g, dtype=np.int32)
-  compiled = exp.chunk_fn(jax.tree.map(lambda _: None, shared)).lower(exp.init_carry(shared), gs, shared).compile()
+  compiled = exp.chunk_fn().lower(exp.init_carry(shared), gs, shared).compile()
   return exp, shared, gs, compiled
 
 

@@ -30,9 +30,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from collapse_jax import sharding  # noqa: E402
-from collapse_jax.models import vae as vae_model  # noqa: E402
-from collapse_jax.families.vae.family import VAEFamily  # noqa: E402
+from collapse_jax import config as config_lib, registry, sharding  # noqa: E402
+from collapse_jax.family import Generation  # noqa: E402
+from collapse_jax.families.vae import model as vae_model  # noqa: E402
 
 
 def _load(name, path):
@@ -52,15 +52,15 @@ def base_model(rev):
 
 
 def jax_runner(model_mod, x, batch):
-  cfg = _load("vae_config", os.path.join(_REPO, "configs", "vae.py")).get_config()
-  cfg.vae.batch_size, cfg.vae.epochs = batch, 1
-  fam = VAEFamily(cfg, sharding.make_mesh(None))
+  cfg = config_lib.load("vae", vae__batch_size=batch, vae__epochs=1)
+  _, fam = registry.build(cfg, sharding.make_mesh(None))
   fam.graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_mod.VAE(nnx.Rngs(0))))
   w = jnp.ones((x.shape[0],), jnp.float32)
   prev = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fam.init_model, jax.random.PRNGKey(0), {}))
+  gen = Generation(jnp.int32(0), x, w, prev, prev, {}, {})  # fit at generation 0 reads the buffer only
   fit = jax.jit(fam.fit)
   calls = iter(range(1 << 30))
-  return lambda: jax.block_until_ready(fit(x, w, jax.random.PRNGKey(next(calls)), prev, jnp.int32(0), {}))
+  return lambda: jax.block_until_ready(fit(gen, jax.random.PRNGKey(next(calls))))
 
 
 def op_table(run, steps, top=25):
@@ -94,7 +94,7 @@ def main():
   runs = {"before": jax_runner(base_model(a.base), x, a.batch), "after": jax_runner(vae_model, x, a.batch)}
   if not a.no_torch:
     bench = _load("vae_bench", os.path.join(_REPO, "benchmarks", "vae_bench.py"))
-    run_torch, _ = bench.torch_runner(x_np, a.batch, "cpu")
+    run_torch, _ = bench.torch_runner(x_np, a.batch, "cpu", argparse.Namespace(threads=0))  # the cores JAX uses
     if run_torch is not None:
       runs["torch"] = run_torch
   for run in runs.values():

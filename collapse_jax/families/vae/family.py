@@ -8,10 +8,10 @@ decoder means, as in the paper.
 
 Training (one `fit`): a fresh model from the generation's key; Adam (lr 1e-3) with PyTorch's coupled L2 weight
 decay (1e-5); the loss summed over the batch, as the reference PyTorch code does. Batches come from the valid
-rows of (x, w): each epoch sorts random keys with invalid rows pushed last, so the first n_valid entries of the
-order are a uniform permutation of the valid rows; an epoch is ceil(n_valid / batch) steps (PyTorch's
+rows of (x, w) in each epoch's ops.valid_first order (uniform keys, invalid rows pushed last, so the first
+n_valid entries are a uniform permutation of the valid rows); an epoch is ceil(n_valid / batch) steps (PyTorch's
 DataLoader with drop_last=False), the last batch masked where it runs past n_valid. The buffer capacity N is
-static, n_valid is not, so the scan runs ceil(N / batch) steps per epoch and skips (lax.cond) those past the
+static, n_valid is not, so the epoch is an ops.ragged_scan of ceil(N / batch) steps that skips those past the
 valid count. Batches are sharded over the mesh's 'data' axis; parameters are replicated. Each step taken
 reports to collapse_jax.progress (epoch, step, loss per image, images/s).
 
@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from collapse_jax import family, fields, paths, progress, sharding
+from collapse_jax import family, fields, ops, paths, progress, sharding
 from collapse_jax.errors import ConfigError
 from collapse_jax.families.vae import model as vae_model
 
@@ -148,8 +148,7 @@ class VAEFamily(family.Family):
     def epoch(carry, xs):
       k_epoch, e = xs
       k_perm, k_steps = jax.random.split(k_epoch)
-      order_N = jnp.argsort(jnp.where(w > 0, jax.random.uniform(k_perm, (N,)), 2.0))
-      order = jnp.pad(order_N, (0, steps_cap * B - N))
+      order = jnp.pad(ops.valid_first(k_perm, w > 0), (0, steps_cap * B - N))
 
       def train_step(carry, s):
         k_data, k_loss = jax.random.split(jax.random.fold_in(k_steps, s))
@@ -172,11 +171,8 @@ class VAEFamily(family.Family):
                         shows={"loss/img": loss / jnp.maximum(images, 1.0)}, amounts={"img": images})
         return (optax.apply_updates(params, updates), opt), loss
 
-      def step(carry, s):
-        # Steps past this buffer's valid count are skipped whole (no read, no decode, no update).
-        return jax.lax.cond(s < steps, train_step, lambda c, _: (c, jnp.zeros((), jnp.float32)), carry, s)
-
-      carry, loss_S = jax.lax.scan(step, carry, jnp.arange(steps_cap))
+      # Steps past this buffer's valid count are skipped whole (no read, no decode, no update).
+      carry, loss_S = ops.ragged_scan(train_step, carry, steps_cap, steps)
       return carry, jnp.sum(loss_S)
 
     k_epochs = jax.random.split(k_train, self.epochs)
@@ -184,22 +180,10 @@ class VAEFamily(family.Family):
     return {"params": params, "train_loss": loss_E[-1] / jnp.maximum(n_valid, 1)}
 
   def _map_rows(self, fn, *xs):
-    """fn over row chunks of arrays sharing their leading size n (padded to whole chunks, padding dropped).
-
-    Chunks are multiples of the mesh size so each shards evenly; all randomness is drawn for the n rows
-    before chunking, so results do not depend on the chunk size or the number of devices.
-    """
-    n = xs[0].shape[0]
-    d = self.mesh.devices.size
-    chunk = min(self.eval_batch, -(-n // d) * d)
-    count = -(-n // chunk)
-
-    def split(a):
-      a = jnp.pad(a, ((0, count * chunk - n),) + ((0, 0),) * (a.ndim - 1))
-      return a.reshape((count, chunk) + a.shape[1:])
-
-    out = jax.lax.map(lambda cs: fn(*map(self._batch, cs)), tuple(map(split, xs)))
-    return jax.tree.map(lambda o: o.reshape((count * chunk,) + o.shape[2:])[:n], out)
+    """fn over row chunks of arrays sharing their leading size n, each chunk split over the mesh (ops.chunked_map:
+    results do not depend on the chunk size or the number of devices)."""
+    chunk = ops.chunk_size(xs[0].shape[0], self.eval_batch, self.mesh.devices.size)
+    return ops.chunked_map(fn, xs, chunk, constrain=self._batch)
 
   def _images(self, model, n, key):
     z_NxL = jax.random.normal(key, (n, vae_model.LATENT))
