@@ -52,9 +52,9 @@ MUTANTS = [
            old="_is_int(i) and (lo is None or i >= lo)", new="_is_int(i) and (lo is None or i >= lo - 1)",
            tests=(_BAD,), why="snapshot generation -1 accepted"),
     Mutant(name="fields_integer_lower_bound", file=FIELDS,
-           old="(lo is not None and v < lo) or (hi is not None and v > hi):\n      raise bad(path, want, v)\n"
+           old="(lo is not None and v < lo) or (hi is not None and v > hi):\n      raise _bad(where, want, v)\n"
                "    return int(v)",
-           new="(lo is not None and v <= lo) or (hi is not None and v > hi):\n      raise bad(path, want, v)\n"
+           new="(lo is not None and v <= lo) or (hi is not None and v > hi):\n      raise _bad(where, want, v)\n"
                "    return int(v)",
            tests=(f"{_F}::test_the_boundaries_are_accepted",), why="every integer's lower bound refused"),
     Mutant(name="fields_number_lo_open_ignored", file=FIELDS,
@@ -64,7 +64,7 @@ MUTANTS = [
            old="and not isinstance(v, bool) and math.isfinite(v)", new="and not isinstance(v, bool)",
            tests=(f"{_F}::test_numbers_are_finite_and_not_bools_or_strings",), why="lr=nan accepted"),
     Mutant(name="fields_numpy_int_not_converted", file=FIELDS,
-           old="      raise bad(path, want, v)\n    return int(v)", new="      raise bad(path, want, v)\n    return v",
+           old="      raise _bad(where, want, v)\n    return int(v)", new="      raise _bad(where, want, v)\n    return v",
            tests=(f"{_F}::test_numpy_integers_are_accepted_as_python_ints",),
            why="a NumPy integer reaches the config as is (config.json cannot write it)"),
     Mutant(name="fields_unknown_key_accepted", file=FIELDS,
