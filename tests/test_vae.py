@@ -103,7 +103,7 @@ def test_configs_validate():
               "mnist,real_fraction"):
     _parse(load_config("vae", arg) if arg else load_config("vae"))
   assert set(range(5)) <= set(load_config("vae").snapshot_generations)
-  with pytest.raises(ValueError, match="configs/vae.py:ARG"):
+  with pytest.raises(ConfigError, match=r"^unknown config variant 'bogus' \(known: digits, mnist, "):
     load_config("vae", "bogus")
 
 
