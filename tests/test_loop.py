@@ -116,7 +116,7 @@ def test_unwritable_workdir(tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path):
   for args, needle in [
-      (["--config.nope=1"], "unknown config field 'nope'"),
+      (["--config.nope=1"], "error: unknown config field nope"),
       (["--config.regime.name=foo"], "config.regime.name='foo'"),
       (["--config.regime.real_fraction=2"], "config.regime.real_fraction must be in [0, 1]"),
   ]:
