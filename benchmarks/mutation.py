@@ -3,6 +3,7 @@ run the tests named for it; a mutant that passes them all survived (a gap in the
 
   .venv/bin/python benchmarks/mutation.py                 # every mutant
   .venv/bin/python benchmarks/mutation.py --only gmm_tol  # names or prefixes, comma-separated
+  .venv/bin/python benchmarks/mutation.py --area loop,vae # the mutants of benchmarks/mutants/{loop,vae}.py
   .venv/bin/python benchmarks/mutation.py --tree .        # the working tree instead of HEAD (uncommitted work)
 
 Run on demand, not in CI (it runs the named tests once per mutant: minutes each for the loop-level ones). The
@@ -27,11 +28,13 @@ sys.path.insert(0, REPO)
 from benchmarks import mutants as mutants_pkg  # noqa: E402
 
 
-def all_mutants():
+def all_mutants(areas=()):
+  """Every mutant, or those of the named areas (modules of benchmarks/mutants), as (area, mutant) pairs."""
   out = []
   for info in sorted(pkgutil.iter_modules(mutants_pkg.__path__), key=lambda m: m.name):
-    out += importlib.import_module(f"benchmarks.mutants.{info.name}").MUTANTS
-  names = [m.name for m in out]
+    if not areas or info.name in areas:
+      out += [(info.name, m) for m in importlib.import_module(f"benchmarks.mutants.{info.name}").MUTANTS]
+  names = [m.name for _, m in out]
   dup = {n for n in names if names.count(n) > 1}
   if dup:
     raise SystemExit(f"duplicate mutant names: {sorted(dup)}")
@@ -78,24 +81,29 @@ def run_mutant(m, base: str, timeout: float) -> dict:
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--only", default="", help="comma-separated mutant names or name prefixes")
+  ap.add_argument("--area", default="", help="comma-separated areas (modules of benchmarks/mutants, e.g. loop,vae)")
   ap.add_argument("--tree", default=None, help="copy this working tree instead of `git archive HEAD`")
   ap.add_argument("--timeout", type=float, default=900, help="seconds per mutant")
   ap.add_argument("--list", action="store_true", help="list the mutants and exit")
   args = ap.parse_args()
-  mutants = all_mutants()
+  areas = [a for a in args.area.split(",") if a]
+  unknown = set(areas) - {i.name for i in pkgutil.iter_modules(mutants_pkg.__path__)}
+  if unknown:
+    raise SystemExit(f"unknown area(s) {sorted(unknown)}: the modules of benchmarks/mutants")
+  mutants = all_mutants(areas)
   if args.only:
     keys = [k for k in args.only.split(",") if k]
-    mutants = [m for m in mutants if any(m.name == k or m.name.startswith(k) for k in keys)]
+    mutants = [(a, m) for a, m in mutants if any(m.name == k or m.name.startswith(k) for k in keys)]
   if args.list:
-    for m in mutants:
-      print(f"{m.name:32s} {m.file:28s} {m.why}")
+    for area, m in mutants:
+      print(f"{area:10s} {m.name:32s} {m.file:28s} {m.why}")
     return 0
   base = tempfile.mkdtemp(prefix="mutation_base_")
   try:
     _copy_tree(args.tree, base)
     rows = []
-    for m in mutants:
-      r = run_mutant(m, base, args.timeout)
+    for area, m in mutants:
+      r = dict(run_mutant(m, base, args.timeout), area=area)
       rows.append(r)
       print(f"{r['result']:9s} {m.name:32s} {r.get('seconds', 0):7.1f}s  {r['detail'][:90]}", flush=True)
   finally:
