@@ -249,7 +249,7 @@ _ONE_STEP = {
     "lm": ["--config=configs/lm.py:ci", "--config.generations=1", "--config.lm.epochs=1",
            "--config.lm.batch_size=32", "--config.lm.dropout=0"],
 }
-# Contractions of one VAE example's forward and backward passes (models/vae.py), summed: forward enc1 16, enc2
+# Contractions of one VAE example's forward and backward passes (families/vae/model.py), summed: forward enc1 16, enc2
 # 16*64, fc_mu/fc_logvar 6272, fc_dec 20, dec1 128, dec2 64, col2im 4; backward dec2 16, dec1 16*64, fc_dec 6272,
 # fc_mu + fc_logvar 40, enc2 16*128; a kernel's per-example gradient sums <= 196 pixels. First-order error
 # analysis of a chain of such layers (values O(1), as after PyTorch's init) bounds one example's gradient error

@@ -1,4 +1,4 @@
-"""A/B of VAE training in one process: `VAEFamily.fit` with a baseline models/vae.py (from git) against the
+"""A/B of VAE training in one process: `VAEFamily.fit` with a baseline families/vae/model.py (from git) against the
 working tree's, and the PyTorch peer step from benchmarks/vae_bench.py, alternated over rounds.
 
   python benchmarks/profiles/vae_profile.py [--base main] [--steps 8] [--rounds 5] [--trace]

@@ -1,4 +1,4 @@
-"""The decoding KV cache of every layer (models/opt.py builds it), attention over it, and beam search's bookkeeping.
+"""The decoding KV cache of every layer (lm/model.py builds it), attention over it, and beam search's bookkeeping.
 
 K/V are stacked over layers and head-major ([layers, B, H, S, D]) so that both attention dots read a layer in place
 and the layer loop (a scan) carries the whole cache, each layer writing only its new tokens' slots. Beam search
