@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from collapse_jax import hardware, sharding  # noqa: E402
 from collapse_jax.families.lm import model as opt  # noqa: E402
+from collapse_jax.families.lm import sizes  # noqa: E402
 from collapse_jax.families.lm import train as lm_train  # noqa: E402
 
 SHAPES = {
@@ -119,7 +120,7 @@ def bench_one(cfg, seq_len, batch, args, mesh):
   state = common.wait_quiet(args, f"lm_train seq {seq_len} x batch {batch}")
   times = common.alternate(fns, args.rounds)
   peak = args.peak_flops or hardware.total_flops(mesh.devices.flat, cfg.dtype)
-  n_params = opt.count_params(jax.eval_shape(lambda k: opt.init_params(cfg, k), jax.random.key(0)))
+  n_params = sizes.count_params(jax.eval_shape(lambda k: opt.init_params(cfg, k), jax.random.key(0)))
   rows = []
   for name, desc in (("jax", jax_desc), ("torch", torch_desc)):
     if name not in fns:
@@ -131,7 +132,7 @@ def bench_one(cfg, seq_len, batch, args, mesh):
     rows.append({"impl": name, "seq": seq_len, "batch": batch, "steps": args.steps, "dtype": cfg.dtype,
                  "tokens_per_s": tok_s, "mfu": None if mfu is None else round(mfu, 4), **st,
                  "compile_s": compile_s if name == "jax" else None, "params": n_params,
-                 "flops_per_token": opt.flops_per_token(cfg, seq_len), "peak_flops": peak, "desc": desc})
+                 "flops_per_token": sizes.flops_per_token(cfg, seq_len), "peak_flops": peak, "desc": desc})
   if len(rows) == 2:
     rows[0].update(common.ratio(times["jax"], times["torch"]))
   return rows, state
@@ -153,7 +154,7 @@ def main(argv=None):
   (base, overrides), runs = SHAPES[args.shape]
   if args.batches:
     runs = [(runs[0][0], int(b)) for b in args.batches.split(",")]
-  cfg = opt.get_size(base, **overrides)
+  cfg = sizes.get_size(base, **overrides)
   data = args.data or len(jax.devices()) // args.fsdp
   mesh = sharding.make_lm_mesh(data, args.fsdp)
   out = []

@@ -45,11 +45,12 @@ def main(argv=None):
   from collapse_jax import config as config_lib, plan
   from collapse_jax.errors import ConfigError
   from collapse_jax.families.lm import model as opt
+  from collapse_jax.families.lm import sizes
 
   os.makedirs(args.out, exist_ok=True)
   rows = []
   for size in args.sizes.split(","):
-    n_params = opt.count_params(jax.eval_shape(lambda: opt.init_params(opt.SIZES[size], jax.random.key(0))))
+    n_params = sizes.count_params(jax.eval_shape(lambda: opt.init_params(sizes.SIZES[size], jax.random.key(0))))
     for name in args.targets.split(","):
       tgt = plan.target(name)
       row = {"size": size, "target": name, "fits": False, "tried": []}

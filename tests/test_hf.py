@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 from collapse_jax.families.lm import hf
 from collapse_jax.errors import ConfigError
 from collapse_jax.families.lm import model as opt
+from collapse_jax.families.lm import sizes
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 PRELN, POSTLN = os.path.join(FIXTURES, "opt_preln"), os.path.join(FIXTURES, "opt_postln")
@@ -181,7 +182,7 @@ def test_bad_checkpoints_raise_one_line_before_compiling(tmp_path):
   with raises_before_compiling("config.json: missing field 'ffn_dim'"):
     hf.load_opt(d)
   with raises_before_compiling("unknown OPT size 'opt-66m'"):
-    opt.get_size("opt-66m")
+    sizes.get_size("opt-66m")
 
 
 def test_pytorch_bin(tmp_path):

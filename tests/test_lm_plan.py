@@ -11,6 +11,7 @@ import pytest
 from collapse_jax import loop, plan, sharding
 from collapse_jax.errors import ConfigError
 from collapse_jax.families.lm import model as opt
+from collapse_jax.families.lm import sizes
 from helpers import load_config
 
 # num_devices=0: every chip of the target (helpers.load_config's default of 1 would plan one chip of it).
@@ -35,7 +36,7 @@ def test_lm_plan_runs_from_shapes_alone(tmp_path, target):
   assert steps["decode token"]["count"] == 4 * (c.block_len - 1)
   # The scanned layers' flops come from the unrolled probes: a training step is ~3x a forward pass of its tokens
   # (counting one layer of three would give ~1.5-2x here).
-  fwd = opt.flops_per_token(loop.Experiment(cfg, sharding.make_lm_mesh(1, 2, 1)).family.model_cfg, c.block_len) / 3
+  fwd = sizes.flops_per_token(loop.Experiment(cfg, sharding.make_lm_mesh(1, 2, 1)).family.model_cfg, c.block_len) / 3
   chips = 4 if target != "local" else len(jax.devices())
   assert 2.5 < steps["train step"]["flops"] * chips / (fwd * c.batch_size * c.block_len) < 4.5
 
@@ -58,7 +59,7 @@ def test_opt125m_memory_against_a_hand_count():
   prompts, and the shared prompt prefix (64 slots per prompt, once per prompt)."""
   tgt = plan.target("local")
   fam, mem = _opt125m(tgt, 4)
-  n = opt.count_params(jax.eval_shape(lambda: opt.init_params(fam.model_cfg, jax.random.key(0))))
+  n = sizes.count_params(jax.eval_shape(lambda: opt.init_params(fam.model_cfg, jax.random.key(0))))
   assert n == 125_239_296  # HF's count for facebook/opt-125m (tied head)
   train = mem["train step"]
   batch = 2 * 128 * 64 * 4 // 8  # ids and mask, int32, split over the 8 batch shards

@@ -17,6 +17,7 @@ from collapse_jax.families.lm import loss as lm_loss
 from collapse_jax.families.lm import train as lm_train
 from collapse_jax.errors import ConfigError
 from collapse_jax.families.lm import model as opt
+from collapse_jax.families.lm import sizes
 
 V = 32
 
@@ -24,7 +25,7 @@ V = 32
 def _cfg(**kw):
   base = dict(vocab_size=V, hidden_size=32, num_heads=2, ffn_dim=64, max_position_embeddings=16, dropout=0.0,
               dtype="float32")
-  return opt.get_size("tiny", **{**base, **kw})
+  return sizes.get_size("tiny", **{**base, **kw})
 
 
 def _transitions(strength: float, skew: float = 0.0) -> np.ndarray:
@@ -314,7 +315,7 @@ def test_learns_markov_source_below_unigram_bound(dtype):
   assert h["tokens_per_s"] > 0 and h["compile_s"] > 0
   np.testing.assert_allclose(h["tokens_per_s"], 5 * train_x.size / h["seconds"])
   assert (h["mfu"] is None) if peak is None else (0 < h["mfu"] < 1 and np.isclose(
-      h["mfu"], opt.flops_per_token(cfg, train_x.shape[1]) * h["tokens_per_s"] / peak))
+      h["mfu"], sizes.flops_per_token(cfg, train_x.shape[1]) * h["tokens_per_s"] / peak))
 
 
 def test_keeps_the_epoch_best_on_validation():

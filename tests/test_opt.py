@@ -202,7 +202,7 @@ def test_layer_norm_statistics_in_float32():
 
 
 def test_init_axes_and_published_sizes():
-  cfg = opt.get_size("tiny", word_embed_proj_dim=32, do_layer_norm_before=False)
+  cfg = sizes.get_size("tiny", word_embed_proj_dim=32, do_layer_norm_before=False)
   params = opt.init_params(cfg, jax.random.key(0))
   leaves = jax.tree.leaves(params)
   assert all(a.dtype == jnp.float32 for a in leaves)
@@ -227,7 +227,7 @@ def test_flops_per_token_matches_xla_count():
   """3 x XLA's own FLOP count of one forward pass (fp32, batch 1) within 10% of flops_per_token x tokens; the
   difference is the elementwise work (softmax, LayerNorm, biases) the formula leaves out. Unrolled layers: XLA
   counts a scan's body once."""
-  cfg = opt.get_size("tiny", dtype="float32", scan_layers=False)
+  cfg = sizes.get_size("tiny", dtype="float32", scan_layers=False)
   seq = 64
   shapes = jax.eval_shape(lambda: opt.init_params(cfg, jax.random.key(0)))
   tok = jax.ShapeDtypeStruct((1, seq), jnp.int32)
@@ -246,7 +246,7 @@ def test_bad_config_and_inputs_raise_one_line():
     sizes.get_size("tiny", dtype="int8")
   with pytest.raises(ConfigError, match="num_heads"):
     sizes.get_size("tiny", num_heads=5)
-  cfg = opt.get_size("tiny")
+  cfg = sizes.get_size("tiny")
   params = jax.eval_shape(lambda: opt.init_params(cfg, jax.random.key(0)))
   with pytest.raises(ConfigError, match="mask_BxL"):
     opt.apply(cfg, params, jnp.zeros((2, 4), jnp.int32), jnp.zeros((2, 5), jnp.int32))

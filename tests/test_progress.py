@@ -18,6 +18,7 @@ from collapse_jax.families.lm import decode
 from collapse_jax.families.lm import train as lm_train
 from collapse_jax.errors import ConfigError
 from collapse_jax.families.lm import model as opt
+from collapse_jax.families.lm import sizes
 
 V = 32
 TRAIN_RE = re.compile(r"^\[lm train\] epoch (\d+)/(\d+) step (\d+)/(\d+) ")
@@ -41,7 +42,7 @@ def _counters(lines, pattern):
 
 
 def _tiny():
-  cfg = opt.get_size("tiny", vocab_size=V, hidden_size=32, num_heads=2, ffn_dim=64, max_position_embeddings=16,
+  cfg = sizes.get_size("tiny", vocab_size=V, hidden_size=32, num_heads=2, ffn_dim=64, max_position_embeddings=16,
                      dropout=0.0, dtype="float32")
   rng = np.random.default_rng(0)
   return cfg, opt.init_params(cfg, jax.random.key(0)), rng.integers(0, V, (20, 8)).astype(np.int32), \

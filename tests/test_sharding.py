@@ -11,6 +11,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 from collapse_jax import ops, sharding
 from collapse_jax.families.lm import train as lm_train
 from collapse_jax.families.lm import model as opt
+from collapse_jax.families.lm import sizes
 from tests.helpers import U32, adam_interval, check_adam, grad_bound, inside, names, token_grads
 
 
@@ -99,7 +100,7 @@ CAPTURE = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p)
 @pytest.fixture(scope="module")
 def setting():
   # Dropout on: the sharded step must draw the same masks as the single-device one.
-  cfg = opt.get_size("tiny", vocab_size=64, hidden_size=32, num_heads=2, ffn_dim=64, max_position_embeddings=16,
+  cfg = sizes.get_size("tiny", vocab_size=64, hidden_size=32, num_heads=2, ffn_dim=64, max_position_embeddings=16,
                      dropout=0.1, dtype="float32")
   params = opt.init_params(cfg, jax.random.key(0))
   blocks = lm_train.as_blocks(_markov_blocks(N_BLOCKS, L, 64, 0))

@@ -28,11 +28,12 @@ def main(argv=None):
   from collapse_jax.families.lm import decode
   from collapse_jax.families.lm import train as lm_train
   from collapse_jax.families.lm import model as opt
+  from collapse_jax.families.lm import sizes
 
   has_scan = "scan_layers" in {f.name for f in dataclasses.fields(opt.OPTConfig)}
   for scan in [bool(int(s)) for s in args.scan_layers.split(",")] if has_scan else [None]:
     over = {} if scan is None else {"scan_layers": scan}
-    cfg = opt.get_size(args.size, dtype="float32", **over)
+    cfg = sizes.get_size(args.size, dtype="float32", **over)
     params = jax.eval_shape(lambda: opt.init_params(cfg, jax.random.key(0)))
     ids = jax.ShapeDtypeStruct((1, args.batch, 64), jnp.int32)
     for what in args.what.split(","):

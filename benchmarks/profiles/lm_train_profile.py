@@ -38,7 +38,7 @@ SEQ = 64
 
 
 def import_tree(root):
-  """(lm_train, opt, sharding) of the collapse_jax package under `root`, imported fresh."""
+  """(lm_train, opt, sharding, sizes) of the collapse_jax package under `root`, imported fresh."""
   for name in [m for m in sys.modules if m == "collapse_jax" or m.startswith("collapse_jax.")]:
     del sys.modules[name]
   sys.path.insert(0, root)
@@ -46,14 +46,15 @@ def import_tree(root):
     from collapse_jax import sharding
     from collapse_jax.families.lm import train as lm_train
     from collapse_jax.families.lm import model as opt
+    from collapse_jax.families.lm import sizes
   finally:
     sys.path.remove(root)
-  return lm_train, opt, sharding
+  return lm_train, opt, sharding, sizes
 
 
 def jax_runner(mods, ids_NxL, batch, options=None):
-  lm_train, opt, sharding = mods
-  cfg = opt.get_size("tiny", **MODEL)
+  lm_train, opt, sharding, sizes = mods
+  cfg = sizes.get_size("tiny", **MODEL)
   mesh = sharding.make_lm_mesh(1, 1)
   tcfg = lm_train.TrainConfig(batch_size=batch, epochs=1000, verbose=False)
   params = opt.init_params(cfg, jax.random.key(0))
@@ -68,7 +69,7 @@ def jax_runner(mods, ids_NxL, batch, options=None):
     return float(m["loss"])
 
   run.hlo = compiled.as_text()
-  run.flops_per_token = opt.flops_per_token(cfg, SEQ)
+  run.flops_per_token = sizes.flops_per_token(cfg, SEQ)
   return run
 
 
@@ -78,7 +79,7 @@ def torch_runner(ids_NxL, batch):
     sys.path.append(_REPO)
   from benchmarks import lm_bench
   (base, overrides), _ = lm_bench.SHAPES["cpu"]
-  run, _ = lm_bench.torch_runner(lm_bench.opt.get_size(base, **overrides), ids_NxL, batch, "cpu", False,
+  run, _ = lm_bench.torch_runner(lm_bench.sizes.get_size(base, **overrides), ids_NxL, batch, "cpu", False,
                                  argparse.Namespace(threads=0))
   return run
 

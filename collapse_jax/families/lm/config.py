@@ -19,6 +19,7 @@ from collapse_jax import fields
 from collapse_jax.errors import ConfigError
 from collapse_jax.families.lm import decode
 from collapse_jax.families.lm import model as opt_model
+from collapse_jax.families.lm import sizes
 from collapse_jax.families.lm import train as lm_train
 from collapse_jax.families.lm.tokenizer import OPT_SPECIALS
 
@@ -101,14 +102,14 @@ class LMConfig:
   text_samples: int = fields.integer(lo=0)
   mesh_fsdp: int = fields.integer(lo=1)
   mesh_tensor: int = fields.integer(lo=1)
-  remat: str = fields.choice(opt_model.REMAT)
+  remat: str = fields.choice(sizes.REMAT)
   scan_layers: bool = fields.boolean()
   markov: Markov = fields.section(Markov)
   text: Text = fields.section(Text)
 
   def __post_init__(self):
-    if self.init == "scratch" and self.model not in opt_model.SIZES:
-      raise fields.bad("lm.model", f"an OPT size ({', '.join(opt_model.SIZES)}) for init='scratch'", self.model)
+    if self.init == "scratch" and self.model not in sizes.SIZES:
+      raise fields.bad("lm.model", f"an OPT size ({', '.join(sizes.SIZES)}) for init='scratch'", self.model)
     if self.decode.min_new_tokens > self.block_len:  # every block is continued by block_len new tokens
       raise fields.bad("lm.decode.min_new_tokens", f"-1 or at most config.lm.block_len={self.block_len}",
                        self.decode.min_new_tokens)
@@ -168,7 +169,7 @@ def model_config(c: LMConfig, abstract: bool = False) -> opt_model.OPTConfig:
   """The OPTConfig: an HF folder's config.json (its weights are read by data.init_params), or an OPT size with
   lm.model_overrides; the run's dtype, dropout, remat and layer scan on top."""
   run = dict(dropout=float(c.dropout), scan_layers=c.scan_layers, remat=c.remat)
-  if c.init == "hf" and not c.hf_path and not (abstract and c.model in opt_model.SIZES):
+  if c.init == "hf" and not c.hf_path and not (abstract and c.model in sizes.SIZES):
     raise fields.bad("lm.hf_path", "the local Hugging Face OPT folder for init='hf' (e.g. from `huggingface-cli "
                      "download facebook/opt-125m`)", c.hf_path)
   if c.init == "hf" and c.hf_path:
@@ -181,13 +182,13 @@ def model_config(c: LMConfig, abstract: bool = False) -> opt_model.OPTConfig:
       raise ConfigError(f"config.lm.hf_path: {path} is unreadable ({type(e).__name__})") from None
     return dataclasses.replace(mc, **run)
   if c.init == "hf":  # planning without the folder: the published size has HF's config.json's shapes
-    return opt_model.get_size(c.model, dtype=c.dtype, **run)
+    return sizes.get_size(c.model, dtype=c.dtype, **run)
   over = dict(c.model_overrides)
   if c.markov_data:  # the vocabulary is the language's plus OPT's four specials
     over["vocab_size"] = c.markov.vocab + len(OPT_SPECIALS)
   elif "vocab_size" not in over:  # from scratch on text: the tokenizer's size (a trained BPE may use fewer)
     over["vocab_size"] = {"bytes": 258, "bpe": c.text.bpe_vocab}.get(c.text.tokenizer, 50272)
   try:
-    return opt_model.get_size(c.model, dtype=c.dtype, **run, **over)
+    return sizes.get_size(c.model, dtype=c.dtype, **run, **over)
   except ConfigError as e:
     raise ConfigError(f"config.lm.model_overrides: {e}") from None

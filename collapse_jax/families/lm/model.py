@@ -41,8 +41,6 @@ from collapse_jax.errors import ConfigError
 from collapse_jax.families.lm import kv_cache
 from collapse_jax.families.lm.dense import lm_head, project
 from collapse_jax.families.lm.sizes import DTYPES, OPTConfig, validate
-# Sizing lives in sizes.py; its names stay reachable here, where the family, planner, tests and benchmarks look.
-from collapse_jax.families.lm.sizes import REMAT, SIZES, count_params, flops_per_token, get_size  # noqa: F401
 
 POS_OFFSET = 2  # OPT's position table starts 2 rows in (a fairseq padding_idx legacy)
 INIT_STD = 0.02

@@ -6,7 +6,7 @@ token), so the planner compiles single steps and counts them: a training step of
 steps per epoch, over the generation with the largest training set), an evaluation chunk of eval_batch blocks
 (validation perplexity each epoch, test perplexity, the training blocks scored by generation 0), and per decoding
 batch the prefill with the first token and one more token (max_new_tokens - 1 times). Textbook FLOPs per call
-(for the MFU) from opt.flops_per_token: training 6N + attention per token, a forward pass a third of that.
+(for the MFU) from sizes.flops_per_token: training 6N + attention per token, a forward pass a third of that.
 """
 import dataclasses
 import math
@@ -19,6 +19,7 @@ from collapse_jax.families.lm import decode
 from collapse_jax.families.lm import train as lm_train
 from collapse_jax.families.lm import kv_cache
 from collapse_jax.families.lm import model as opt_model
+from collapse_jax.families.lm import sizes
 
 
 def abstract_shared(fam) -> dict:
@@ -66,7 +67,7 @@ def _programs(fam, exp, mcfg) -> list[tuple]:
   n_train, n_valid, n_test = fam.counts
   rep, bs = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   params = jax.eval_shape(lambda: opt_model.init_params(mcfg, jax.random.PRNGKey(0)))
-  per_token = opt_model.flops_per_token(fam.model_cfg, L)
+  per_token = sizes.flops_per_token(fam.model_cfg, L)
   steps = []
 
   # Training: the largest training set of the run, its valid rows batched.
@@ -87,12 +88,12 @@ def _programs(fam, exp, mcfg) -> list[tuple]:
   # Each set is cut into chunks of its own size (lm_train.eval_chunk); the program is costed at the largest, and
   # the count is the rows evaluated in units of it.
   sets = [(n_valid, c.epochs), (n_test, 1), (rows, 1)]
-  sizes = [lm_train.eval_chunk(n, c.eval_batch, sharding.batch_shards(mesh)) for n, _ in sets]
-  E = max(sizes)
+  chunk_rows = [lm_train.eval_chunk(n, c.eval_batch, sharding.batch_shards(mesh)) for n, _ in sets]
+  E = max(chunk_rows)
   chunk = {k: jax.ShapeDtypeStruct((E, L), jnp.int32, sharding=bs) for k in ("ids", "mask")}
   evaluate = jax.jit(sharding.on_mesh(lambda p, b: lm_train.eval_step(p, b, model_cfg=mcfg), mesh),
                      out_shardings=rep)
-  chunks = math.ceil(sum(times * math.ceil(n / e) * e for (n, times), e in zip(sets, sizes)) / E)
+  chunks = math.ceil(sum(times * math.ceil(n / e) * e for (n, times), e in zip(sets, chunk_rows)) / E)
   steps.append(("eval chunk", "eval", evaluate, (_placed(params, p_sh), chunk), chunks, per_token / 3 * E * L))
 
   # Decoding: every prompt (samples.n of them, and the fixed text prompts) in batches of decode_batch.
@@ -116,7 +117,7 @@ def _programs(fam, exp, mcfg) -> list[tuple]:
                  out_shardings=state_sh)
   rows_d = D * (dcfg.num_beams if dcfg.method == "beam" else 1)
   new = dcfg.max_new_tokens
-  fwd = opt_model.flops_per_token(fam.model_cfg, L + new // 2) / 3  # a token's forward at the mean context length
+  fwd = sizes.flops_per_token(fam.model_cfg, L + new // 2) / 3  # a token's forward at the mean context length
   steps.append(("decode prefill + token 1", "decode", start, start_args, n_batches, per_token / 3 * D * L))
   steps.append(("decode token", "decode", body, (*start_args, state), n_batches * (new - 1), fwd * rows_d))
   return steps

@@ -36,6 +36,7 @@ import optax
 from collapse_jax import hardware, ops, progress, sharding
 from collapse_jax.errors import ConfigError
 from collapse_jax.families.lm import model as opt_model
+from collapse_jax.families.lm import sizes
 from collapse_jax.families.lm.loss import token_nll
 
 SHUFFLE, DROPOUT = 0, 1  # fold_in tags for the two key streams
@@ -293,7 +294,7 @@ def mfu(model_cfg, seq_len: int, tokens_per_s: float, peak: float | None) -> flo
   # matmul weight (N of them, the tied LM head included, lookups excluded) costs 2 FLOPs per token forward and 4
   # backward; attention's Q K^T and probs V add 2 * seq_len * hidden multiply-adds each per layer and token
   # forward, x3 with backward (full, not causal-halved, attention: PaLM's convention).
-  return opt_model.flops_per_token(model_cfg, seq_len) * tokens_per_s / peak
+  return sizes.flops_per_token(model_cfg, seq_len) * tokens_per_s / peak
 
 
 # --- the host-side run ----------------------------------------------------------------------------------------------
