@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from collapse_jax import plan, regimes, sharding
+from collapse_jax import ops, plan, regimes, sharding
 from collapse_jax.families.lm import decode
 from collapse_jax.families.lm import train as lm_train
 from collapse_jax.families.lm import kv_cache
@@ -85,10 +85,10 @@ def _programs(fam, exp, mcfg) -> list[tuple]:
                 c.epochs * lm_train.steps_per_epoch(rows, B), per_token * B * L))
 
   # Evaluation: validation each epoch, test once, this generation's training blocks under generation 0.
-  # Each set is cut into chunks of its own size (lm_train.eval_chunk); the program is costed at the largest, and
+  # Each set is cut into chunks of its own size (ops.chunk_size); the program is costed at the largest, and
   # the count is the rows evaluated in units of it.
   sets = [(n_valid, c.epochs), (n_test, 1), (rows, 1)]
-  chunk_rows = [lm_train.eval_chunk(n, c.eval_batch, sharding.batch_shards(mesh)) for n, _ in sets]
+  chunk_rows = [ops.chunk_size(n, c.eval_batch, sharding.batch_shards(mesh)) for n, _ in sets]
   E = max(chunk_rows)
   chunk = {k: jax.ShapeDtypeStruct((E, L), jnp.int32, sharding=bs) for k in ("ids", "mask")}
   evaluate = jax.jit(sharding.on_mesh(lambda p, b: lm_train.eval_step(p, b, model_cfg=mcfg), mesh),

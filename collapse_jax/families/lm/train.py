@@ -216,11 +216,6 @@ def train_epoch(state: TrainState, blocks: dict, epoch, *, model_cfg, tx, batch_
   return state, {"loss": jnp.sum(nll_S) / jnp.maximum(jnp.sum(tokens_S), 1.0), "tokens": jnp.sum(tokens_S)}
 
 
-def eval_chunk(n: int, eval_batch: int, shards: int) -> int:
-  """Rows per evaluation chunk of a set of n (the family's and the planner's too)."""
-  return ops.chunk_size(n, eval_batch, shards)
-
-
 def state_shardings(params, opt_state, mesh) -> "TrainState":
   """Where a TrainState lives: the parameters by their logical axes, every params-shaped optimizer subtree (Adam's
   moments) as the parameters, the step, counts and key replicated."""
@@ -233,7 +228,7 @@ def perplexity(params, blocks: dict, *, model_cfg, eval_batch: int, batch_shardi
   """Token-weighted perplexity exp(total NLL / predicted tokens) of `blocks`, in batches of `eval_batch`."""
   ids_NxL, mask_NxL = blocks["ids"], blocks["mask"]
   shards = 1 if batch_sharding is None else sharding.batch_shards(batch_sharding.mesh)
-  E = eval_chunk(ids_NxL.shape[0], eval_batch, shards)
+  E = ops.chunk_size(ids_NxL.shape[0], eval_batch, shards)
   ids_CxExL = ops.to_chunks(ids_NxL, E)
   mask_CxExL = ops.to_chunks(mask_NxL, E)  # padded rows carry mask 0: they count for nothing
 
