@@ -36,6 +36,21 @@ _HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
 
 
+# `collapse-jax COMMAND ...`: commands beside running an experiment, each a module with main(argv) -> exit status
+# and its own argparse help.
+COMMANDS = {"report": ("collapse_jax.report", "compare finished or running workdirs: figures and a table"),
+            "export": ("collapse_jax.families.lm.export", "write an LM generation's model as a Hugging Face folder")}
+
+
+def command(argv: list[str]) -> int | None:
+  """Runs `collapse-jax COMMAND ...` if argv names one, returning its exit status; None otherwise."""
+  if len(argv) < 2 or argv[1] not in COMMANDS:
+    return None
+  import importlib
+  with one_line_errors():
+    return importlib.import_module(COMMANDS[argv[1]][0]).main(argv[2:])
+
+
 def fail(msg: str):
   print(f"error: {msg}", file=sys.stderr)
   sys.exit(2)
@@ -117,6 +132,8 @@ def help_text() -> str:
     lines.append(f"  {name:<{width}}  {summary}")
     if variants:
       lines.append(f"  {'':<{width}}  variants: {', '.join(variants)}")
+  lines += ["", "commands (collapse-jax COMMAND --help for each):"]
+  lines += [f"  {name:<{width}}  {what}" for name, (_, what) in COMMANDS.items()]
   lines += [""] + ([_flag_help(run_module, "flags:"), ""] if run_module else [])
   lines += [_flag_help(__name__, "cluster flags (several processes, one run):"), "",
             "--helpfull lists every flag, absl's included."]

@@ -56,6 +56,13 @@ class Family:
   vmap_chains: bool = True
   # Per-generation metrics the family reports, in the order they are plotted.
   metric_names: tuple[str, ...] = ()
+  # What a reader looks at first, most telling first: the summary's table (summary.md), the report's figures, and
+  # the first one is shown on each generation's progress line.
+  headline: tuple[str, ...] = ()
+  # Metric -> what it is, in a few words: figure titles, the summary's and the report's tables (else its name).
+  titles: dict[str, str] = {}
+  # Related metrics drawn on one panel: (panel title, metrics); a metric in no group gets a panel of its own.
+  groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
   # Plan mode (plan.py): the compute dtype whose published FLOP rate the roofline uses, and what a refusal of a
   # run too large for its chips suggests.
   dtype: str = "bfloat16"
@@ -127,6 +134,15 @@ class Family:
     """Family-specific figures into workdir/plots/: metrics {name: {stat: [G]}}, arrays {name: [G, ...]} (the
     non-scalar metrics, chain 0), snapshots {generation: chain 0's first snapshot_size samples}. Default: none
     (the loop draws every metric's bands itself)."""
+
+  def array_edges(self) -> dict:
+    """{array metric: its bin edges} for histogram-like array metrics (written beside them in arrays.npz, so a
+    reader such as the report draws them without the family). Default: none."""
+    return {}
+
+  def texts(self, arrays: dict, g: int) -> dict[str, str]:
+    """{name: text} of generation g for text summaries (TensorBoard), from the array metrics. Default: none."""
+    return {}
 
   # --- plan mode (plan.py) ---------------------------------------------------------------------------------------
   def step_programs(self, exp) -> list:

@@ -338,15 +338,17 @@ class _MetricsFile:
 
   def __init__(self, workdir, exp):
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self.stats = exp.stats
+    self.stats, self.n_chains = exp.stats, exp.n_chains
     self.sizes = regimes.train_sizes(exp.spec, exp.counts)  # valid training rows, not M_g: accumulating regimes
 
   def sync(self, history, upto):
-    metrics_lib.sync_jsonl(self.path, metrics_lib.jsonl_lines(history["metrics"], self.stats, 0, upto, self.sizes))
+    metrics_lib.sync_jsonl(self.path, metrics_lib.jsonl_lines(history["metrics"], self.stats, 0, upto, self.sizes,
+                                                               self.n_chains))
 
   def append(self, history, start, stop):
     # One write of whole lines; a kill mid-write can tear the last one, which the next run's sync repairs.
-    paths.append_text(self.path, metrics_lib.jsonl_lines(history["metrics"], self.stats, start, stop, self.sizes))
+    paths.append_text(self.path, metrics_lib.jsonl_lines(history["metrics"], self.stats, start, stop, self.sizes,
+                                                              self.n_chains))
 
 
 def make_plots(workdir, exp, history):

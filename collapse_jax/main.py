@@ -3,6 +3,8 @@
 (also python -m collapse_jax.main ...). `collapse-jax --help` lists the flags and the experiments; cli.py holds
 the command line's help, names, cluster start-up and one-line errors.
 """
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -47,6 +49,9 @@ def main(argv):
 
 
 def run():
+  status = cli.command(sys.argv)
+  if status is not None:
+    sys.exit(status)
   app.run(main, flags_parser=cli.parse_flags)
 
 

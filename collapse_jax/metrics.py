@@ -34,16 +34,21 @@ def aggregate(metrics_C: dict, n_chains: int, quantiles) -> tuple[dict, dict]:
   return scalars, arrays
 
 
-def jsonl_lines(history: dict, stats: tuple[str, ...], start: int, stop: int, counts: list[int]) -> str:
-  """The metrics.jsonl text of generations start..stop-1: complete lines, each ending in a newline."""
+def jsonl_lines(history: dict, stats: tuple[str, ...], start: int, stop: int, counts: list[int],
+                n_chains: int) -> str:
+  """The metrics.jsonl text of generations start..stop-1: complete lines, each ending in a newline. One chain:
+  `name: value` (its mean; std and quantiles of one value say nothing); several: `name/stat` for every stat."""
   # tolist() once per metric, not float() per value: the same Python floats, a fraction of the time.
   rows = {name: table[start:stop].tolist() for name, table in history.items()}
   lines = []
   for j, g in enumerate(range(start, stop)):
     row = {"generation": g, "train_samples": counts[g]}
     for name, table in rows.items():
-      for i, s in enumerate(stats):
-        row[f"{name}/{s}"] = table[j][i]
+      if n_chains == 1:
+        row[name] = table[j][0]
+      else:
+        for i, s in enumerate(stats):
+          row[f"{name}/{s}"] = table[j][i]
     lines.append(json.dumps(row) + "\n")
   return "".join(lines)
 
@@ -61,6 +66,18 @@ def sync_jsonl(path: str, text: str) -> None:
 
 def read_jsonl(path: str) -> list[dict]:
   return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
+
+
+def series(rows: list[dict]) -> dict[str, dict[str, np.ndarray]]:
+  """metrics.jsonl rows as {metric: {stat: values per generation}}, the one reader of both forms: a one-chain
+  run's `name: value` becomes {"mean": ...}; `name/stat` keys give every stat. `generation` and `train_samples`
+  come back as {"mean": ...} too. Rows must be consecutive generations from 0 (metrics.jsonl always is)."""
+  out: dict[str, dict[str, list]] = {}
+  for row in rows:
+    for key, value in row.items():
+      name, _, stat = key.partition("/")
+      out.setdefault(name, {}).setdefault(stat or "mean", []).append(value)
+  return {name: {s: np.asarray(v, np.float64) for s, v in st.items()} for name, st in out.items()}
 
 
 def to_host(tree):

@@ -44,9 +44,24 @@ def test_metrics_jsonl_and_config_written(tmp_path):
   # The same float32 value through JSON (repr round-trips): equal; approx's default rel 1e-6 is 8 float32 ulps.
   assert rows[5]["var_ratio/mean"] == pytest.approx(float(hist["metrics"]["var_ratio"][5, 0]))
   assert rows[0]["train_samples"] == 100
+  assert set(rows[0]) == {"generation", "train_samples"} | {f"{m}/{s}" for m in hist["metrics"] for s in
+                                                             ("mean", "std", "q05", "q25", "q50", "q75", "q95")}
   with open(os.path.join(wd, "config.json")) as fh:
     assert json.load(fh)["chains"] == 13
   assert os.path.exists(os.path.join(wd, "plots", "gaussian_metrics.png"))
+
+
+def test_one_chain_writes_one_value_per_metric(tmp_path):
+  """With one chain, std and quantiles say nothing: metrics.jsonl holds `name: value`, and metrics.series reads
+  both forms into the same {metric: {stat: values}}."""
+  wd = str(tmp_path / "run")
+  hist = loop.run(_gauss(chains=1, plots=False), wd)
+  rows = _jsonl(wd)
+  assert set(rows[0]) == {"generation", "train_samples", *hist["metrics"]}
+  assert rows[3]["var_ratio"] == pytest.approx(float(hist["metrics"]["var_ratio"][3, 0]))
+  got = metrics_lib.series(rows)
+  np.testing.assert_array_equal(got["var_ratio"]["mean"], hist["metrics"]["var_ratio"][:, 0])
+  assert list(got["var_ratio"]) == ["mean"]
 
 
 def test_interrupted_in_process_equals_uninterrupted(tmp_path):

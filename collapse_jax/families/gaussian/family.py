@@ -51,6 +51,11 @@ class GaussianFamily(family.Family):
   name = "gaussian"
   Config = Config
   metric_names = ("var_ratio", "std_abs_err", "mean_abs_err", "w2", "cov_frob_err")
+  headline = ("var_ratio", "w2")
+  titles = {"var_ratio": "fitted variance / true variance", "std_abs_err": "|fitted std - true std|",
+            "mean_abs_err": "|fitted mean - true mean|", "w2": "Wasserstein-2 distance to the truth",
+            "cov_frob_err": "covariance error (Frobenius)"}
+  groups = (("absolute errors", ("std_abs_err", "mean_abs_err")),)
 
   @classmethod
   def check(cls, run, c) -> None:

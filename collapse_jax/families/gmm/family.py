@@ -38,6 +38,13 @@ class GMMFamily(family.Family):
   Config = Config
   metric_names = ("l2_to_gen0", "mixture_std", "comp_std_min", "comp_std_max", "heldout_loglik", "l2_to_true",
                   "em_iters")
+  headline = ("mixture_std", "l2_to_gen0", "heldout_loglik")
+  titles = {"l2_to_gen0": "L2 distance to generation 0's density", "mixture_std": "mixture's standard deviation",
+            "comp_std_min": "smallest component std", "comp_std_max": "largest component std",
+            "heldout_loglik": "log-likelihood of held-out real data", "l2_to_true": "L2 distance to the true density",
+            "em_iters": "EM iterations"}
+  groups = (("L2 distance between densities", ("l2_to_gen0", "l2_to_true")),
+            ("standard deviations", ("mixture_std", "comp_std_min", "comp_std_max")))
 
   @classmethod
   def check(cls, run, c) -> None:

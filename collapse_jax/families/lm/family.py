@@ -32,6 +32,7 @@ real test prompts (lm.text_samples) continued by each generation, written to wor
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from collapse_jax import family, ops, sharding
 from collapse_jax.errors import ConfigError
@@ -52,6 +53,25 @@ class LMFamily(family.Family):
   name = "lm"
   Config = lm_config.LMConfig
   vmap_chains = False
+  headline = ("test_ppl", "data_ppl0_mean", "data_ppl0_q95")
+  titles = {"test_ppl": "real test perplexity", "data_ppl0_mean": "training data's perplexity under gen 0 (mean)",
+            "data_ppl0_q50": "training data's perplexity under gen 0 (median)",
+            "data_ppl0_q95": "training data's perplexity under gen 0 (95th pct)",
+            "data_ppl0_q05": "training data's perplexity under gen 0 (5th pct)",
+            "valid_ppl": "validation perplexity (kept epoch)", "train_loss": "training loss (last epoch)",
+            "best_epoch": "epoch kept (best on validation)", "gen_distinct_2": "distinct bigrams / all (new text)",
+            "gen_distinct_4": "distinct 4-grams / all (new text)", "gen_rep_2": "repeated bigrams in a block",
+            "gen_rep_4": "repeated 4-grams in a block", "test_kl": "KL(source || model) per token",
+            "gen_true_loglik": "true log-likelihood per new token", "gen_impossible": "impossible bigrams (share)",
+            "gen_tail_token_frac": "tail tokens' mass kept", "gen_tail_bigram_frac": "tail bigrams' mass kept",
+            "gen_token_mass": "token mass kept", "gen_bigram_mass": "bigram mass kept"}
+  groups = (("perplexity on real data", ("test_ppl", "valid_ppl")),
+            ("training data's perplexity under generation 0", ("data_ppl0_q05", "data_ppl0_q50", "data_ppl0_mean",
+                                                                "data_ppl0_q95")),
+            ("distinct n-grams / all (new text)", ("gen_distinct_2", "gen_distinct_4")),
+            ("repeated n-grams in a block (new text)", ("gen_rep_2", "gen_rep_4")),
+            ("source mass the new text keeps", ("gen_token_mass", "gen_bigram_mass", "gen_tail_token_frac",
+                                                "gen_tail_bigram_frac")))
 
   # --- config and placement -------------------------------------------------------------------------------------
   @classmethod
@@ -236,6 +256,16 @@ class LMFamily(family.Family):
     if self.markov:
       return " ".join(str(int(i)) for i in ids)
     return self.blocks["tokenizer"].decode(ids)
+
+  def array_edges(self):
+    return {"data_logppl0_hist": np.linspace(0.0, self.log_ppl_range(), HIST_BINS + 1)}
+
+  def texts(self, arrays, g):
+    conts = arrays.get("text_continuations")
+    if conts is None or not conts.size:
+      return {}
+    return {f"sample_{i}": f"{self._text(p)} ⟶ {self._text(r)}" for i, (p, r) in
+            enumerate(zip(self.blocks["prompts"], conts[g]))}
 
   def plot(self, workdir, metrics, arrays, snapshots):
     conts = arrays.get("text_continuations")

@@ -74,6 +74,13 @@ class VAEFamily(family.Family):
   Config = Config
   vmap_chains = False
   metric_names = ("latent_std", "latent_mean", "test_elbo", "test_recon", "test_kl", "train_loss")
+  headline = ("latent_std", "test_elbo")
+  titles = {"latent_std": "std of samples in generation 0's latent space",
+            "latent_mean": "mean of samples in generation 0's latent space", "test_elbo": "real test ELBO",
+            "test_recon": "real test reconstruction loss", "test_kl": "real test KL term",
+            "train_loss": "training loss (last epoch)"}
+  groups = (("generation 0's latent view of the samples", ("latent_std", "latent_mean")),
+            ("real test loss terms", ("test_recon", "test_kl")))
 
   @classmethod
   def check(cls, run, c) -> None:
