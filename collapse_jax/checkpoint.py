@@ -15,6 +15,7 @@ from the save before it. (Checked by resumes from checkpoints whose save ran alo
 donated the carry, ending bit-identical to uninterrupted runs: test_loop's corrupt-checkpoint test, packed carry;
 test_vae's SIGKILL test, a carry saved as it is.)
 """
+import json
 import os
 
 import jax
@@ -39,10 +40,11 @@ class Checkpoints:
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state) -> None:
-    """Start saving `state` as `step` (after the previous save has landed); returns before it is on disk."""
+  def save(self, step: int, state, meta: dict | None = None) -> None:
+    """Start saving `state` as `step` (after the previous save has landed); returns before it is on disk. `meta`:
+    a small JSON dict kept with the step (the loop's: the history's length), given back to restore_latest."""
     self.wait()  # Orbax would wait too; waiting here first makes a failed earlier save raise before a new one
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    self._manager.save(step, args=ocp.args.StandardSave(state), force=True, custom_metadata=meta)
 
   def busy(self) -> bool:
     """A save is still being written."""
@@ -57,14 +59,16 @@ class Checkpoints:
     """(step, state) of the newest readable checkpoint, or (None, None) where there is none.
 
     `abstract_state` gives shapes, dtypes and shardings (jax.ShapeDtypeStruct leaves), so arrays come back
-    already laid out on this run's mesh, whatever mesh wrote them. Unreadable steps newer than the one restored
+    already laid out on this run's mesh, whatever mesh wrote them; or it is a function of the step's `meta`
+    ({} where none was saved) that gives them (the loop's history is as long as the run that saved it). Unreadable steps newer than the one restored
     are moved aside to checkpoints/unreadable-<step>/ (kept for inspection, never deleted) so that the run can
     write those steps again.
     """
     bad = []
     for step in reversed(self.steps()):
       try:
-        state, why = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state)), None
+        like = abstract_state(self.meta(step)) if callable(abstract_state) else abstract_state
+        state, why = self._manager.restore(step, args=ocp.args.StandardRestore(like)), None
       except Exception as e:  # Orbax/tensorstore raise many types for unreadable files; all mean "skip it".
         lines = [l for l in str(e).strip().splitlines() if l.strip()]
         why = (lines[0][:200] if lines else type(e).__name__)
@@ -82,6 +86,15 @@ class Checkpoints:
       _, path, why = bad[0]
       raise ConfigError(f"no readable checkpoint in {self.directory}: the newest, {path}, failed with: {why}")
     return None, None
+
+  def meta(self, step: int) -> dict:
+    """The `meta` dict saved with `step` ({} where none was). Read from the step's metadata file itself: the
+    manager's metadata() also probes the items and logs a warning for each it is not told how to restore."""
+    try:
+      meta = json.loads(paths.read_text(os.path.join(self.directory, str(step), "_CHECKPOINT_METADATA")))
+      return dict(meta.get("custom_metadata") or {})
+    except (OSError, ValueError, AttributeError):  # no or unreadable metadata: the restore decides about the step
+      return {}
 
   def _set_aside(self, bad) -> None:
     if not bad:

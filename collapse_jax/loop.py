@@ -25,14 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax import checkpoint, family as family_lib, metrics as metrics_lib, paths, plots, progress, regimes
-from collapse_jax import registry, sharding
+from collapse_jax import checkpoint, family as family_lib, metrics as metrics_lib, outputs, paths, progress, regimes
+from collapse_jax import registry, resume, sharding, summary, tables
 from collapse_jax.errors import ConfigError, NonFiniteError
-
-# Fields that may change between a run and its resumption without changing any result.
-_RESUMABLE_CHANGES = {"plots", "num_devices", "keep_checkpoints", "checkpoint_every", "checkpoint_min_seconds",
-                      "chain_batch"}
-
 
 class Experiment:
   """Everything static about one run, settled at construction: the typed config, the family and its mesh, the
@@ -186,27 +181,6 @@ class Experiment:
     return self._chunk
 
 
-def _config_diff(old: dict, new: dict, prefix="") -> list[str]:
-  out = []
-  for k in sorted(set(old) | set(new)):
-    a, b = old.get(k), new.get(k)
-    if isinstance(a, dict) and isinstance(b, dict):
-      out += _config_diff(a, b, f"{prefix}{k}.")
-    elif a != b and f"{prefix}{k}" not in _RESUMABLE_CHANGES:
-      out.append(f"config.{prefix}{k} ({a!r} -> {b!r})")
-  return out
-
-
-def _check_resumable(workdir: str, cfg_json: dict, has_checkpoints: bool) -> None:
-  path = os.path.join(workdir, "config.json")
-  if not (has_checkpoints and paths.exists(path)):
-    return
-  old = json.loads(paths.read_text(path))
-  diff = _config_diff(old, cfg_json)
-  if diff:
-    raise ConfigError(f"workdir {workdir} holds a run with another config: {', '.join(diff)}; use a new --workdir")
-
-
 def _pace(rate: float, remaining: int) -> str:
   """Progress after the first chunk: generations per second, or seconds per generation for slow families (VAE,
   LM: minutes per generation), and the ETA."""
@@ -215,7 +189,7 @@ def _pace(rate: float, remaining: int) -> str:
 
 
 def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment: Experiment | None = None) -> dict:
-  """Run (or resume) the experiment in `workdir`; returns the host-side history.
+  """Run (or resume, or extend) the experiment in `workdir`; returns the host-side history.
 
   `stop_after` ends the run early after the chunk that reaches that generation (tests use it to interrupt).
   `experiment`: an Experiment of this same config whose compiled chunk is reused (several workdirs of one
@@ -225,45 +199,71 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
   if experiment is not None and experiment.cfg.to_json_best_effort() != cfg.to_json_best_effort():
     raise ValueError("run(experiment=...) must be an Experiment of the same config")
   exp = experiment or Experiment(cfg, mesh)
-  fam, run_cfg = exp.family, exp.run
+  run_cfg = exp.run
   G = run_cfg.generations
   cfg_json = json.loads(cfg.to_json_best_effort())
   ckpts = checkpoint.Checkpoints(workdir, run_cfg.keep_checkpoints)
-  _check_resumable(workdir, cfg_json, bool(ckpts.steps()))
-  if jax.process_index() == 0:  # on multi-host runs one process writes the host-side files; Orbax does the rest
+  held = resume.check(workdir, cfg_json, bool(ckpts.steps()), exp)
+  host0 = jax.process_index() == 0  # on multi-host runs one process writes the host-side files; Orbax the rest
+  if host0:
     paths.write_atomic(os.path.join(workdir, "config.json"), json.dumps(cfg_json, indent=2, sort_keys=True))
 
   shared = jax.device_put(exp.data.shared, exp.shared_shardings)
   chunk = exp.chunk_fn()
   ys_shape = jax.eval_shape(chunk, exp.carry_abstract, np.zeros((1,), np.int32), exp.shared_abstract)[1]
-  history = {
-      "metrics": {k: np.zeros((G,) + v.shape[1:], np.float32) for k, v in ys_shape[0].items()},
-      "arrays": {k: np.zeros((G,) + v.shape[1:], v.dtype) for k, v in ys_shape[1].items()},
-      "snapshots": np.zeros((len(exp.snap_gens),) + ys_shape[2].shape[1:], ys_shape[2].dtype),
-      "next_gen": np.zeros((), np.int64),
-  }
+  history = resume.history(exp, ys_shape, G)
+
+  def stored(meta):  # each checkpoint's history is as long as the run that saved it (resume.py)
+    n = int(meta.get("generations", held or G))
+    return {"carry": exp.stored_carry_abstract(), "history": checkpoint.pack_host(resume.history(exp, ys_shape, n))}
+
   # Restore before compiling anything, so an unreadable workdir costs no compile time.
-  step, restored = ckpts.restore_latest({"carry": exp.stored_carry_abstract(),
-                                         "history": checkpoint.pack_host(history)})
+  step, restored = ckpts.restore_latest(stored)
   if restored is not None:
     carry = exp.load_carry(restored["carry"])
-    history = checkpoint.unpack_host(restored["history"], history)
-    print(f"resuming {workdir} at generation {step}/{G}", flush=True)
+    n = int(ckpts.meta(step).get("generations", held or G))
+    history = resume.grow(checkpoint.unpack_host(restored["history"], resume.history(exp, ys_shape, n)), exp, n,
+                          history)
+    print(f"resuming {workdir} at generation {step}/{G}" + (f" (extending its {n})" if n < G else ""), flush=True)
   start = int(history["next_gen"])
-  jsonl = _MetricsFile(workdir, exp) if jax.process_index() == 0 else None
-  if jsonl:  # the file may hold lines past the checkpoint, miss some, or end in a torn line: the checkpoint rules
-    jsonl.sync(history, start)
-  if start >= G:
-    print(f"{workdir} already holds a finished run of {G} generations; nothing to do", flush=True)
-    ckpts.close()
-    return history
-  if restored is None:
-    carry = exp.init_carry(shared)
+  out = outputs.Outputs(workdir, exp) if host0 else None
+  try:
+    if out:
+      out.sync(history, start)
+    if start >= G:
+      if out and out.missing(G):  # killed while writing them, or deleted: rebuilt from the restored history
+        out.write(history, G, wait=True)
+      _finish(out, history, G, f"{workdir} already holds a finished run of {G} generations; nothing to run")
+      return history
+    if restored is None:
+      carry = exp.init_carry(shared)
+    done = _generations(exp, workdir, chunk, carry, shared, history, start, ckpts, out, stop_after)
+  finally:
+    ckpts.close()  # every exit, the errors included, awaits the save in flight
+    if out:
+      out.close()
+  _finish(out, history, done, None)
+  return history
 
-  L = run_cfg.checkpoint_every
+
+def _finish(out, history, done: int, note: str | None) -> None:
+  if out is None:
+    return
+  if note:
+    print(note, flush=True)
+  print(out.summary(history, done), end="", flush=True)
+
+
+def _generations(exp, workdir, chunk, carry, shared, history, start, ckpts, out, stop_after) -> int:
+  """Runs chunks from `start` until the run ends or `stop_after`; returns the generations done."""
+  fam, run_cfg = exp.family, exp.run
+  G, L = run_cfg.generations, run_cfg.checkpoint_every
+  meta = {"generations": G}
   t0, done_since = time.time(), 0
   t_first, last_save, saved = None, None, start  # saved: the newest checkpoint's step (the resume point)
-  try:  # every exit, the errors included, awaits the save in flight (Checkpoints.close)
+  print(f"[{fam.name}] compiling the generation loop ({min(L, G - start)} generations per chunk, "
+        f"{exp.mesh.devices.size} device{'s' if exp.mesh.devices.size > 1 else ''}) ...", flush=True)
+  with progress.compile_clock() as compiled:
     for s in range(start, G, L):
       e = min(s + L, G)
       carry, (scalars, arrays, snap) = chunk(carry, np.arange(s, e, dtype=np.int32), shared)
@@ -283,29 +283,35 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
           history["snapshots"][i] = snap[g - s]
       history["next_gen"] = np.asarray(e, np.int64)
       stop = e >= G or (stop_after is not None and e >= stop_after)
-      if stop or _save_due(run_cfg.checkpoint_min_seconds, last_save, ckpts):
+      saving = stop or _save_due(run_cfg.checkpoint_min_seconds, last_save, ckpts)
+      if saving:
         last_save, saved = time.monotonic(), e
         # Returns once the state is off the device and copied (checkpoint.py), so the next chunk can donate the
         # carry and this loop can fill the history while the files are written.
-        ckpts.save(e, {"carry": exp.store_carry(carry), "history": checkpoint.pack_host(history)})
-      if jsonl:  # may land before the checkpoint: a resume from an older one truncates the file (jsonl.sync)
-        jsonl.append(history, s, e)
+        ckpts.save(e, {"carry": exp.store_carry(carry), "history": checkpoint.pack_host(history)}, meta)
+      if out:  # metrics.jsonl may land before the checkpoint: a resume from an older one truncates it (sync)
+        out.append(history, s, e)
       now = time.time()
       if t_first is None:  # the first chunk includes compilation; the rate is measured after it
         t_first, done_since = now, 0
-        rate_txt = f"first chunk (with compile) {now - t0:.1f}s"
+        rate_txt = f"first chunk {now - t0:.1f}s, compiling {compiled[0]:.1f}s of it"
       else:
         done_since += e - s
-        rate = done_since / (now - t_first)
-        rate_txt = _pace(rate, G - e)
-      print(f"[{fam.name}] generation {e}/{G} ({100 * e / G:.0f}%)  {rate_txt}", flush=True)
-      if stop_after is not None and e >= stop_after:
-        return history
-  finally:
-    ckpts.close()
-  if run_cfg.plots and jax.process_index() == 0:
-    make_plots(workdir, exp, history)
-  return history
+        rate_txt = _pace(done_since / (now - t_first), G - e)
+      print(f"[{fam.name}] generation {e}/{G} ({100 * e / G:.0f}%)  {_headline(fam, history, e - 1)}{rate_txt}",
+            flush=True)
+      if out and saving:  # figures and the rest: up to the checkpoint just saved (all of them when the run stops)
+        out.write(history, e, wait=stop)
+      if stop:
+        return e
+  return G
+
+
+def _headline(fam, history, g: int) -> str:
+  name = next((m for m in fam.headline if m in history["metrics"]), None)
+  if name is None:
+    return ""
+  return f"{name} {tables.fmt(summary.headline_value(history['metrics'], name, g))}  "
 
 
 def _save_due(min_seconds: float, last_save: float | None, ckpts) -> bool:
@@ -331,29 +337,3 @@ def _first_non_finite(scalars: dict, arrays: dict, start: int):
       if found is None or g < found[0]:
         found = (g, name)
   return found
-
-
-class _MetricsFile:
-  """metrics.jsonl of one run: appended per chunk, resynchronised with the checkpoint at start (metrics.py)."""
-
-  def __init__(self, workdir, exp):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.stats, self.n_chains = exp.stats, exp.n_chains
-    self.sizes = regimes.train_sizes(exp.spec, exp.counts)  # valid training rows, not M_g: accumulating regimes
-
-  def sync(self, history, upto):
-    metrics_lib.sync_jsonl(self.path, metrics_lib.jsonl_lines(history["metrics"], self.stats, 0, upto, self.sizes,
-                                                               self.n_chains))
-
-  def append(self, history, start, stop):
-    # One write of whole lines; a kill mid-write can tear the last one, which the next run's sync repairs.
-    paths.append_text(self.path, metrics_lib.jsonl_lines(history["metrics"], self.stats, start, stop, self.sizes,
-                                                              self.n_chains))
-
-
-def make_plots(workdir, exp, history):
-  by_stat = {k: {s: v[:, i] for i, s in enumerate(exp.stats)} for k, v in history["metrics"].items()}
-  snaps = {g: history["snapshots"][i] for i, g in enumerate(exp.snap_gens)}
-  paths.makedirs(os.path.join(workdir, "plots"))
-  plots.metric_bands(workdir, exp.family.name, by_stat, exp.family.metric_names, exp.run.chains)
-  exp.family.plot(workdir, by_stat, history["arrays"], snaps)

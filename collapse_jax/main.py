@@ -1,8 +1,6 @@
-"""Entry point: collapse-jax --config=NAME[:ARG] --workdir=DIR [--config.FIELD=VALUE ...]
-
-(also python -m collapse_jax.main ...). `collapse-jax --help` lists the flags and the experiments; cli.py holds
-the command line's help, names, cluster start-up and one-line errors.
-"""
+"""Entry point: collapse-jax --config=NAME[:ARG] --workdir=DIR [--config.FIELD=VALUE ...] (or python -m
+collapse_jax.main ...). --help lists flags, experiments and commands; cli.py holds help, commands, cluster start-up
+and one-line errors."""
 import sys
 
 from absl import app, flags, logging
@@ -13,8 +11,7 @@ from collapse_jax import cli
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment: NAME[:ARG] (e.g. gmm:quick; --help lists them) or a config file PATH[:ARG] "
     "(e.g. configs/gmm.py:quick); fields are overridden by --config.FIELD=VALUE.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory, local or gs://bucket/path: config.json, "
-                               "metrics.jsonl, checkpoints/, plots/.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory, local or gs://bucket/path (summary.md lists its files).")
 _CPU_THREADS = flags.DEFINE_integer("cpu_threads", 0, "Cores for XLA's CPU compute (0: all). 1 speeds up runs of "
                                     "many tiny ops on a CPU, e.g. the single-chain GMM; results are unchanged.",
                                     lower_bound=0)
@@ -24,6 +21,8 @@ _PLAN = flags.DEFINE_string("plan", None, "Run nothing: compile the run's progra
                             "fit is refused (exit 2). Needs libtpu for TPUs.")
 _PLAN_OUT = flags.DEFINE_string("plan_out", None, "With --plan: where the JSON report goes (default: "
                                 "<workdir>/plan.json with --workdir, else stdout).")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Run nothing: print the resolved config (the file with "
+                                  "its variants and every --config.FIELD override) as JSON, then exit.")
 
 
 def main(argv):
@@ -31,6 +30,8 @@ def main(argv):
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if _PLAN_OUT.value and not _PLAN.value:
     cli.fail("--plan_out is only used with --plan")
+  if _PRINT_CONFIG.value:
+    return print(_CONFIG.value.to_json_best_effort(indent=2, sort_keys=True))
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; the loop prints its own progress
   cli.start_distributed()

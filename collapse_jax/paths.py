@@ -150,21 +150,16 @@ def _format(path: str) -> str:
 
 
 def savefig(fig, path: str, **kwargs) -> None:
-  """fig.savefig(path), for gs:// through an in-memory buffer."""
-  if not is_remote(path):
-    fig.savefig(path, **kwargs)
-    return
+  """fig.savefig(path), atomically (through an in-memory buffer): a figure is rewritten as a run goes, and a kill
+  mid-write must leave the previous one."""
   buf = io.BytesIO()
   fig.savefig(buf, format=_format(path), **kwargs)
   write_atomic(path, buf.getvalue())
 
 
 def imsave(path: str, arr, **kwargs) -> None:
-  """matplotlib's plt.imsave(path, arr), for gs:// through an in-memory buffer."""
+  """matplotlib's plt.imsave(path, arr), atomically like savefig."""
   import matplotlib.pyplot as plt
-  if not is_remote(path):
-    plt.imsave(path, arr, **kwargs)
-    return
   buf = io.BytesIO()
   plt.imsave(buf, arr, format=_format(path), **kwargs)
   write_atomic(path, buf.getvalue())

@@ -158,6 +158,27 @@ def _on_report(st: _Static, step, steps, epoch, tag, shows, amounts) -> None:
     SINK("  ".join(parts))
 
 
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+@contextlib.contextmanager
+def compile_clock():
+  """Seconds JAX spends tracing, lowering and compiling inside the block (its monitoring events), as a
+  one-element list filled in as they come: the loop's 'compiled in' line without changing how it compiles."""
+  spent = [0.0]
+
+  def listen(event, duration, **_):
+    if event in _COMPILE_EVENTS:
+      spent[0] += duration
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield spent
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
 @contextlib.contextmanager
 def every(seconds: float):
   """EVERY_S set for a block (tests); runs seen so far are forgotten on entry."""
