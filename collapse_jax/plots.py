@@ -37,6 +37,16 @@ def generation_axis(ax) -> None:
 
 def metric_bands(workdir: str, name: str, by_stat: dict, order, n_chains: int, overlays: dict | None = None,
                  filename: str | None = None, titles: dict | None = None, groups=()) -> str:
+  """bands_figure written to workdir/plots/<filename or NAME_metrics.png>; returns its path."""
+  fig = bands_figure(name, by_stat, order, n_chains, overlays, titles, groups)
+  path = os.path.join(workdir, "plots", filename or f"{name}_metrics.png")
+  paths.savefig(fig, path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def bands_figure(name: str, by_stat: dict, order, n_chains: int, overlays: dict | None = None,
+                 titles: dict | None = None, groups=()):
   """One panel per metric or group of metrics: the median (one chain: the value), 25-75% and 5-95% bands over
   chains (the paper's style). `overlays` {metric: (label, values per generation)} draws a reference curve
   (e.g. theory) on that metric's panel."""
@@ -68,7 +78,4 @@ def metric_bands(workdir: str, name: str, by_stat: dict, order, n_chains: int, o
     ax.axis("off")
   how = ("median over chains, bands 25-75% and 5-95%" if n_chains > 1 else "one chain")
   fig.suptitle(f"{name}: {n_chains} chain{'s' if n_chains > 1 else ''} ({how})", fontsize=11)
-  path = os.path.join(workdir, "plots", filename or f"{name}_metrics.png")
-  paths.savefig(fig, path, dpi=110)
-  plt.close(fig)
-  return path
+  return fig

@@ -21,7 +21,7 @@ MUTANTS = [
     Mutant(name="paths_gs_rename_keeps_the_source", file=PATHS, old="  for f in files:\n    f.unlink()",
            new="  for f in files:\n    pass", tests=(f"{_T}test_write_append_read_list_rename_remove",),
            why="an unreadable checkpoint set aside on gs:// is still found as a step"),
-    Mutant(name="paths_plots_dir_bypasses_the_layer", file=LOOP,
+    Mutant(name="paths_plots_dir_bypasses_the_layer", file="collapse_jax/outputs.py",
            old='paths.makedirs(os.path.join(workdir, "plots"))',
            new='os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)',
            tests=(f"{_T}test_run_files_go_through_the_path_layer",),
