@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from collapse_jax import loop, metrics as metrics_lib, plots, tables
+from collapse_jax import loop, metrics as metrics_lib, outputs, plots, tables
 from collapse_jax.errors import ConfigError
 from tests.helpers import REPO, cli, load_config
 
@@ -75,6 +75,20 @@ def test_outputs_follow_the_saved_chunks_of_a_stopped_run(tmp_path):
     summary = fh.read()
   assert "stopped after 4 of 10 generations" in summary
   assert _table(summary)["gens"] == ["0", "1", "2", "3"]
+
+
+def test_the_background_drawing_gets_a_copy_of_the_generations_saved():
+  """The figures are drawn on another thread while the loop fills the history with the next chunks: they must
+  read a copy of the generations saved, unaffected by what the loop writes afterwards."""
+  history = {"metrics": {"m": np.arange(10.0)[:, None]}, "arrays": {"h": np.arange(20.0).reshape(10, 2)},
+             "snapshots": np.arange(3.0)[:, None]}
+  head = outputs._head(history, 4, snap_gens=[1, 5, 8])
+  history["metrics"]["m"][:] = -1
+  history["arrays"]["h"][:] = -1
+  history["snapshots"][:] = -1
+  np.testing.assert_array_equal(head["metrics"]["m"], np.arange(4.0)[:, None])
+  np.testing.assert_array_equal(head["arrays"]["h"], np.arange(8.0).reshape(4, 2))
+  assert list(head["snapshots"]) == [1] and head["snapshots"][1].tolist() == [0.0]
 
 
 _KILL_WHILE_DRAWING = """

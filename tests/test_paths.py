@@ -290,7 +290,8 @@ def test_gs_checkpoints_skip_an_unfinished_save_and_set_aside_an_unreadable_one(
 # The core's writers and every family module but the readers of inputs (datasets, tokenizers, HF folders), which
 # read the user's files, not the run's.
 INPUT_READERS = ("families/vae/data.py", "families/lm/text.py", "families/lm/tokenizer.py", "families/lm/hf.py")
-RUN_FILES = ("loop.py", "checkpoint.py", "metrics.py", "plots.py") + tuple(sorted(
+RUN_FILES = ("loop.py", "checkpoint.py", "metrics.py", "plots.py", "outputs.py", "summary.py", "resume.py",
+             "report.py", "report_figures.py", "lock.py", "tracking.py") + tuple(sorted(
     os.path.relpath(p, os.path.join(REPO, "collapse_jax")) for p in glob.glob(os.path.join(REPO, "collapse_jax",
                                                                                            "families", "*", "*.py"))
     if os.path.relpath(p, os.path.join(REPO, "collapse_jax")) not in INPUT_READERS))

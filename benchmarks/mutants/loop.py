@@ -199,7 +199,7 @@ MUTANTS = [
     Mutant(name="out_background_copy_is_a_view", file=OUT,
            old="\"metrics\": {k: v[:done].copy() for k, v in history[\"metrics\"].items()}",
            new="\"metrics\": {k: v for k, v in history[\"metrics\"].items()}",
-           tests=(f"{_OUTS}test_outputs_follow_the_saved_chunks_of_a_stopped_run",),
+           tests=(f"{_OUTS}test_the_background_drawing_gets_a_copy_of_the_generations_saved",),
            why="the background drawing sees the whole (later) history, not the generations saved"),
     Mutant(name="res_extension_keeps_the_old_length", file=RES,
            old="  new[\"next_gen\"] = old[\"next_gen\"]\n  return new", new="  return old",
@@ -214,7 +214,7 @@ MUTANTS = [
            tests=(f"{_OUTS}test_lowering_generations_or_extending_an_accumulating_run_is_refused",),
            why="an accumulating run is extended with buffers of another size"),
     Mutant(name="res_checkpoint_length_ignored", file=LOOP,
-           old="n = int(meta.get(\"generations\", held or G))", new="n = int(held or G)",
+           old="n = int(ckpts.meta(step).get(\"generations\", held or G))", new="n = int(held or G)",
            tests=(f"{_OUTS}test_raising_generations_extends_a_run_identically",),
            why="a stopped extension (config.json says 7, its checkpoint holds 5) restores the wrong length"),
 ]
