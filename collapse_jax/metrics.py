@@ -64,8 +64,13 @@ def sync_jsonl(path: str, text: str) -> None:
   paths.write_atomic(path, text)
 
 
-def read_jsonl(path: str) -> list[dict]:
-  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
+def read_jsonl(path: str, whole_lines: bool = False) -> list[dict]:
+  """The rows of a metrics.jsonl. whole_lines: only lines that end in a newline (a reader of a run being written,
+  or killed mid-append before its restart repairs the file, skips the torn last line)."""
+  text = paths.read_text(path)
+  if whole_lines:
+    text = text[:text.rfind("\n") + 1]
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def series(rows: list[dict]) -> dict[str, dict[str, np.ndarray]]:
