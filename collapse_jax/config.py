@@ -16,6 +16,10 @@ from collapse_jax import fields
 from collapse_jax.errors import ConfigError
 
 REGIMES = ("replace", "real_fraction", "accumulate", "accumulate_subsample")
+# Fields (and sections) that change no result: a run may be resumed with other values (resume.py), and the report
+# does not tell runs apart by them (report.py).
+RESULT_NEUTRAL = ("plots", "num_devices", "keep_checkpoints", "checkpoint_every", "checkpoint_min_seconds",
+                  "chain_batch", "tensorboard", "wandb")
 SCHEDULES = ("fixed", "linear", "geometric")
 
 

@@ -20,12 +20,12 @@ import numpy as np
 
 from collapse_jax import metrics as metrics_lib
 from collapse_jax import paths, registry, tables
+from collapse_jax.config import RESULT_NEUTRAL
 from collapse_jax.errors import ConfigError
 
 # Fields that do not change a run's results (where files go, how often it saves, how it is spread over devices,
 # what it logs): never what tells runs apart. A name covers its sub-fields (wandb.project).
-IGNORED = ("plots", "num_devices", "keep_checkpoints", "checkpoint_every", "checkpoint_min_seconds", "chain_batch",
-           "tensorboard", "wandb", "snapshot_generations", "snapshot_size")
+IGNORED = RESULT_NEUTRAL + ("snapshot_generations", "snapshot_size")
 # Histogram-like arrays (arrays.npz: "<name>" [G, bins] and "<name>.edges") the report draws, with how: bins in
 # log-perplexity are shown as perplexity on a log axis.
 HISTOGRAMS = {"data_logppl0_hist": dict(

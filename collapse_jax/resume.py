@@ -13,18 +13,14 @@ import os
 import numpy as np
 
 from collapse_jax import paths, regimes
+from collapse_jax.config import RESULT_NEUTRAL
 from collapse_jax.errors import ConfigError
-
-# Fields that may change between a run and its resumption without changing any result.
-RESUMABLE_CHANGES = {"plots", "num_devices", "keep_checkpoints", "checkpoint_every", "checkpoint_min_seconds",
-                     "chain_batch", "tensorboard", "wandb"}
-
 
 def config_diff(old: dict, new: dict, prefix="") -> list[str]:
   out = []
   for k in sorted(set(old) | set(new)):
     a, b = old.get(k), new.get(k)
-    if f"{prefix}{k}" in RESUMABLE_CHANGES:
+    if f"{prefix}{k}" in RESULT_NEUTRAL:
       continue
     if isinstance(a, dict) and isinstance(b, dict):
       out += config_diff(a, b, f"{prefix}{k}.")
