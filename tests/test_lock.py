@@ -160,10 +160,12 @@ def test_a_live_holder_keeps_its_lease_and_one_paused_past_it_is_taken_over_and_
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="pid start times need /proc")
-def test_a_reused_pid_is_not_mistaken_for_the_holder(tmp_path):
+def test_same_host_holders_are_judged_by_their_pid_gone_reused_or_live(tmp_path):
   wd = str(tmp_path)
   path = os.path.join(wd, "lock.json")
   other = subprocess.Popen(["sleep", "60"])
+  gone = subprocess.Popen(["true"])
+  gone.wait()  # exited and reaped: its pid names no process
   try:
     start = int(open(f"/proc/{other.pid}/stat").read().rsplit(")", 1)[1].split()[19])
     me = lock._identity()
@@ -174,6 +176,9 @@ def test_a_reused_pid_is_not_mistaken_for_the_holder(tmp_path):
       lock.acquire(wd)
     paths.write_atomic(path, json.dumps({**rec, "pid_start": start - 1, "heartbeat": time.time()}))
     with lock.acquire(wd) as mine:  # the pid lives, but it is another process than the one that took the lock
+      assert _record(path)["token"] == mine.token
+    paths.write_atomic(path, json.dumps({**rec, "pid": gone.pid, "heartbeat": time.time()}))
+    with lock.acquire(wd) as mine:  # a fresh heartbeat, but its process is gone
       assert _record(path)["token"] == mine.token
   finally:
     other.kill()
