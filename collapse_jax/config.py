@@ -21,6 +21,7 @@ REGIMES = ("replace", "real_fraction", "accumulate", "accumulate_subsample")
 RESULT_NEUTRAL = ("plots", "num_devices", "keep_checkpoints", "checkpoint_every", "checkpoint_min_seconds",
                   "chain_batch", "tensorboard", "wandb")
 SCHEDULES = ("fixed", "linear", "geometric")
+WANDB_MODES = ("online", "offline")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -51,6 +52,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.snapshot_size = 0            # how many samples per snapshot
   c.quantiles = (0.05, 0.25, 0.5, 0.75, 0.95)
   c.plots = True
+  # Watching a run live (tracking.py, process 0 only): every metric as TensorBoard event files in
+  # WORKDIR/tensorboard/ (no TensorFlow needed), and to Weights & Biases when a project is named.
+  c.tensorboard = True
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.project = ""           # "": off; a project name needs `pip install wandb` (checked before compiling)
+  c.wandb.entity = ""            # team or user; "": the logged-in account's default
+  c.wandb.mode = "online"        # online | offline (files under WORKDIR/wandb, uploaded later by `wandb sync`)
   return c
 
 
@@ -75,6 +83,13 @@ class Samples:
 
 
 @dataclasses.dataclass(frozen=True)
+class Wandb:
+  project: str = fields.text()
+  entity: str = fields.text()
+  mode: str = fields.choice(WANDB_MODES)
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
   """The loop-level fields of one run (the family's section is the family's: family.py)."""
   family: str = fields.text()
@@ -93,6 +108,8 @@ class Run:
   snapshot_size: int = fields.integer(lo=0)
   quantiles: tuple[float, ...] = fields.numbers_in(0.0, 1.0)
   plots: bool = fields.boolean()
+  tensorboard: bool = fields.boolean()
+  wandb: Wandb = fields.section(Wandb)
 
   @property
   def n_real_or_samples(self) -> int:

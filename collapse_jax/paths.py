@@ -103,15 +103,20 @@ def write_atomic(path: str, data: str | bytes) -> None:
   os.replace(tmp, path)
 
 
-def append_text(path: str, text: str) -> None:
-  """Append `text` (local: in place; gs://: objects cannot grow, so read + rewrite the object)."""
+def append_bytes(path: str, data: bytes) -> None:
+  """Append `data` (local: in place; gs://: objects cannot grow, so read + rewrite the object)."""
   if is_remote(path):
-    write_atomic(path, (read_text(path) if exists(path) else "") + text)
+    write_atomic(path, (read_bytes(path) if exists(path) else b"") + data)
     return
-  # No fsync: one write() of whole lines survives a kill of the process (the page cache keeps it), and the
-  # metrics.jsonl it serves is rebuilt from the checkpoint on every start (metrics.sync_jsonl) after a crash.
-  with open(path, "a", encoding="utf-8") as fh:
-    fh.write(text)
+  # No fsync: one write() survives a kill of the process (the page cache keeps it); its readers (metrics.jsonl,
+  # rebuilt from the checkpoint on every start; TensorBoard event files, read up to the last whole record)
+  # tolerate a tail torn by a machine crash.
+  with open(path, "ab") as fh:
+    fh.write(data)
+
+
+def append_text(path: str, text: str) -> None:
+  append_bytes(path, text.encode("utf-8"))
 
 
 def remove(path: str) -> None:
@@ -119,6 +124,129 @@ def remove(path: str) -> None:
     _epath(path).unlink()
   else:
     os.remove(path)
+
+
+# --- conditional writes (the workdir lock, lock.py) ---------------------------------------------------------------
+# One object or file changed only if it still holds what the caller read: `read_versioned` returns its bytes and
+# a version (gs://: the object's generation; local: the bytes themselves), and `replace_if` / `remove_if` act only
+# while that version is current. gs:// uses GCS's generation preconditions (ifGenerationMatch; 0: must not exist),
+# which the server checks atomically; a local file changes only under an flock on PATH.guard, which the kernel
+# releases when its holder dies (NFS emulates it with byte-range locks) and which stays in place: deleting a
+# lock file that others may be waiting on would let two of them in.
+
+def _gcs(path: str):
+  """(gcsfs filesystem, bucket, object name) of a gs:// URL; these calls need gcsfs itself (its generation
+  preconditions), not tf.io.gfile."""
+  try:
+    import fsspec
+    fs = fsspec.filesystem("gs")
+  except (ImportError, ValueError):
+    raise ConfigError(f"{path}: conditional writes on gs:// need gcsfs: pip install gcsfs") from None
+  bucket, _, key = path[len("gs://"):].partition("/")
+  return fs, bucket, key
+
+
+def _gcs_upload(path: str, raw: bytes, generation: str) -> bool:
+  """Write the object if its generation is `generation` ("0": absent); False if it is not."""
+  fs, bucket, key = _gcs(path)
+  try:  # gcsfs's own upload has no ifGenerationMatch other than 0; this is its request with the precondition
+    fs.call("POST", f"{fs._location}/upload/storage/v1/b/{bucket}/o", uploadType="media", name=key,
+            ifGenerationMatch=generation, data=raw, headers={"Content-Type": "application/octet-stream"})
+  except FileExistsError:  # gcsfs's name for 412 Precondition Failed
+    return False
+  fs.invalidate_cache(path)
+  return True
+
+
+class _Guard:
+  """flock on PATH.guard for the duration of a local read-compare-write."""
+
+  def __init__(self, path: str):
+    self.path = path + ".guard"
+
+  def __enter__(self):
+    import fcntl
+    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+  def __exit__(self, *exc):
+    os.close(self.fd)  # releases the flock
+
+
+def create_exclusive(path: str, data: str | bytes) -> bool:
+  """Create `path` holding `data` unless it exists: True if this call created it. Atomic: of racing callers
+  exactly one gets True, and no reader ever sees the file partly written."""
+  raw = data.encode("utf-8") if isinstance(data, str) else data
+  if is_remote(path):
+    return _gcs_upload(path, raw, "0")
+  tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+  with open(tmp, "wb") as fh:
+    fh.write(raw)
+    fh.flush()
+    os.fsync(fh.fileno())
+  try:
+    os.link(tmp, path)  # fails if path exists, and shows the file whole
+    return True
+  except FileExistsError:
+    return False
+  except OSError:  # no hard links on this filesystem (some FUSE / SMB mounts): O_EXCL, then the content
+    try:
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "wb") as fh:
+      fh.write(raw)
+    return True
+  finally:
+    os.remove(tmp)
+
+
+def read_versioned(path: str) -> tuple[bytes, object] | None:
+  """(bytes, version) of `path`, or None if it does not exist."""
+  if is_remote(path):
+    fs, _, _ = _gcs(path)
+    try:
+      headers, raw = fs.call("GET", fs.url(path))
+    except FileNotFoundError:
+      return None
+    return raw, headers["x-goog-generation"]  # of the very bytes returned: one request
+  try:
+    with open(path, "rb") as fh:
+      raw = fh.read()
+  except FileNotFoundError:
+    return None
+  return raw, raw
+
+
+def replace_if(path: str, data: str | bytes, version) -> bool:
+  """Replace `path` with `data` if it still holds `version` (from read_versioned); False if it does not."""
+  raw = data.encode("utf-8") if isinstance(data, str) else data
+  if is_remote(path):
+    return _gcs_upload(path, raw, version)
+  with _Guard(path):
+    cur = read_versioned(path)
+    if cur is None or cur[1] != version:
+      return False
+    write_atomic(path, raw)
+    return True
+
+
+def remove_if(path: str, version) -> bool:
+  """Remove `path` if it still holds `version`; False if it does not (or is gone)."""
+  if is_remote(path):
+    fs, bucket, key = _gcs(path)
+    try:
+      fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=version)
+    except (FileExistsError, FileNotFoundError):
+      return False
+    fs.invalidate_cache(path)
+    return True
+  with _Guard(path):
+    cur = read_versioned(path)
+    if cur is None or cur[1] != version:
+      return False
+    os.remove(path)
+    return True
 
 
 def _files(p):

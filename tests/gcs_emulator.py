@@ -2,9 +2,11 @@
 
 Real GCS sends `x-goog-generation` with every media download and honours the `ifGenerationMatch` /
 `ifGenerationNotMatch` preconditions; tensorstore's OCDBT driver reads its manifest conditionally and creates it
-with ifGenerationMatch=0. The emulator does neither, so a checkpoint save fails now and then with "Malformed
-StorageGeneration". This wrapper adds both (the emulator serves one request at a time, so check-then-write is
-atomic) and then runs the emulator's own CLI:
+with ifGenerationMatch=0, and the workdir lock (collapse_jax/lock.py through paths.replace_if / remove_if)
+creates, replaces and deletes its object only at the generation it read. The emulator does neither, so a
+checkpoint save fails now and then with "Malformed StorageGeneration" and two lock takers could both win. This
+wrapper adds both, to downloads, uploads (media and multipart) and deletes (the emulator serves one request at a
+time, so check-then-write is atomic) and then runs the emulator's own CLI:
   python tests/gcs_emulator.py start --host=127.0.0.1 --port=PORT --in-memory --default-bucket=NAME
 """
 import sys
@@ -13,7 +15,7 @@ from http import HTTPStatus
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects  # patched before the server module builds its routes
 
-_download, _insert = objects.download, objects.insert
+_download, _insert, _delete = objects.download, objects.insert, objects.delete
 
 
 def _generation(request, storage) -> str:
@@ -45,6 +47,8 @@ def download(request, response, storage, *args, **kwargs):
 
 def insert(request, response, storage, *args, **kwargs):
   match, name = _arg(request, "ifGenerationMatch"), _arg(request, "name")
+  if name is None and _arg(request, "uploadType") == "multipart" and isinstance(request.data, dict):
+    name = request.data.get("meta", {}).get("name")  # gcsfs's pipe_file(mode="create") names it in the body
   if match is not None and name is not None:
     request.params["object_id"] = name
     gen = _generation(request, storage)
@@ -55,7 +59,16 @@ def insert(request, response, storage, *args, **kwargs):
   return _insert(request, response, storage, *args, **kwargs)
 
 
-objects.download, objects.insert = download, insert
+def delete(request, response, storage, *args, **kwargs):
+  match = _arg(request, "ifGenerationMatch")
+  gen = _generation(request, storage) if match is not None else None
+  if match is not None and match != gen:
+    response.status = HTTPStatus.NOT_FOUND if gen == "0" else HTTPStatus.PRECONDITION_FAILED
+    return
+  return _delete(request, response, storage, *args, **kwargs)
+
+
+objects.download, objects.insert, objects.delete = download, insert, delete
 
 if __name__ == "__main__":
   from gcp_storage_emulator.__main__ import main

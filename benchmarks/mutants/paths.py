@@ -15,7 +15,7 @@ MUTANTS = [
            tests=(f"{_T}test_gs_checkpoints_skip_an_unfinished_save_and_set_aside_an_unreadable_one",),
            why="a gs:// workdir's checkpoints go to a local directory named 'gs:'"),
     Mutant(name="paths_gs_append_overwrites", file=PATHS,
-           old='write_atomic(path, (read_text(path) if exists(path) else "") + text)', new="write_atomic(path, text)",
+           old='write_atomic(path, (read_bytes(path) if exists(path) else b"") + data)', new="write_atomic(path, data)",
            tests=(f"{_T}test_write_append_read_list_rename_remove",),
            why="metrics.jsonl on gs:// keeps only the last chunk's lines"),
     Mutant(name="paths_gs_rename_keeps_the_source", file=PATHS, old="  for f in files:\n    f.unlink()",
