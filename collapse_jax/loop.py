@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax import checkpoint, family as family_lib, metrics as metrics_lib, outputs, paths, progress, regimes
-from collapse_jax import registry, resume, sharding, summary, tables
+from collapse_jax import checkpoint, family as family_lib, lock, metrics as metrics_lib, outputs, paths, progress
+from collapse_jax import regimes, registry, resume, sharding, summary, tables, tracking
 from collapse_jax.errors import ConfigError, NonFiniteError
 
 class Experiment:
@@ -199,6 +199,16 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
   if experiment is not None and experiment.cfg.to_json_best_effort() != cfg.to_json_best_effort():
     raise ValueError("run(experiment=...) must be an Experiment of the same config")
   exp = experiment or Experiment(cfg, mesh)
+  tracking.check(exp.run)
+  held = lock.acquire_run(workdir)  # one run per workdir: a second is refused in one line naming the holder
+  try:
+    return _run(exp, cfg, workdir, stop_after, held)
+  finally:
+    if held is not None:
+      held.release()
+
+
+def _run(exp, cfg, workdir, stop_after, held_lock) -> dict:
   run_cfg = exp.run
   G = run_cfg.generations
   cfg_json = json.loads(cfg.to_json_best_effort())
@@ -226,7 +236,7 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
                           history)
     print(f"resuming {workdir} at generation {step}/{G}" + (f" (extending its {n})" if n < G else ""), flush=True)
   start = int(history["next_gen"])
-  out = outputs.Outputs(workdir, exp) if host0 else None
+  out = outputs.Outputs(workdir, exp, tracking.Tracker(workdir, run_cfg, cfg_json)) if host0 else None
   try:
     if out:
       out.sync(history, start)
@@ -237,7 +247,7 @@ def run(cfg, workdir: str, mesh=None, stop_after: int | None = None, experiment:
       return history
     if restored is None:
       carry = exp.init_carry(shared)
-    done = _generations(exp, workdir, chunk, carry, shared, history, start, ckpts, out, stop_after)
+    done = _generations(exp, chunk, carry, shared, history, start, ckpts, out, stop_after, held_lock)
   finally:
     ckpts.close()  # every exit, the errors included, awaits the save in flight
     if out:
@@ -254,7 +264,7 @@ def _finish(out, history, done: int, note: str | None) -> None:
   print(out.summary(history, done), end="", flush=True)
 
 
-def _generations(exp, workdir, chunk, carry, shared, history, start, ckpts, out, stop_after) -> int:
+def _generations(exp, chunk, carry, shared, history, start, ckpts, out, stop_after, held_lock) -> int:
   """Runs chunks from `start` until the run ends or `stop_after`; returns the generations done."""
   fam, run_cfg = exp.family, exp.run
   G, L = run_cfg.generations, run_cfg.checkpoint_every
@@ -285,6 +295,8 @@ def _generations(exp, workdir, chunk, carry, shared, history, start, ckpts, out,
       stop = e >= G or (stop_after is not None and e >= stop_after)
       saving = stop or _save_due(run_cfg.checkpoint_min_seconds, last_save, ckpts)
       if saving:
+        if held_lock is not None:  # a run that lost its lock (its heartbeat stalled past the lease) stops here
+          held_lock.check()
         last_save, saved = time.monotonic(), e
         # Returns once the state is off the device and copied (checkpoint.py), so the next chunk can donate the
         # carry and this loop can fill the history while the files are written.

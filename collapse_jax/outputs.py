@@ -1,6 +1,7 @@
 """A run's host-side files beside its checkpoints, written by process 0 as the run goes.
 
-- metrics.jsonl: appended after every chunk, resynchronised with the checkpoint at start (metrics.py).
+- metrics.jsonl: appended after every chunk, resynchronised with the checkpoint at start (metrics.py); the same
+  lines go to TensorBoard and W&B (tracking.py).
 - After every saved chunk (so a stopped or killed run has them up to its last checkpoint): the figures
   (plots/), the family's own outputs (the LM's samples/), arrays.npz (the array metrics of chain 0, with their
   bin edges where the family gives them: what `collapse-jax report` reads), summary.md, and last outputs.json,
@@ -47,6 +48,7 @@ class Outputs:
       for row in (json.loads(line) for line in text.splitlines()):
         g = row.pop("generation")
         self.tracker.log(g, row, self.exp.family.texts(history["arrays"], g))
+      self.tracker.flush()
 
   # --- figures, samples, arrays, summary --------------------------------------------------------------------------
   def write(self, history, done: int, wait: bool = False) -> None:
@@ -62,8 +64,6 @@ class Outputs:
     if wait:
       self._pending.result()
       self._pending = None
-    if self.tracker is not None:
-      self.tracker.flush()
 
   def missing(self, done: int) -> bool:
     """Whether the outputs of generations 0..done-1 are incomplete (no manifest, an older one, a file gone)."""
@@ -108,8 +108,9 @@ class Outputs:
       out.append("summary.md")
     if paths.exists(os.path.join(wd, "arrays.npz")):
       out.append("arrays.npz")
-    if paths.exists(os.path.join(wd, "checkpoints")):
-      out.append("checkpoints/")
+    for sub in ("checkpoints", "tensorboard"):
+      if paths.exists(os.path.join(wd, sub)):
+        out.append(f"{sub}/")
     for sub in ("plots", "samples"):
       if paths.exists(os.path.join(wd, sub)):
         out += [f"{sub}/{f}" for f in sorted(paths.listdir(os.path.join(wd, sub))) if not f.endswith(".tmp")]

@@ -191,3 +191,39 @@ def test_figures_are_titled_in_words_grouped_with_integer_ticks():
   renderer = fig.canvas.get_renderer()
   top = fig._suptitle.get_window_extent(renderer).y0
   assert all(ax.title.get_window_extent(renderer).y1 <= top for ax in axes)
+
+
+def test_a_second_run_on_a_workdir_is_refused_and_a_killed_runs_lock_never_blocks(tmp_path):
+  import signal
+  import time
+  wd = tmp_path / "run"
+  args = ("--config=gmm", f"--workdir={wd}", "--config.generations=6000")  # long enough to be caught running
+  first = cli(*args, background=True)
+  deadline = time.time() + 120
+  while time.time() < deadline and first.poll() is None and not (
+      (wd / "checkpoints").exists() and any(s.isdigit() for s in os.listdir(wd / "checkpoints"))):
+    time.sleep(0.05)
+  second = cli(*args)
+  assert second.returncode == 2
+  assert second.stderr.strip().count("\n") == 0, second.stderr
+  assert re.fullmatch(rf"error: workdir {wd} is in use by another run: pid {first.pid} on host \S+ since \S+ "
+                      rf"\(lock file {wd}/lock.json\); wait for it or use another --workdir", second.stderr.strip())
+  first.send_signal(signal.SIGKILL)
+  first.wait()
+  third = cli(*args)  # the dead run's lock does not block
+  assert third.returncode == 0, third.stdout + third.stderr
+  assert "resuming" in third.stdout
+  assert len(_rows(str(wd))) == 6000 and not (wd / "lock.json").exists()
+
+
+def test_every_metric_and_the_summary_reach_tensorboard(tmp_path):
+  from tests.test_tracking import _tb_files, tensorboard_view
+  wd = str(tmp_path / "run")
+  loop.run(_gauss(chains=3), wd, stop_after=6)
+  loop.run(_gauss(chains=3), wd)  # resumed: one point per generation all the same
+  rows = _rows(wd)
+  py, rs = tensorboard_view(_tb_files(wd))
+  assert len(_tb_files(wd)) == 2
+  for view in (py, rs):
+    for key in ("var_ratio/mean", "w2/q95", "train_samples"):
+      assert view[key] == [(g, pytest.approx(r[key], rel=1e-7)) for g, r in enumerate(rows)], key

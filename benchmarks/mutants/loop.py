@@ -217,4 +217,12 @@ MUTANTS = [
            old="n = int(ckpts.meta(step).get(\"generations\", held or G))", new="n = int(held or G)",
            tests=(f"{_OUTS}test_raising_generations_extends_a_run_identically",),
            why="a stopped extension (config.json says 7, its checkpoint holds 5) restores the wrong length"),
+    Mutant(name="out_no_workdir_lock", file=LOOP,
+           old="held = lock.acquire_run(workdir)", new="held = None",
+           tests=(f"{_OUTS}test_a_second_run_on_a_workdir_is_refused_and_a_killed_runs_lock_never_blocks",),
+           why="two runs on one workdir interleave"),
+    Mutant(name="out_tracker_not_attached", file=LOOP,
+           old="tracking.Tracker(workdir, run_cfg, cfg_json)", new="None",
+           tests=(f"{_OUTS}test_every_metric_and_the_summary_reach_tensorboard",),
+           why="the run writes no TensorBoard events"),
 ]
