@@ -76,6 +76,6 @@ def bands_figure(name: str, by_stat: dict, order, n_chains: int, overlays: dict 
       ax.legend(fontsize=7, loc="best")
   for ax in list(axes.flat)[len(layout):]:
     ax.axis("off")
-  how = ("median over chains, bands 25-75% and 5-95%" if n_chains > 1 else "one chain")
-  fig.suptitle(f"{name}: {n_chains} chain{'s' if n_chains > 1 else ''} ({how})", fontsize=11)
+  how = f"{n_chains} chains: median, bands 25-75% and 5-95% over chains" if n_chains > 1 else "one chain"
+  fig.suptitle(f"{name}: {how}", fontsize=11)
   return fig
