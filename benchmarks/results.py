@@ -129,8 +129,8 @@ def table(series: dict, family, run: Run) -> list[str]:
   for key in tuple(family.headline) + tuple(run.extra):
     if key not in series:
       raise KeyError(f"metric {key} is not in the run's metrics.jsonl (has: {', '.join(sorted(series))})")
-    # A `|` would split a Markdown cell (the LM's "KL(source || model)"); the docstring cannot hold `\|`.
-    title = family.titles.get(key, key).replace("|", "\u2016")
+    # A `|` would split a Markdown cell (the LM's "KL(source || model)"); a docstring cannot hold `\|`.
+    title = family.titles.get(key, key).replace("||", "\u2016").replace("|", "/")
     for stat, values in series[key].items():
       label = f"{title} [{key}]" if len(series[key]) == 1 and stat == "mean" else f"{title} [{key}/{stat}]"
       rows.append([label] + [float(values[g]) for g in gens])
@@ -155,7 +155,7 @@ def block(name: str, run: Run, path: str, machine: dict, seconds: float, load: f
   return [start] + body + [end] if path.endswith(".md") else body + [end]
 
 
-def targets(name: str, run: Run) -> list[str]:
+def targets(run: Run) -> list[str]:
   return [run.doc] + ([WORKSPACE] if run.workspace else [])
 
 
@@ -193,7 +193,7 @@ def _check_markers(names: list[str]) -> dict[str, str]:
   """Every target file's text, after checking each named block's markers occur once (before any run)."""
   texts = {}
   for name in names:
-    for path in targets(name, RUNS[name]):
+    for path in targets(RUNS[name]):
       texts.setdefault(path, paths.read_text(os.path.join(REPO, path)))
       extract(texts[path], name, path)
   return texts
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     load = others_load()
     seconds, series, family = measure(name, run, os.path.join(root, name))
     print(f"{name:<18} {seconds:7.1f} s  (others' load at start {load} cores)", flush=True)
-    for path in targets(name, run):
+    for path in targets(run):
       new = block(name, run, path, m, seconds, load, series, family)
       if args.check:
         old = extract(texts[path], name, path)

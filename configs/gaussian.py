@@ -12,7 +12,7 @@ falls well under the theory: var_ratio is a product of scaled chi-squares, so sk
 chains too rare to sample (its median falls much faster).
 Measured (python -m benchmarks.results --only gaussian; commit aada1c2+dirty, 2026-12-07):
 Machine: Intel(R) Xeon(R) Processor (avx512), 2 cores, jax 0.10.2, jaxlib 0.10.2.
-Wall time 21.1 s, 1000 generations (`--config=gaussian`, start-up and compilation included; others' load at start: 1.9 cores).
+Wall time 21.1 s, 1000 generations (`--config=gaussian`; start-up and compilation included; others' load 1.9 cores).
 
 | generation | 0 | 9 | 99 | 499 | 999 |
 |---|---|---|---|---|---|

@@ -14,7 +14,7 @@ Expected result: the L2 distance to generation 0's GMM grows and the components'
 generations (the paper's Fig. 'GMM'); scatter snapshots at generations 0, 50, 100, 150, 200, 350, 2000.
 Measured (python -m benchmarks.results --only readme_gmm; commit aada1c2+dirty, 2026-12-07):
 Machine: Intel(R) Xeon(R) Processor (avx512), 2 cores, jax 0.10.2, jaxlib 0.10.2.
-Wall time 9.4 s, 2050 generations (`--config=configs/gmm.py`, start-up and compilation included; others' load at start: 1.9 cores).
+Wall time 9.4 s, 2050 generations (`--config=configs/gmm.py`; start-up and compilation included; others' load 1.9 cores).
 
 | generation | 0 | 50 | 100 | 200 | 350 | 1000 | 2000 | 2049 |
 |---|---|---|---|---|---|---|---|---|
@@ -26,7 +26,7 @@ Wall time 9.4 s, 2050 generations (`--config=configs/gmm.py`, start-up and compi
 (end of measured block readme_gmm)
 Measured (python -m benchmarks.results --only gmm_quick; commit aada1c2+dirty, 2026-12-07):
 Machine: Intel(R) Xeon(R) Processor (avx512), 2 cores, jax 0.10.2, jaxlib 0.10.2.
-Wall time 9.8 s, 50 generations (`--config=gmm:quick`, start-up and compilation included; others' load at start: 2.0 cores).
+Wall time 9.8 s, 50 generations (`--config=gmm:quick`; start-up and compilation included; others' load 2.0 cores).
 
 | generation | 0 | 10 | 20 | 29 | 39 | 49 |
 |---|---|---|---|---|---|---|

@@ -47,7 +47,7 @@ plots/lm_metrics.png, plots/lm_data_ppl0.png (the paper's Fig. 1b/c), samples/ge
 continued by each generation). samples.n must equal the number of training blocks (the run says so if not).
 Measured (python -m benchmarks.results --only lm; commit aada1c2+dirty, 2026-12-07):
 Machine: Intel(R) Xeon(R) Processor (avx512), 2 cores, jax 0.10.2, jaxlib 0.10.2.
-Wall time 56.1 s, 5 generations (`--config=lm`, start-up and compilation included; others' load at start: 2.0 cores).
+Wall time 56.1 s, 5 generations (`--config=lm`; start-up and compilation included; others' load 2.0 cores).
 
 | generation | 0 | 1 | 2 | 3 | 4 |
 |---|---|---|---|---|---|
@@ -55,14 +55,14 @@ Wall time 56.1 s, 5 generations (`--config=lm`, start-up and compilation include
 | training data's perplexity under gen 0 (mean) [data_ppl0_mean] | 39.63 | 61.29 | 105.3 | 92.2 | 107.2 |
 | training data's perplexity under gen 0 (95th pct) [data_ppl0_q95] | 80.34 | 72.53 | 125.4 | 113.9 | 129.5 |
 | training data's perplexity under gen 0 (median) [data_ppl0_q50] | 35.4 | 60.78 | 104.8 | 90.82 | 108 |
-| KL(source || model) per token [test_kl] | 2.111 | 3.045 | 3.149 | 3.207 | 3.121 |
+| KL(source ‖ model) per token [test_kl] | 2.111 | 3.045 | 3.149 | 3.207 | 3.121 |
 | tail tokens' mass kept [gen_tail_token_frac] | 0.07498 | 0.1849 | 0.03395 | 0.02716 | 0.02716 |
 | impossible bigrams (share) [gen_impossible] | 0.3132 | 0.5964 | 0.5153 | 0.6103 | 0.558 |
 | repeated bigrams in a block [gen_rep_2] | 0 | 0 | 0 | 0 | 0 |
 (end of measured block lm)
 Measured (python -m benchmarks.results --only lm_real_fraction; commit aada1c2+dirty, 2026-12-07):
 Machine: Intel(R) Xeon(R) Processor (avx512), 2 cores, jax 0.10.2, jaxlib 0.10.2.
-Wall time 35.3 s, 5 generations (`--config=lm:real_fraction`, start-up and compilation included; others' load at start: 1.6 cores).
+Wall time 35.3 s, 5 generations (`--config=lm:real_fraction`; start-up and compilation included; others' load 1.6 cores).
 
 | generation | 0 | 1 | 2 | 3 | 4 |
 |---|---|---|---|---|---|
@@ -70,7 +70,7 @@ Wall time 35.3 s, 5 generations (`--config=lm:real_fraction`, start-up and compi
 | training data's perplexity under gen 0 (mean) [data_ppl0_mean] | 17.37 | 15.85 | 6.892 | 4.771 | 4.959 |
 | training data's perplexity under gen 0 (95th pct) [data_ppl0_q95] | 34.64 | 25.44 | 24.11 | 22.62 | 25.52 |
 | training data's perplexity under gen 0 (median) [data_ppl0_q50] | 15.57 | 18.93 | 2.183 | 2.183 | 2.183 |
-| KL(source || model) per token [test_kl] | 1.344 | 1.93 | 2.333 | 2.533 | 2.538 |
+| KL(source ‖ model) per token [test_kl] | 1.344 | 1.93 | 2.333 | 2.533 | 2.538 |
 | tail tokens' mass kept [gen_tail_token_frac] | 0.05052 | 0 | 0 | 0.008461 | 0 |
 | impossible bigrams (share) [gen_impossible] | 0.1154 | 0.03375 | 0.0119 | 0.01337 | 0.01685 |
 | repeated bigrams in a block [gen_rep_2] | 0.2454 | 0.8013 | 0.9131 | 0.9228 | 0.9179 |

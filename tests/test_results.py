@@ -30,7 +30,7 @@ MD = "# T\n\nbefore\n<!-- results:demo -->\nstale line\n<!-- /results:demo -->\n
 
 class Fam:
   headline = ("a", "b")
-  titles = {"a": "metric A"}
+  titles = {"a": "metric A", "b": "KL(p || q)"}
 
 
 def _series(chains: int, n: int = 7) -> dict:
@@ -118,7 +118,8 @@ def test_table_reads_back_as_the_series_values(chains):
   assert gens == [0, 2, 6]  # 99 is past the run; the last generation always shown
   stats = ["mean"] if chains == 1 else ["mean", "std", "q50"]
   expect_labels = []
-  for key, title in (("a", "metric A"), ("b", "b"), ("c", "c")):  # headline, then extra; titles where given
+  # Headline, then extra; titles where given, a pipe (a Markdown cell's edge) spelled as a double bar.
+  for key, title in (("a", "metric A"), ("b", "KL(p \u2016 q)"), ("c", "c")):
     for s in stats:
       label = f"{title} [{key}]" if chains == 1 else f"{title} [{key}/{s}]"
       expect_labels.append(label)
@@ -153,7 +154,7 @@ def test_committed_docs_hold_every_runs_block_once_and_no_other():
     named = {line.split("results:")[1].split(" ")[0] for line in text.splitlines() if line.startswith("<!-- results:")}
     named |= {line.split("--only ")[1].split(";")[0] for line in text.splitlines()
               if line.startswith("Measured (python -m benchmarks.results --only ")}
-    assert named == {n for n, r in results.RUNS.items() if path in results.targets(n, r)}, path
+    assert named == {n for n, r in results.RUNS.items() if path in results.targets(r)}, path
 
 
 def _fake_repo(tmp_path, monkeypatch, series):

@@ -62,4 +62,7 @@ MUTANTS = [
     Mutant(name="results_runs_see_test_devices", file=RES, old='if k != "XLA_FLAGS"}', new="}",
            tests=(f"{_R}test_run_cli_runs_on_the_cpu_with_the_default_devices",),
            why="an inherited XLA_FLAGS (8 simulated devices) changes the runs the docs quote"),
+    Mutant(name="results_pipe_in_title", file=RES, old='.replace("||", "\\u2016").replace("|", "/")', new="",
+           tests=(f"{_R}test_table_reads_back_as_the_series_values",),
+           why="the LM's KL(source || model) splits its Markdown row into extra cells"),
 ]
