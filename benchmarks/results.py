@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     run = RUNS[name]
     load = others_load()
     seconds, series, family = measure(name, run, os.path.join(root, name))
-    print(f"{name:<18} {seconds:7.1f} s  (others' load at start {load} cores)", flush=True)
+    print(f"{name}: {wall_line(run, seconds, len(series['generation']['mean']), load)}", flush=True)
     for path in targets(run):
       new = block(name, run, path, m, seconds, load, series, family)
       if args.check:
