@@ -220,27 +220,28 @@ def main(argv=None) -> int:
     print(f"error: --keep: {', '.join(os.path.join(args.keep, n) for n in taken)} exists (a run there would "
           "resume, not run)", file=sys.stderr)
     return 2
-  m = machine()
-  drifted, root = [], args.keep or tempfile.mkdtemp(prefix="results_")
-  for name in names:
-    run = RUNS[name]
-    load = others_load()
-    seconds, series, family = measure(name, run, os.path.join(root, name))
-    print(f"{name}: {wall_line(run, seconds, len(series['generation']['mean']), load)}", flush=True)
-    for path in targets(run):
-      new = block(name, run, path, m, seconds, load, series, family)
-      if args.check:
-        old = extract(texts[path], name, path)
-        if comparable(old) != comparable(new):
-          drifted.append(f"{name} ({path})")
-          committed = [line for line in old if line.startswith(("Measured (", "Machine: "))]
-          pairs = itertools.zip_longest(comparable(old), comparable(new), fillvalue="")
-          print(f"  {path}: differs. committed: {' '.join(committed)}\n  here: {' '.join(header(name, m))}\n"
-                + "\n".join(f"  - {a}\n  + {b}" for a, b in pairs if a != b))
-      else:
-        # Read again: the file may have been edited during the run (minutes); only the block changes.
-        full = os.path.join(REPO, path)
-        paths.write_atomic(full, replace(paths.read_text(full), name, path, new))
+  m, drifted = machine(), []
+  with tempfile.TemporaryDirectory(prefix="results_") as tmp:  # the workdirs, unless --keep
+    root = args.keep or tmp
+    for name in names:
+      run = RUNS[name]
+      load = others_load()
+      seconds, series, family = measure(name, run, os.path.join(root, name))
+      print(f"{name}: {wall_line(run, seconds, len(series['generation']['mean']), load)}", flush=True)
+      for path in targets(run):
+        new = block(name, run, path, m, seconds, load, series, family)
+        if args.check:
+          old = extract(texts[path], name, path)
+          if comparable(old) != comparable(new):
+            drifted.append(f"{name} ({path})")
+            committed = [line for line in old if line.startswith(("Measured (", "Machine: "))]
+            pairs = itertools.zip_longest(comparable(old), comparable(new), fillvalue="")
+            print(f"  {path}: differs. committed: {' '.join(committed)}\n  here: {' '.join(header(name, m))}\n"
+                  + "\n".join(f"  - {a}\n  + {b}" for a, b in pairs if a != b))
+        else:
+          # Read again: the file may have been edited during the run (minutes); only the block changes.
+          full = os.path.join(REPO, path)
+          paths.write_atomic(full, replace(paths.read_text(full), name, path, new))
   if drifted:
     print(f"drift (meaningful only on the CPU a block names): {', '.join(drifted)}")
     return 1
