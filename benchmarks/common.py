@@ -126,7 +126,8 @@ def ratio(jax_times: list[float], peer_times: list[float], jax_work: float = 1.0
   return {"ratio": statistics.median(r), "ratio_min": min(r), "ratio_max": max(r)}
 
 
-def _commit() -> str:
+def commit() -> str:
+  """HEAD's short hash, +dirty when tracked files differ from it."""
   try:
     sha = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          check=True).stdout.strip()
@@ -155,7 +156,7 @@ def machine() -> dict:
   c = hardware.cpu()
   return {"device_kind": getattr(devs[0], "device_kind", devs[0].platform), "platform": devs[0].platform,
           "device_count": len(devs), "cpu": c["model"], "isa": c["isa"], "isa_extras": c["isa_extras"],
-          "cores": c["cores"], "commit": _commit(),
+          "cores": c["cores"], "commit": commit(),
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 

@@ -1,6 +1,6 @@
 """Fingerprints of the experiments' results: the sha256 of metrics.jsonl (and of samples/ for the LM) of each run
 below, from fresh workdirs, so that a refactor can show its numbers unchanged (same machine: float32 results
-differ across CPUs). Each run is the installed CLI in its own process.
+differ across CPUs). Each run is the CLI in its own process (benchmarks.results.run_cli: the CPU, no XLA_FLAGS).
 
   python benchmarks/fingerprint.py [--only gmm_quick,lm_ci] [--keep DIR]
 
@@ -10,12 +10,14 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from benchmarks.results import run_cli  # noqa: E402
+
 RUNS = {  # name -> the CLI's --config (the README's main job is configs/gmm.py with no variant)
     "readme_gmm": "configs/gmm.py", "gaussian": "gaussian", "gmm_quick": "gmm:quick", "vae_quick": "vae:quick",
     "lm_ci": "lm:ci", "lm": "lm", "lm_real_fraction": "lm:real_fraction",
@@ -40,14 +42,11 @@ def main(argv=None):
   out = {}
   for name in names:
     work = os.path.join(root, name)
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    t0 = time.time()
-    subprocess.run([sys.executable, "-m", "collapse_jax.main", f"--config={RUNS[name]}", f"--workdir={work}"],
-                   cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = run_cli(RUNS[name], work)
     samples = os.path.join(work, "samples")
     sample_files = sorted(os.path.join(samples, f) for f in os.listdir(samples)) if os.path.isdir(samples) else []
     out[name] = {"metrics": digest([os.path.join(work, "metrics.jsonl")]),
-                 "samples": digest(sample_files) if sample_files else None, "seconds": round(time.time() - t0, 1)}
+                 "samples": digest(sample_files) if sample_files else None, "seconds": round(seconds, 1)}
     print(f"{name:<18} {out[name]['seconds']:>7.1f}s  metrics {out[name]['metrics'][:16]}  samples "
           f"{(out[name]['samples'] or '-')[:16]}", flush=True)
   print(json.dumps(out))

@@ -8,7 +8,7 @@ training set drawn afresh from the real blocks.
 Offline default (no download): a synthetic first-order Markov language with Zipfian unigrams (data/markov.py),
 train/valid/test blocks drawn on device by fixed keys, a tiny OPT trained from scratch, so every metric is also
 exact against the true source (true log-likelihood of generated text, KL(source || model), tail mass kept).
-  python -m collapse_jax.main --config=configs/lm.py --workdir=runs/lm   # 2 CPU cores: ~30 s (5 generations)
+  python -m collapse_jax.main --config=configs/lm.py --workdir=runs/lm   # 5 generations; wall time below
   python -m collapse_jax.main --config=configs/lm.py:real_fraction --workdir=runs/lm_rf
 Variants (comma separated, e.g. configs/lm.py:scratch_wikitext2,real_fraction):
   markov             the offline default above
@@ -45,16 +45,46 @@ Outputs: metrics.jsonl (test_ppl, data_ppl0_* = perplexity of each generation's 
 generation 0, gen_distinct_n / gen_rep_n, and on the Markov language test_kl, gen_true_loglik, gen_tail_*),
 plots/lm_metrics.png, plots/lm_data_ppl0.png (the paper's Fig. 1b/c), samples/gen_NNNN.txt (fixed real prompts
 continued by each generation). samples.n must equal the number of training blocks (the run says so if not).
-Measured (default, seed 0, jax 0.10.2, 2-core AMD EPYC Zen 5 VM shared with other jobs, 2026-12-06: 32 s for 5
-generations, 22 s of it the first with compilation): real test perplexity 38.4, 100.0, 97.2, 112.9, 92.2 (the
-source's best, exp(entropy rate), is 4.7: generation 0 is a weak model); the training data's perplexity under
-generation 0, mean 39.0 (real), 60.9, 102.4, 79.2, 113.5; the generated corpus keeps 13%, 14%, 4.5%, 3.2%, 3.2% of the tail tokens' mass. With
-repetition penalty 3.0 the generated text never repeats a token within a block, so it loses the language's
-self-loops (29-60% of its bigrams are impossible under the source): unlike the paper's wikitext result, generated
-data score *higher* perplexity under generation 0 here. :real_fraction (10 epochs, 46 s): real test perplexity
-18.2, 34.1, 48.9, 56.3, 60.1; the training data's median perplexity under generation 0 falls 15.5 -> 2.2 with a
-long tail, rep-2 of the generated blocks rises 25% -> 91%. Float32 training amplifies CPU differences: these
-figures reproduce on the CPU named (WORKSPACE.md).
+Measured (python -m benchmarks.results --only lm; commit aada1c2+dirty, 2026-12-07):
+Machine: Intel(R) Xeon(R) Processor (avx512), 2 cores, jax 0.10.2, jaxlib 0.10.2.
+Wall time 56.1 s, 5 generations (`--config=lm`; start-up and compilation included; others' load 2.0 cores).
+
+| generation | 0 | 1 | 2 | 3 | 4 |
+|---|---|---|---|---|---|
+| real test perplexity [test_ppl] | 39.33 | 100.5 | 112.8 | 119.5 | 109.4 |
+| training data's perplexity under gen 0 (mean) [data_ppl0_mean] | 39.63 | 61.29 | 105.3 | 92.2 | 107.2 |
+| training data's perplexity under gen 0 (95th pct) [data_ppl0_q95] | 80.34 | 72.53 | 125.4 | 113.9 | 129.5 |
+| training data's perplexity under gen 0 (median) [data_ppl0_q50] | 35.4 | 60.78 | 104.8 | 90.82 | 108 |
+| KL(source ‖ model) per token [test_kl] | 2.111 | 3.045 | 3.149 | 3.207 | 3.121 |
+| tail tokens' mass kept [gen_tail_token_frac] | 0.07498 | 0.1849 | 0.03395 | 0.02716 | 0.02716 |
+| impossible bigrams (share) [gen_impossible] | 0.3132 | 0.5964 | 0.5153 | 0.6103 | 0.558 |
+| repeated bigrams in a block [gen_rep_2] | 0 | 0 | 0 | 0 | 0 |
+(end of measured block lm)
+Measured (python -m benchmarks.results --only lm_real_fraction; commit aada1c2+dirty, 2026-12-07):
+Machine: Intel(R) Xeon(R) Processor (avx512), 2 cores, jax 0.10.2, jaxlib 0.10.2.
+Wall time 35.3 s, 5 generations (`--config=lm:real_fraction`; start-up and compilation included; others' load 1.6 cores).
+
+| generation | 0 | 1 | 2 | 3 | 4 |
+|---|---|---|---|---|---|
+| real test perplexity [test_ppl] | 18.28 | 34.05 | 50.73 | 62.05 | 62.23 |
+| training data's perplexity under gen 0 (mean) [data_ppl0_mean] | 17.37 | 15.85 | 6.892 | 4.771 | 4.959 |
+| training data's perplexity under gen 0 (95th pct) [data_ppl0_q95] | 34.64 | 25.44 | 24.11 | 22.62 | 25.52 |
+| training data's perplexity under gen 0 (median) [data_ppl0_q50] | 15.57 | 18.93 | 2.183 | 2.183 | 2.183 |
+| KL(source ‖ model) per token [test_kl] | 1.344 | 1.93 | 2.333 | 2.533 | 2.538 |
+| tail tokens' mass kept [gen_tail_token_frac] | 0.05052 | 0 | 0 | 0.008461 | 0 |
+| impossible bigrams (share) [gen_impossible] | 0.1154 | 0.03375 | 0.0119 | 0.01337 | 0.01685 |
+| repeated bigrams in a block [gen_rep_2] | 0.2454 | 0.8013 | 0.9131 | 0.9228 | 0.9179 |
+(end of measured block lm_real_fraction)
+The source's best perplexity, exp(entropy rate), is 4.7: generation 0 is a weak model. In the default (replace,
+5 epochs) run the real test perplexity and KL to the source jump after generation 0 and stay high; the generated
+blocks repeat no bigram (rep-2 is 0: the repetition penalty also discourages the language's self-loops) and a
+large share of their bigrams are impossible under the source, so, unlike the paper's wikitext result, generated
+data score *higher* perplexity under generation 0 than the real data. :real_fraction (10 epochs) trains better
+models and shows the paper's picture: real test perplexity and KL rise over the generations while from
+generation 2 the generated data's median perplexity under generation 0 falls far below the real data's, its
+95th percentile staying high (a long tail), and rep-2 rises towards 1. In both, the tail tokens' mass kept is
+small at generation 0 and smaller still by generation 4. Float32 training amplifies CPU differences: the blocks'
+figures reproduce on the CPU they name.
 """
 import ml_collections
 

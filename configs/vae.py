@@ -5,7 +5,7 @@ g >= 1 on images decoded from N(0, I) by generation g-1 (fresh per batch, as in 
 256 with Adam each.
 
 Command (offline default: scikit-learn's 8x8 digits resized to 28x28 as a stand-in for MNIST, 1500 training
-images; 2 CPU cores: about 50 s per generation, 4 minutes for the 5 generations):
+images; minutes on a CPU: its wall time is measured below):
   python -m collapse_jax.main --config=configs/vae.py --workdir=runs/vae
 Real MNIST (the paper's setting; a GPU or TPU is advised: 60,000 images x 30 epochs per generation, about
 25 minutes per generation on 2 CPU cores):
@@ -25,10 +25,31 @@ samples.n to the new training-set size too, so that each generation hands on as 
 Expected result: the generation-0 encoder's latent means of generated images narrow generation by generation
 (the paper: std 0.674 -> 0.433 over generations 1-5 on MNIST) and the test-set ELBO on real images falls;
 plots/vae_latent_density.png shows the density over generations, plots/vae_samples_gen*.png the samples.
-Measured (seed 0, jax 0.10.2, 2 CPU cores), generations 0-4: default (digits stand-in): latent std 0.384, 0.249,
-0.240, 0.238, 0.237 and test ELBO -173, -202, -272, -399, -313 nats; by generation 4 the samples are near-black.
-t10k (real MNIST, 8,000 training images, 4 minutes per generation): latent std 0.863, 0.795, 0.728, 0.652, 0.579
-and test ELBO -111, -117, -126, -134, -144; with real_fraction, std 0.632 and ELBO -125 at generation 4.
+Measured (python -m benchmarks.results --only vae; commit aada1c2+dirty, 2026-12-07):
+Machine: Intel(R) Xeon(R) Processor (avx512), 2 cores, jax 0.10.2, jaxlib 0.10.2.
+Wall time 470.8 s, 5 generations (`--config=vae`; start-up and compilation included; others' load 1.2 cores).
+
+| generation | 0 | 1 | 2 | 3 | 4 |
+|---|---|---|---|---|---|
+| std of samples in generation 0's latent space [latent_std] | 0.3826 | 0.2456 | 0.2381 | 0.2369 | 0.2364 |
+| real test ELBO [test_elbo] | -173.4 | -203.4 | -284.2 | -442.3 | -318.5 |
+(end of measured block vae)
+Measured (python -m benchmarks.results --only vae_real_fraction; commit aada1c2+dirty, 2026-12-07):
+Machine: Intel(R) Xeon(R) Processor (avx512), 2 cores, jax 0.10.2, jaxlib 0.10.2.
+Wall time 354.5 s, 5 generations (`--config=vae:real_fraction`; start-up and compilation included; others' load 2.0 cores).
+
+| generation | 0 | 1 | 2 | 3 | 4 |
+|---|---|---|---|---|---|
+| std of samples in generation 0's latent space [latent_std] | 0.3826 | 0.2557 | 0.2467 | 0.2407 | 0.245 |
+| real test ELBO [test_elbo] | -173.4 | -195 | -201.8 | -206.4 | -201.3 |
+(end of measured block vae_real_fraction)
+The replace run's latent std falls at every generation, mostly in the first (the digits stand-in gives a weak
+generation-0 model), its real test ELBO falls far below generation 0's and by generation 4 the samples are
+near-black; with real_fraction the std narrows about as much but the ELBO stays roughly level after generation 1.
+t10k (real MNIST, 8,000 training images; not in benchmarks.results, as it reads ../shared/data and takes ~20
+minutes a run; hand-run at commit f27c348, 2026-11-27, jax 0.10.2, 2 CPU cores, 4 minutes per generation):
+latent std 0.863, 0.795, 0.728, 0.652, 0.579 and test ELBO -111, -117, -126, -134, -144 over generations 0-4;
+with real_fraction, std 0.632 and ELBO -125 at generation 4.
 """
 from collapse_jax.config import base_config, variants
 

@@ -1,9 +1,9 @@
-"""Mutants of the throughput tooling: the peak table, the CPU pinning, the benchmark methodology and the suite
-(tests/test_hardware.py, tests/test_bench_suite.py)."""
+"""Mutants of the benchmark tooling: the peak table, the CPU pinning, the benchmark methodology and the suite
+(tests/test_hardware.py, tests/test_bench_suite.py); the docs' generated result blocks (tests/test_results.py)."""
 from benchmarks.mutants import Mutant
 
-HW, COMMON = "collapse_jax/hardware.py", "benchmarks/common.py"
-_H, _B = "tests/test_hardware.py::", "tests/test_bench_suite.py::"
+HW, COMMON, RES = "collapse_jax/hardware.py", "benchmarks/common.py", "benchmarks/results.py"
+_H, _B, _R = "tests/test_hardware.py::", "tests/test_bench_suite.py::", "tests/test_results.py::"
 
 MUTANTS = [
     Mutant(name="bench_v5e_is_v5p", file=HW, old='(r"tpu v5 ?(lite|e)", ', new='(r"tpu v5 ?(xx)", ',
@@ -37,4 +37,32 @@ MUTANTS = [
     Mutant(name="bench_ratio_ignores_work", file=COMMON, old="r = [(jax_work / j) / (peer_work / p)",
            new="r = [(1 / j) / (1 / p)", tests=(f"{_B}test_rounds_alternate_and_ratio_is_median_of_round_rates",),
            why="decoding's JAX and HF calls differ in size: the ratio compares calls, not rates"),
+    Mutant(name="results_replace_keeps_old_block", file=RES,
+           old="return \"\\n\".join(lines[:s] + [indent + b if b else b for b in block] + lines[e + 1:])",
+           new="return \"\\n\".join(lines[:e + 1] + [indent + b if b else b for b in block] + lines[e + 1:])",
+           tests=(f"{_R}test_replace_swaps_exactly_the_block_in_a_docstring_and_in_markdown",),
+           why="the stale block stays above the new one: the docs quote both"),
+    Mutant(name="results_header_no_commit", file=RES,
+           old="--only {name}; commit {machine['commit']}, {machine['date']}",
+           new="--only {name}; {machine['date']}", tests=(f"{_R}test_header_names_command_commit_date_and_machine",),
+           why="a block no longer says which code made its numbers"),
+    Mutant(name="results_doubled_marker_accepted", file=RES, old="    if len(found) != 1:\n", new="    if not found:\n",
+           tests=(f"{_R}test_missing_doubled_or_reversed_markers_name_the_file",),
+           why="a doubled marker silently rewrites the first block and leaves the other stale"),
+    Mutant(name="results_check_sees_nothing", file=RES,
+           old='return [line for line in block if not line.startswith(("Measured (", "Machine: ", "Wall time "))]',
+           new="return []", tests=(f"{_R}test_comparable_ignores_machine_and_wall_time_only",
+                                   f"{_R}test_main_rewrites_then_check_passes_and_catches_drift"),
+           why="--check passes whatever the numbers: drift goes unseen"),
+    Mutant(name="results_table_off_by_one_generation", file=RES,
+           old="rows.append([label] + [float(values[g]) for g in gens])",
+           new="rows.append([label] + [float(values[max(g - 1, 0)]) for g in gens])",
+           tests=(f"{_R}test_table_reads_back_as_the_series_values", f"{_R}test_a_tiny_real_gaussian_run"),
+           why="each column shows the previous generation's numbers"),
+    Mutant(name="results_runs_see_test_devices", file=RES, old='if k != "XLA_FLAGS"}', new="}",
+           tests=(f"{_R}test_run_cli_runs_on_the_cpu_with_the_default_devices",),
+           why="an inherited XLA_FLAGS (8 simulated devices) changes the runs the docs quote"),
+    Mutant(name="results_pipe_in_title", file=RES, old='.replace("||", "\\u2016").replace("|", "/")', new="",
+           tests=(f"{_R}test_table_reads_back_as_the_series_values",),
+           why="the LM's KL(source || model) splits its Markdown row into extra cells"),
 ]
