@@ -22,8 +22,10 @@ def fmt(value) -> str:
 
 
 def markdown(header: list[str], rows: list[list]) -> str:
-  """A Markdown table; cells are formatted by fmt unless already strings."""
-  cells = [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
+  """A Markdown table; cells are formatted by fmt unless already strings, a `|` in a cell escaped (it would end
+  the cell)."""
+  cells = [[(c if isinstance(c, str) else fmt(c)).replace("|", "\\|") for c in row] for row in rows]
+  header = [h.replace("|", "\\|") for h in header]
   lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
   lines += ["| " + " | ".join(row) + " |" for row in cells]
   return "\n".join(lines) + "\n"

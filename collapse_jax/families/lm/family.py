@@ -61,7 +61,7 @@ class LMFamily(family.Family):
             "valid_ppl": "validation perplexity (kept epoch)", "train_loss": "training loss (last epoch)",
             "best_epoch": "epoch kept (best on validation)", "gen_distinct_2": "distinct bigrams / all (new text)",
             "gen_distinct_4": "distinct 4-grams / all (new text)", "gen_rep_2": "repeated bigrams in a block",
-            "gen_rep_4": "repeated 4-grams in a block", "test_kl": "KL(source || model) per token",
+            "gen_rep_4": "repeated 4-grams in a block", "test_kl": "KL(source ‖ model) per token",
             "gen_true_loglik": "true log-likelihood per new token", "gen_impossible": "impossible bigrams (share)",
             "gen_tail_token_frac": "tail tokens' mass kept", "gen_tail_bigram_frac": "tail bigrams' mass kept",
             "gen_token_mass": "token mass kept", "gen_bigram_mass": "bigram mass kept"}
