@@ -53,6 +53,10 @@ def test_configs_validate_and_combine():
     (dict(lm__init="hf"), r"^config\.lm\.hf_path must be a local Hugging Face OPT folder .* for init='hf'"),
     (dict(lm__data="text", lm__text__train_files="/nope/train.txt", lm__text__test_files="/nope/test.txt"),
      r"^config\.lm\.text\.train_files: cannot read text file /nope/train\.txt"),
+    (dict(lm__data="text", lm__text__train_files="/nope/a.txt", lm__text__test_files="/nope/b.txt",
+          lm__model_overrides__pad_token_id=0),
+     r"^config\.lm\.text\.tokenizer='bytes' has EOS / pad ids 256 / 257 but the model 256 / 0 \(set "
+     r"config\.lm\.model_overrides\.eos_token_id=256 and pad_token_id=257\)$"),
     (dict(lm__data="text", lm__text__kind="wikitext"), r"^config\.lm\.text\.path='' is not a directory: set it "
      r"to a directory holding wiki\.\{train,valid,test\}\.raw .* \(--config\.lm\.text\.path=DIR\)$"),
     (dict(lm__data="text", lm__text__train_split="valid", lm__text__train_files="a.txt"),
