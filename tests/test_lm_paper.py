@@ -5,7 +5,6 @@ paper's HF-init, HF-tokenizer and wikitext paths all run; then `collapse-jax exp
 an HF folder, read back here by hf.load_opt and, where transformers is installed, by OPTForCausalLM itself."""
 import json
 import os
-import re
 import subprocess
 import sys
 
