@@ -9,10 +9,11 @@ the paper's rule), the same function lm_train.train runs for tests and benchmark
 exactly block_len new tokens with decode.decode_corpus (by default 5-way beam search, repetition penalty 3.0, no
 early EOS), and the new tokens are the next generation's blocks. With lm.decode.min_new_tokens < block_len an EOS
 may end a continuation early and pads fill the rest of its block: pads are masked out of training and every
-perplexity (`_blocks`), and a block with pads is continued from its last real token (`_left_aligned`). Prompts (lm.prompts): 'own' (the paper's):
-every block of this generation's training set, so samples.n must equal the number of training blocks; in
-accumulating regimes the training set is larger than samples.n and the prompts are samples.n of its valid blocks
-drawn uniformly without replacement. 'real': the real training blocks every generation.
+perplexity (`_blocks`), and a block with pads is continued from its last real token (`_left_aligned`).
+Prompts (lm.prompts): 'own' (the paper's): every block of this generation's training set, so samples.n must
+equal the number of training blocks; in accumulating regimes the training set is larger than samples.n and the
+prompts are samples.n of its valid blocks drawn uniformly without replacement. 'real': the real training blocks
+every generation.
 
 Accumulating regimes hand `fit` a buffer of static capacity whose first rows are valid: lm_train's epoch
 batches only the valid rows, skips the steps past them, and the cosine runs over the valid rows' step count,
