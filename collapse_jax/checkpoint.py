@@ -96,6 +96,13 @@ class Checkpoints:
     except (OSError, ValueError, AttributeError):  # no or unreadable metadata: the restore decides about the step
       return {}
 
+  def restore_part(self, step: int, abstract_part):
+    """Only the subtree `abstract_part` names of checkpoint `step` (e.g. {"carry": ...} without the history), laid
+    out as its ShapeDtypeStructs say."""
+    args = ocp.args.PyTreeRestore(item=abstract_part, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_part))
+    return self._manager.restore(step, args=args)
+
   def _set_aside(self, bad) -> None:
     if not bad:
       return

@@ -32,13 +32,16 @@ Variants (comma separated, e.g. configs/lm.py:scratch_wikitext2,real_fraction):
                      weights needed: `collapse-jax --config=lm:opt_wikitext2,size=opt-1.3b --plan=v5e-8`; then on
                      the slice: `launch/run_tpu.sh lm:opt_wikitext2,size=opt-1.3b gs://.../run
                      --config.lm.hf_path=... --config.lm.text.path=...`.
-  scratch_wikitext2  a tiny OPT from scratch on the wikitext-2 files of ../shared/data/wikitext-2 (valid.txt as the
-                     training text, its last 5% of blocks held out for validation, test.txt as the test set) with a
-                     byte-level BPE trained on the training text (3,859 training blocks, 4,928 test blocks).
+  scratch_wikitext2  a tiny OPT from scratch on wikitext-2 in --config.lm.text.path=DIR (wiki.*.raw or valid.txt /
+                     test.txt; required): the valid split as the training text (lm.text.train_split, small enough
+                     for a CPU), its last 5% of blocks held out for validation, the test split as the test set, a
+                     byte-level BPE trained on the training text (3,840 training blocks on the valid.txt measured
+                     below; with other files the first error gives the count for --config.samples.n).
                      2 CPU cores: ~5 min per generation with --config.lm.text.train_blocks=1024
-                     --config.samples.n=1024 (the full 3,859 blocks take ~4x longer); generation 0 reaches a real
+                     --config.samples.n=1024 (all 3,840 blocks take ~4x longer); generation 0 reached a real
                      test perplexity of 634 (real_fraction) / 862 (replace), rising over the generations while the
-                     generated blocks score ever lower perplexity under generation 0 (WORKSPACE.md has the table).
+                     generated blocks score ever lower perplexity under generation 0 (WORKSPACE.md has the table;
+                     measured when valid.txt was read as plain lines, whitespace-only ones kept: 3,859 blocks).
   real_fraction      regime real_fraction 0.1 with 10 epochs (the paper's second setting)
   accumulate         regime accumulate (prompts: samples.n blocks drawn from the training set)
 Outputs: metrics.jsonl (test_ppl, data_ppl0_* = perplexity of each generation's training blocks under
@@ -93,9 +96,6 @@ from collapse_jax.errors import ConfigError
 
 VARIANTS = ("markov", "ci", "opt_wikitext2", "size=NAME", "scratch_wikitext2", "real_fraction", "accumulate")
 
-_WIKI = "../shared/data/wikitext-2"
-
-
 def _lm_fields() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       data="markov",               # markov | text
@@ -122,7 +122,9 @@ def _lm_fields() -> ml_collections.ConfigDict:
       markov=dict(vocab=256, branching=8, zipf_exponent=1.0, seed=0, concentration=1.0, data_seed=0,
                   train_blocks=512, valid_blocks=64, test_blocks=128, tail_fraction=0.5),
       text=dict(kind="files",      # wikitext: wiki.{train,valid,test}.raw in `path` | files: the *_files below
-                path="", train_files="", valid_files="", test_files="",  # files: comma-separated paths
+                path="",             # wikitext: the directory (wiki.{train,valid,test}.raw or {split}.txt)
+                train_split="train", # wikitext: the split trained on (valid: scratch_wikitext2's smaller text)
+                train_files="", valid_files="", test_files="",  # files: comma-separated paths
                 tokenizer="bytes",   # hf (the OPT folder's) | bytes | bpe (trained on the training text)
                 tokenizer_path="", bpe_vocab=8192, cache_dir="",
                 holdout=0.05,        # without a valid split: this share of the training blocks validates
@@ -164,8 +166,7 @@ def get_config(arg: str | None = None):
     c.lm.update(data="text", block_len=64, epochs=5, batch_size=32, eval_batch=64, decode_batch=64, lr=1e-3)
     c.lm.model_overrides.update(hidden_size=128, num_layers=2, num_heads=4, ffn_dim=512,
                                 max_position_embeddings=128, vocab_size=8192)
-    c.lm.text.update(kind="files", train_files=f"{_WIKI}/valid.txt", test_files=f"{_WIKI}/test.txt",
-                     tokenizer="bpe", bpe_vocab=8192)
+    c.lm.text.update(kind="wikitext", train_split="valid", tokenizer="bpe", bpe_vocab=8192)
   if "accumulate" in flags:
     c.regime.name = "accumulate"
   if "real_fraction" in flags:
@@ -196,6 +197,7 @@ SCALE = {
     "opt-66b": dict(dtype="bfloat16", mesh_fsdp=64, mesh_tensor=4, remat="full"),      # v5e-256
 }
 
-# 64-token blocks of ../shared/data/wikitext-2/valid.txt under its 8192-id BPE (4,062), less the 5% held out for
-# validation (203); measured with collapse_jax.families.lm.text on 2026-11-27.
-_SCRATCH_WIKITEXT2_BLOCKS = 3859
+# 64-token blocks of the wikitext-2 valid.txt of the figures above (the tokens version, 1,121,681 bytes) read as
+# wikitext (whitespace-only lines empty) under its 8192-id BPE: 4,042, less the 5% held out for validation (202);
+# measured with collapse_jax.families.lm.data on 2026-12-07 (test.txt: 4,905 blocks).
+_SCRATCH_WIKITEXT2_BLOCKS = 3840

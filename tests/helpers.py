@@ -274,3 +274,24 @@ def adam_first_interval(p, g_lo, g_hi, lr: float, coupled_wd: float = 0.0, decou
   new_lo, new_hi = p - lr * (step_hi + decay), p - lr * (step_lo + decay)
   slack = 2 * U32 * lr + 2 * U32 * np.maximum(np.abs(new_lo), np.abs(new_hi))
   return new_lo - slack, new_hi + slack
+
+
+def opt_logit_tol(cfg, length: int, sigmas: float = 6.0) -> float:
+  """How far two float32 evaluations of an OPT forward pass (ours vs Hugging Face's) may put a logit apart, as a
+  share of the largest |logit|, for the fixtures' O(1)-conditioned models (layer-normed activations, weights drawn
+  at 1/sqrt(fan_in): every step passes a relative error on with a factor <= 1).
+
+  Rounding errors are modelled as independent, mean-zero and uniform in +-u (the probabilistic analysis of Higham
+  & Mary, SIAM J. Sci. Comput. 2019, which holds for any summation order, so on any CPU): a logit formed through
+  n roundings carries a relative error of standard deviation <= sqrt(n / 3) u, and two independent evaluations
+  differ by sqrt(2 n / 3) u. n counts the roundings on a logit's path: per layer the layer norms' two sums (2E each),
+  q/k/v (3E), a head's scores (D), the softmax's sum and the values' (L each), the output projection (E), fc1 (E),
+  fc2 (F) and two residual additions; the final layer norm (2E), project_in/out (P, E) and the tied head (P). The
+  largest of a fixture's few thousand logits stays within `sigmas` of them (6: a Gaussian tail of 2e-9 each).
+  The two fixtures: 9.0e-6 (pre-LN) and 6.7e-6 (post-LN); measured 2.4e-7 and 2.7e-7; a layer-norm epsilon 10x too
+  large moves them by 1.8e-5 and 3.8e-5."""
+  e, d, f, p = cfg.hidden_size, cfg.head_dim, cfg.ffn_dim, cfg.word_embed_proj_dim
+  n = cfg.num_layers * (2 * 2 * e + 3 * e + d + 2 * length + e + e + f + 2) + p
+  n += 2 * e if cfg.do_layer_norm_before else 0
+  n += p + e if p != e else 0
+  return sigmas * math.sqrt(2 * n / 3) * U32

@@ -45,11 +45,22 @@ def test_configs_validate_and_combine():
      r"^config\.lm\.decode\.min_new_tokens must be -1 or at most config\.lm\.block_len=8, got 9$"),
     (dict(samples__n=27), r"^config\.samples\.n=27 but the LM continues each of its 28 training blocks .*config\.samples\.n=28$"),
     (dict(n_real=20), r"^config\.n_real=20 but the LM data give 28 training blocks; leave it at 0$"),
-    (dict(lm__block_len=12), r"^config\.lm\.block_len=12: prompt length 12 \+ .* cache length 16$"),
-    (dict(lm__init="hf", lm__hf_path="/nonexistent/opt"), r"^/nonexistent/opt: no such checkpoint directory"),
-    (dict(lm__init="hf"), r"^config\.lm\.hf_path must be the local Hugging Face OPT folder"),
+    (dict(lm__block_len=12), r"^config\.lm\.block_len=12 is too long: a block and its 12 new tokens need 24 "
+     r"positions and the model has 16; set config\.lm\.block_len <= 8 or config\.lm\.model_overrides\."
+     r"max_position_embeddings >= 24$"),
+    (dict(lm__init="hf", lm__hf_path="/nonexistent/opt"),
+     r"^config\.lm\.hf_path='/nonexistent/opt' is not a directory: set it to a local Hugging Face OPT folder"),
+    (dict(lm__init="hf"), r"^config\.lm\.hf_path must be a local Hugging Face OPT folder .* for init='hf'"),
     (dict(lm__data="text", lm__text__train_files="/nope/train.txt", lm__text__test_files="/nope/test.txt"),
-     r"^cannot read text file /nope/train\.txt"),
+     r"^config\.lm\.text\.train_files: cannot read text file /nope/train\.txt"),
+    (dict(lm__data="text", lm__text__train_files="/nope/a.txt", lm__text__test_files="/nope/b.txt",
+          lm__model_overrides__pad_token_id=0),
+     r"^config\.lm\.text\.tokenizer='bytes' has EOS / pad ids 256 / 257 but the model 256 / 0 \(set "
+     r"config\.lm\.model_overrides\.eos_token_id=256 and pad_token_id=257\)$"),
+    (dict(lm__data="text", lm__text__kind="wikitext"), r"^config\.lm\.text\.path='' is not a directory: set it "
+     r"to a directory holding wiki\.\{train,valid,test\}\.raw .* \(--config\.lm\.text\.path=DIR\)$"),
+    (dict(lm__data="text", lm__text__train_split="valid", lm__text__train_files="a.txt"),
+     r"^config\.lm\.text\.train_split must be 'train' for text\.kind='files'"),
     (dict(lm__data="text"), r"^config\.lm\.text\.train_files must be comma-separated text files"),
     (dict(num_devices=8, lm__mesh_fsdp=3), r"^config\.lm\.mesh_fsdp=3 x config\.lm\.mesh_tensor=1 does not divide the 8 devices"),
     (dict(num_devices=8, lm__batch_size=12), r"^config\.lm\.batch_size=12 must be a multiple of the 8 batch"),

@@ -26,3 +26,34 @@ def one_line_error(excinfo, *needles):
   assert "\n" not in msg, msg
   for n in needles:
     assert str(n) in msg, (n, msg)
+
+
+def tiny_opt_folder(directory) -> str:
+  """A Hugging Face OPT folder as the paper's run reads one (config.json, model.safetensors and OPT's tokenizer
+  files), made of the committed fixtures: tests/fixtures/opt_preln's model (pre-LN, 3 layers, hidden 24, 16
+  positions) with its embedding grown to the 355 ids of tests/fixtures/tok_opt_vocab's byte-level BPE (the new
+  rows drawn at the fixture's O(1) scale, seeded), and that tokenizer's files."""
+  import json
+  import shutil
+
+  import numpy as np
+  from safetensors.numpy import load_file, save_file
+
+  os.makedirs(directory, exist_ok=True)
+  tok = os.path.join(FIXTURES, "tok_opt_vocab")
+  with open(os.path.join(tok, "vocab.json")) as fh:
+    vocab = len(json.load(fh))
+  with open(os.path.join(FIXTURES, "opt_preln", "config.json")) as fh:
+    cfg = dict(json.load(fh), vocab_size=vocab)
+  with open(os.path.join(directory, "config.json"), "w") as fh:
+    json.dump(cfg, fh)
+  tensors = load_file(os.path.join(FIXTURES, "opt_preln", "model.safetensors"))
+  name = "model.decoder.embed_tokens.weight"
+  e = tensors[name]
+  grown = np.random.default_rng(0).standard_normal((vocab - len(e), e.shape[1])).astype(np.float32)
+  tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}  # tied: save_pretrained leaves it out
+  tensors[name] = np.concatenate([e, grown])
+  save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+  for n in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+    shutil.copy(os.path.join(tok, n), directory)
+  return str(directory)

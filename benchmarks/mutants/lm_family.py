@@ -15,6 +15,16 @@ _NAN = _T + "test_nan_metric_stops_before_checkpointing_and_a_rerun_resumes"
 _EIGHT = _T + "test_eight_devices_agree_with_one_and_hold_models_fsdp_sharded"
 _WRITE = _T + "test_loop_writes_every_metric_figure_and_text_and_compiles_once"
 _BAD = "tests/test_lm_config.py::test_bad_input_refused_before_compiling"
+_PP = "tests/test_lm_pads_prompts.py::"
+_ACC = (_PP + "test_accumulating_regimes_prompt_only_valid_rows",)
+_EOS, _PADS = _PP + "test_eos_ends_a_continuation_and_pads_fill_the_block", _PP + \
+    "test_pads_stay_out_of_perplexity_unit_and_end_to_end"
+_LEFT = _PP + "test_a_block_with_pads_is_continued_from_its_last_real_token"
+_DP = "tests/test_lm_data_paths.py::"
+_CLI = _DP + "test_cli_errors_name_the_field_to_set"
+_LAYOUT = _DP + "test_every_text_config_reads_either_layout_from_lm_text_path"
+_DATA, _EXPORT = "collapse_jax/families/lm/data.py", "collapse_jax/families/lm/export.py"
+_PAPER = "tests/test_lm_paper.py::"
 
 MUTANTS = [
     Mutant(name="lm_prompts_always_real", file=_LM,
@@ -78,4 +88,51 @@ MUTANTS = [
            old="None if n_valid is None else E * steps_per_epoch(n_valid, B))",
            new="None if n_valid is None else E * steps_per_epoch(n_blocks, B))",
            tests=(_FIT,), why="a ragged buffer's cosine runs over its capacity's steps, not its valid rows'"),
+    Mutant(name="lm_prompts_from_invalid_rows", file=_LM,
+           old="x[jnp.sort(ops.valid_first(key, w > 0, n))]", new="x[jnp.sort(ops.valid_first(key, w > -1, n))]",
+           tests=_ACC, why="accumulating regimes draw prompts from the buffer's unfilled (zero) rows too"),
+    Mutant(name="lm_pads_in_mask", file=_LM,
+           old='"mask": (ids_NxL != self.model_cfg.pad_token_id).astype(jnp.int32)}',
+           new='"mask": jnp.ones_like(ids_NxL)}',
+           tests=(_PADS,), why="pads after an early EOS are trained on and counted in perplexities"),
+    Mutant(name="lm_prompt_pads_read_as_tokens", file=_LM,
+           old="    return (jnp.take_along_axis(rows_NxL, order_NxL, axis=1),\n"
+               "            jnp.take_along_axis(real_NxL, order_NxL, axis=1).astype(jnp.int32))",
+           new="    return rows_NxL, jnp.ones_like(rows_NxL)",
+           tests=(_LEFT,), why="a block ending in pads is continued with the pads as prompt tokens"),
+    Mutant(name="lm_prompt_right_padded", file=_LM,
+           old="    return (jnp.take_along_axis(rows_NxL, order_NxL, axis=1),\n"
+               "            jnp.take_along_axis(real_NxL, order_NxL, axis=1).astype(jnp.int32))",
+           new="    return rows_NxL, real_NxL.astype(jnp.int32)",
+           tests=(_LEFT,), why="pads masked but left at the end: the first new token is predicted from a pad"),
+    Mutant(name="lm_bytes_tokenizer_opt_ids", file=_CFG,
+           old="      over = {**_BYTE_IDS, **over}", new="      over = over",
+           tests=(_EOS,), why="a model trained on bytes stops and pads with OPT's ids, which are bytes 2 and 1"),
+    Mutant(name="lm_tokenizer_ids_unchecked", file=_DATA,
+           old="  if (tok.eos_id, tok.pad_id) != (model_cfg.eos_token_id, model_cfg.pad_token_id):",
+           new="  if False:", tests=(_BAD,), why="a tokenizer whose EOS / pad ids are not the model's is accepted"),
+    Mutant(name="lm_text_error_field_dropped", file=_DATA,
+           old='raise ConfigError(msg if msg.startswith("config.") else f"config.{name}: {msg}") from None',
+           new="raise", tests=(_CLI,), why="a reader's error does not name the config field that fixes it"),
+    Mutant(name="lm_hf_path_error_unnamed", file=_CFG,
+           old="  if not c.hf_path or not os.path.isdir(c.hf_path):", new="  if not c.hf_path:",
+           tests=(_CLI,), why="a missing lm.hf_path folder is reported by path, not by the field and what to set"),
+    Mutant(name="lm_block_len_error_unnamed", file=_CFG,
+           old="  if 2 * c.block_len > positions:", new="  if False:",
+           tests=(_CLI,), why="a block_len too long for the model's positions does not say what to set"),
+    Mutant(name="lm_scratch_trains_on_train_split", file="configs/lm.py",
+           old='train_split="valid", tokenizer="bpe"', new='train_split="train", tokenizer="bpe"',
+           tests=(_LAYOUT,), why="scratch_wikitext2 no longer trains on the valid split it documents"),
+    Mutant(name="lm_export_generation_off_by_one", file=_EXPORT,
+           old='have = {e - 1: (e, "prev") for e in steps}', new='have = {e: (e, "prev") for e in steps}',
+           tests=(_PAPER + "test_export_writes_the_generations_model",),
+           why="export writes the model of the generation after the one asked for"),
+    Mutant(name="lm_export_model0_for_prev", file=_EXPORT,
+           old='have = {e - 1: (e, "prev") for e in steps}', new='have = {e - 1: (e, "model0") for e in steps}',
+           tests=(_PAPER + "test_export_writes_the_generations_model",),
+           why="export writes generation 0's model whatever generation is asked for"),
+    Mutant(name="lm_export_no_tokenizer", file=_EXPORT,
+           old='  if c.data == "text" and c.text.tokenizer == "hf":', new="  if False:",
+           tests=(_PAPER + "test_export_writes_the_generations_model",),
+           why="the exported folder lacks the run's tokenizer"),
 ]

@@ -26,6 +26,12 @@ from collapse_jax.families.lm.tokenizer import OPT_SPECIALS
 DATA, INITS, STARTS, PROMPTS = ("markov", "text"), ("scratch", "hf"), ("initial", "previous"), ("own", "real")
 TEXT_KINDS, TOKENIZERS = ("wikitext", "files"), ("hf", "bytes", "bpe")
 SPLITS = ("train", "valid", "test")
+# What a text directory (lm.text.path) holds, and where an OPT folder (lm.hf_path) comes from: the messages' advice.
+TEXT_DIR = "a directory holding wiki.{train,valid,test}.raw (wikitext-2-raw) or train.txt / valid.txt / test.txt"
+HF_DIR = ("a local Hugging Face OPT folder (config.json + model.safetensors, e.g. from `huggingface-cli download "
+          "facebook/opt-125m --local-dir DIR`)")
+# The byte tokenizer's specials (tokenizer.py): a model trained from scratch on bytes must stop and pad with them.
+_BYTE_IDS = dict(bos_token_id=256, eos_token_id=256, pad_token_id=257)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +66,7 @@ class Markov:
 class Text:
   kind: str = fields.choice(TEXT_KINDS)
   path: str = fields.text()
+  train_split: str = fields.choice(("train", "valid"))  # wikitext: the split trained on (valid: no valid split)
   train_files: str = fields.text()
   valid_files: str = fields.text()
   test_files: str = fields.text()
@@ -71,6 +78,11 @@ class Text:
   train_blocks: int = fields.integer(lo=0, why="0: all")
   valid_blocks: int = fields.integer(lo=0, why="0: read the files")
   test_blocks: int = fields.integer(lo=0, why="0: read the files")
+
+  def __post_init__(self):
+    if self.kind != "wikitext" and self.train_split != "train":
+      raise fields.bad("lm.text.train_split", "'train' for text.kind='files' (which names its files per split)",
+                       self.train_split)
 
   def files(self, split: str) -> list[str]:
     return [p for p in getattr(self, f"{split}_files").split(",") if p]
@@ -158,11 +170,27 @@ def translate(c: LMConfig, abstract: bool = False) -> Parts:
                              num_beams=d.num_beams, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
                              repetition_penalty=d.repetition_penalty, length_penalty=d.length_penalty,
                              early_stopping=d.early_stopping)
-  try:
-    dcfg.validate(prompt_len=c.block_len, cache_len=mcfg.max_position_embeddings)
-  except ConfigError as e:
-    raise ConfigError(f"config.lm.block_len={c.block_len}: {e}") from None
+  positions = mcfg.max_position_embeddings
+  if 2 * c.block_len > positions:  # a block and its block_len new tokens share the model's positions
+    raise ConfigError(
+        f"config.lm.block_len={c.block_len} is too long: a block and its {c.block_len} new tokens need "
+        f"{2 * c.block_len} positions and the model has {positions}; set config.lm.block_len <= {positions // 2}"
+        + (" (the HF folder's config.json fixes the positions)" if c.init == "hf" else
+           f" or config.lm.model_overrides.max_position_embeddings >= {2 * c.block_len}"))
+  dcfg.validate(prompt_len=c.block_len, cache_len=positions)
   return Parts(mcfg, tcfg, dcfg)
+
+
+def hf_folder(c: LMConfig) -> str:
+  """lm.hf_path as the folder holding config.json (a models--* cache root resolved), or a one-line error naming
+  the field."""
+  from collapse_jax.families.lm import hf
+  if not c.hf_path or not os.path.isdir(c.hf_path):
+    raise ConfigError(f"config.lm.hf_path={c.hf_path!r} is not a directory: set it to {HF_DIR}")
+  try:
+    return hf.resolve_dir(c.hf_path)
+  except ConfigError as e:
+    raise ConfigError(f"config.lm.hf_path: {e}") from None
 
 
 def model_config(c: LMConfig, abstract: bool = False) -> opt_model.OPTConfig:
@@ -170,24 +198,28 @@ def model_config(c: LMConfig, abstract: bool = False) -> opt_model.OPTConfig:
   lm.model_overrides; the run's dtype, dropout, remat and layer scan on top."""
   run = dict(dropout=float(c.dropout), scan_layers=c.scan_layers, remat=c.remat)
   if c.init == "hf" and not c.hf_path and not (abstract and c.model in sizes.SIZES):
-    raise fields.bad("lm.hf_path", "the local Hugging Face OPT folder for init='hf' (e.g. from `huggingface-cli "
-                     "download facebook/opt-125m`)", c.hf_path)
+    raise fields.bad("lm.hf_path", f"{HF_DIR} for init='hf'", c.hf_path)
   if c.init == "hf" and c.hf_path:
     from collapse_jax.families.lm import hf
-    path = os.path.join(hf.resolve_dir(c.hf_path), hf.CONFIG_JSON)
+    path = os.path.join(hf_folder(c), hf.CONFIG_JSON)
     try:
       with open(path) as fh:
         mc = hf.config_from_hf(json.load(fh), path, c.dtype)
     except (OSError, ValueError) as e:
       raise ConfigError(f"config.lm.hf_path: {path} is unreadable ({type(e).__name__})") from None
+    except ConfigError as e:
+      raise ConfigError(f"config.lm.hf_path: {e}") from None
     return dataclasses.replace(mc, **run)
   if c.init == "hf":  # planning without the folder: the published size has HF's config.json's shapes
     return sizes.get_size(c.model, dtype=c.dtype, **run)
   over = dict(c.model_overrides)
   if c.markov_data:  # the vocabulary is the language's plus OPT's four specials
     over["vocab_size"] = c.markov.vocab + len(OPT_SPECIALS)
-  elif "vocab_size" not in over:  # from scratch on text: the tokenizer's size (a trained BPE may use fewer)
-    over["vocab_size"] = {"bytes": 258, "bpe": c.text.bpe_vocab}.get(c.text.tokenizer, 50272)
+  else:
+    if "vocab_size" not in over:  # from scratch on text: the tokenizer's size (a trained BPE may use fewer)
+      over["vocab_size"] = {"bytes": 258, "bpe": c.text.bpe_vocab}.get(c.text.tokenizer, 50272)
+    if c.text.tokenizer == "bytes":  # its BOS/EOS and pad are not OPT's ids (data.py checks every tokenizer's)
+      over = {**_BYTE_IDS, **over}
   try:
     return sizes.get_size(c.model, dtype=c.dtype, **run, **over)
   except ConfigError as e:

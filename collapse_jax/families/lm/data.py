@@ -4,6 +4,8 @@ through a tokenizer, the fixed text prompts (the first lm.text_samples test bloc
 Whatever only the data can refuse is refused here, naming the field: counts against config.samples.n and
 config.n_real, the tokenizer against the model's vocabulary, and lm_train.validate's checks of the blocks.
 """
+import contextlib
+import os
 from typing import NamedTuple
 
 import jax
@@ -61,29 +63,54 @@ def _markov(c) -> dict:
   return dict(out, source=src)
 
 
+@contextlib.contextmanager
+def _field(name: str):
+  """A reader's ConfigError as the field the user sets: `config.NAME: message` (unless it names one already)."""
+  try:
+    yield
+  except ConfigError as e:
+    msg = str(e)
+    raise ConfigError(msg if msg.startswith("config.") else f"config.{name}: {msg}") from None
+
+
 def _text(c, model_cfg) -> dict:
   from collapse_jax.families.lm import text as text_lib
   t = c.text
   if t.kind == "wikitext":
-    source, splits = text_lib.wikitext(t.path), lm_config.SPLITS
+    if not t.path or not os.path.isdir(os.path.expanduser(t.path)):
+      raise ConfigError(f"config.lm.text.path={t.path!r} is not a directory: set it to {lm_config.TEXT_DIR} "
+                        "(--config.lm.text.path=DIR)")
+    source = text_lib.wikitext(t.path)
+    # Ours -> the directory's split: train_split='valid' trains on the valid file, whose last blocks validate.
+    read = {"train": t.train_split, "test": "test"}
+    if t.train_split == "train":
+      read["valid"] = "valid"
+    field = {s: "lm.text.path" for s in lm_config.SPLITS}
+    for theirs in read.values():  # every file found before any is tokenised
+      with _field("lm.text.path"):
+        text_lib.wikitext_file(t.path, theirs)
   else:
     files = {s: t.files(s) for s in lm_config.SPLITS}
+    for s in ("train", "test"):
+      if not files[s]:
+        raise fields.bad(f"lm.text.{s}_files", "comma-separated text files for text.kind='files'",
+                         getattr(t, f"{s}_files"))
     source = text_lib.TextSource("files", files={k: v for k, v in files.items() if v})
-    splits = tuple(s for s in lm_config.SPLITS if files[s])
-  for s in ("train", "test"):
-    if s not in splits:
-      raise fields.bad(f"lm.text.{s}_files", "comma-separated text files for text.kind='files'",
-                       getattr(t, f"{s}_files"))
-  tok_path = t.tokenizer_path or None
-  if tok_path is None and c.init == "hf":  # OPT's tokenizer files sit beside its weights
-    from collapse_jax.families.lm import hf
-    tok_path = hf.resolve_dir(c.hf_path)
-  tok = text_lib.tokenizer_for(t.tokenizer, source, path=tok_path, cache_dir=t.cache_dir or None,
-                               vocab_size=t.bpe_vocab)
+    read = {s: s for s in lm_config.SPLITS if files[s]}
+    field = {s: f"lm.text.{s}_files" for s in lm_config.SPLITS}
+  tok = _tokenizer(c, text_lib, source, read["train"], field["train"])
   if tok.vocab_size > model_cfg.vocab_size:
     raise ConfigError(f"config.lm.text.tokenizer gives {tok.vocab_size} ids but the model has vocab_size "
                       f"{model_cfg.vocab_size} (set config.lm.model_overrides.vocab_size)")
-  d = text_lib.load_splits(source, tok, c.block_len, t.cache_dir or None, splits)
+  if (tok.eos_id, tok.pad_id) != (model_cfg.eos_token_id, model_cfg.pad_token_id):  # decoding stops and pads
+    fix = ("config.lm.hf_path's config.json and tokenizer files disagree" if c.init == "hf" else
+           f"set config.lm.model_overrides.eos_token_id={tok.eos_id} and pad_token_id={tok.pad_id}")
+    raise ConfigError(f"config.lm.text.tokenizer={t.tokenizer!r} has EOS / pad ids {tok.eos_id} / {tok.pad_id} but "
+                      f"the model {model_cfg.eos_token_id} / {model_cfg.pad_token_id} ({fix})")
+  d = {}
+  for ours, theirs in read.items():
+    with _field(field[ours]):
+      d[ours] = text_lib.load_blocks(source, theirs, tok, c.block_len, t.cache_dir or None)
   if "valid" not in d:  # no validation split: hold out the training split's last blocks
     k = max(1, int(round(t.holdout * len(d["train"]))))
     d["train"], d["valid"] = d["train"][:-k], d["train"][-k:]
@@ -94,9 +121,24 @@ def _text(c, model_cfg) -> dict:
   return dict(d, tokenizer=tok)
 
 
+def _tokenizer(c, text_lib, source, train_split: str, train_field: str):
+  """The run's tokenizer, its errors named by the field that would fix them."""
+  t = c.text
+  if t.tokenizer == "bpe":  # trained on the text the run trains on
+    with _field(train_field):
+      return text_lib.tokenizer_for("bpe", source, cache_dir=t.cache_dir or None, vocab_size=t.bpe_vocab,
+                                    split=train_split)
+  if t.tokenizer == "hf" and not t.tokenizer_path and c.init == "hf":  # OPT's files sit beside its weights
+    with _field("lm.hf_path"):
+      return text_lib.tokenizer_for("hf", path=lm_config.hf_folder(c))
+  with _field("lm.text.tokenizer_path"):
+    return text_lib.tokenizer_for(t.tokenizer, path=t.tokenizer_path or None)
+
+
 def init_params(c, model_cfg) -> dict:
   """The initial model's parameters: the HF folder's weights, or OPT's init from lm.init_seed."""
   if c.init == "hf":
     from collapse_jax.families.lm import hf
-    return hf.load_opt(c.hf_path, c.dtype)[1]
+    with _field("lm.hf_path"):
+      return hf.load_opt(lm_config.hf_folder(c), c.dtype)[1]
   return opt_model.init_params(model_cfg, jax.random.PRNGKey(c.init_seed))

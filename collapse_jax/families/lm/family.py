@@ -7,10 +7,13 @@ again from the initial model (config lm.start='initial', the paper's way) or fro
 `fit` is the trainer's `fit` (train.py: every epoch in one lax.scan, the model best on validation perplexity kept,
 the paper's rule), the same function lm_train.train runs for tests and benchmarks. `sample` continues blocks by
 exactly block_len new tokens with decode.decode_corpus (by default 5-way beam search, repetition penalty 3.0, no
-early EOS), and the new tokens are the next generation's blocks. Prompts (lm.prompts): 'own' (the paper's):
-every block of this generation's training set, so samples.n must equal the number of training blocks; in
-accumulating regimes the training set is larger than samples.n and the prompts are samples.n of its valid blocks
-drawn uniformly without replacement. 'real': the real training blocks every generation.
+early EOS), and the new tokens are the next generation's blocks. With lm.decode.min_new_tokens < block_len an EOS
+may end a continuation early and pads fill the rest of its block: pads are masked out of training and every
+perplexity (`_blocks`), and a block with pads is continued from its last real token (`_left_aligned`).
+Prompts (lm.prompts): 'own' (the paper's): every block of this generation's training set, so samples.n must
+equal the number of training blocks; in accumulating regimes the training set is larger than samples.n and the
+prompts are samples.n of its valid blocks drawn uniformly without replacement. 'real': the real training blocks
+every generation.
 
 Accumulating regimes hand `fit` a buffer of static capacity whose first rows are valid: lm_train's epoch
 batches only the valid rows, skips the steps past them, and the cosine runs over the valid rows' step count,
@@ -229,12 +232,21 @@ class LMFamily(family.Family):
       return x
     return x[jnp.sort(ops.valid_first(key, w > 0, n))]  # samples.n valid blocks, uniformly, in buffer order
 
+  def _left_aligned(self, rows_NxL):
+    """(rows, mask): each row's pads (the tail after an early EOS, lm.decode.min_new_tokens < block_len) moved to
+    its front and masked out, so decoding continues a row from its last real token as it continues HF's
+    left-padded prompts. Rows without pads are unchanged."""
+    real_NxL = rows_NxL != self.model_cfg.pad_token_id
+    order_NxL = jnp.argsort(real_NxL, axis=1, stable=True)  # pads first, the real tokens in their order
+    return (jnp.take_along_axis(rows_NxL, order_NxL, axis=1),
+            jnp.take_along_axis(real_NxL, order_NxL, axis=1).astype(jnp.int32))
+
   def sample(self, model, n, key, gen):
     shared = gen.shared
     prompts_NxL = self._prompts(gen.x, gen.w, n, jax.random.fold_in(key, 0), shared)
-    rows = jnp.concatenate([prompts_NxL, shared["prompts"]])  # the fixed text prompts ride along
-    out = decode.decode_corpus(self.lm, model["params"], rows, jnp.ones_like(rows), self.dcfg,
-                               jax.random.fold_in(key, 1), batch_size=self.c.decode_batch, mesh=self.mesh)
+    rows, mask = self._left_aligned(jnp.concatenate([prompts_NxL, shared["prompts"]]))  # fixed prompts ride along
+    out = decode.decode_corpus(self.lm, model["params"], rows, mask, self.dcfg, jax.random.fold_in(key, 1),
+                               batch_size=self.c.decode_batch, mesh=self.mesh)
     new_NxL = out["tokens"][:n]
     metrics = {"text_continuations": out["tokens"][n:]}
     for k in NGRAMS:

@@ -304,15 +304,17 @@ def load_splits(source: TextSource, tokenizer: tok_lib.Tokenizer, block_len: int
 
 
 def tokenizer_for(kind: str, source: TextSource | None = None, *, path: str | None = None,
-                  cache_dir: str | None = None, vocab_size: int = tok_lib.DEFAULT_BPE_VOCAB) -> tok_lib.Tokenizer:
-  """The tokenizer by kind: "bytes", "hf" (path = a Hugging Face folder) or "bpe", trained on the source's train
-  split and saved in cache_dir (named by the split's content and vocab size), so that a rerun reuses it."""
+                  cache_dir: str | None = None, vocab_size: int = tok_lib.DEFAULT_BPE_VOCAB,
+                  split: str = "train") -> tok_lib.Tokenizer:
+  """The tokenizer by kind: "bytes", "hf" (path = a Hugging Face folder) or "bpe", trained on the source's `split`
+  (the text trained on) and saved in cache_dir (named by that text's content and vocab size), so that a rerun
+  reuses it."""
   if kind != "bpe":
     return tok_lib.make(kind, path)
   if source is None:
     raise ConfigError("tokenizer kind bpe is trained on a text source's train split; none was given")
-  check(source, "train")
-  identity, _, rows = _open(source, "train")
+  check(source, split)
+  identity, _, rows = _open(source, split)
   if not cache_dir:
     return tok_lib.train_bpe(rows(), vocab_size)
   key = hashlib.sha256(json.dumps([CACHE_VERSION, identity], sort_keys=True).encode()).hexdigest()
