@@ -97,6 +97,18 @@ def test_loop_writes_every_metric_figure_and_text_and_compiles_once(ref):
   assert ref["exp"]._chunk._cache_size() == 1  # three generations, one compilation
 
 
+def test_loop_sends_every_generations_sample_texts_and_metrics_to_tensorboard(ref):
+  from tests.test_tracking import _tb_files, tensorboard_view
+  rows, arrays = _jsonl(ref["wd"]), ref["hist"]["arrays"]
+  view, _ = tensorboard_view(_tb_files(ref["wd"]))
+  assert view["test_ppl"] == [(g, pytest.approx(r["test_ppl"], rel=1e-7)) for g, r in enumerate(rows)]
+  for i in range(4):  # each fixed prompt's continuation, every generation, as the samples file shows it
+    texts = view[f"sample_{i}/text_summary"]
+    assert [g for g, _ in texts] == list(range(G))
+    for g, t in texts:
+      assert t.endswith(" ".join(map(str, arrays["text_continuations"][g, i]))), (i, g)
+
+
 @pytest.fixture(scope="module")
 def recomputed(ref):
   """Generations 0 and 1 redone outside the loop from the checkpointed models: decoding by decode.py on its own,

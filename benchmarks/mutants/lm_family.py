@@ -135,4 +135,8 @@ MUTANTS = [
            old='  if c.data == "text" and c.text.tokenizer == "hf":', new="  if False:",
            tests=(_PAPER + "test_export_writes_the_generations_model",),
            why="the exported folder lacks the run's tokenizer"),
+    Mutant(name="lm_tensorboard_texts_of_generation_0", file="collapse_jax/families/lm/family.py",
+           old="enumerate(zip(self.blocks[\"prompts\"], conts[g]))}", new="enumerate(zip(self.blocks[\"prompts\"], conts[0]))}",
+           tests=(_T + "test_loop_sends_every_generations_sample_texts_and_metrics_to_tensorboard",),
+           why="TensorBoard shows generation 0's continuations at every generation"),
 ]
