@@ -66,6 +66,11 @@ RUNS = {
 }
 
 
+# Figures the report command draws from runs above (all of them measured in the same invocation), committed under
+# benchmarks/figures/<name>/ with its report.md: the paper's comparison of regimes, from the real runs.
+REPORTS = {"lm_regimes": ("lm", "lm_real_fraction")}
+
+
 class MarkerError(ValueError):
   """A block's markers are missing, doubled or out of order in a file."""
 
@@ -167,14 +172,19 @@ def machine() -> dict:
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
 
 
+def cli_env() -> dict:
+  """The CLI's environment for every run here: the CPU with the defaults a reader gets (no XLA_FLAGS)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+  return env
+
+
 def run_cli(config: str, workdir: str, overrides: tuple[str, ...] = ()) -> float:
   """Runs `collapse-jax --config=CONFIG --workdir=WORKDIR [overrides]` in its own process on the CPU with the
   defaults (no XLA_FLAGS); returns its wall time in seconds. A failed run raises with its last output lines."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
   t0 = time.perf_counter()
   proc = subprocess.run([sys.executable, "-m", "collapse_jax.main", f"--config={config}", f"--workdir={workdir}",
-                         *overrides], cwd=REPO, env=env, capture_output=True, text=True)
+                         *overrides], cwd=REPO, env=cli_env(), capture_output=True, text=True)
   seconds = time.perf_counter() - t0
   if proc.returncode:
     tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
@@ -197,6 +207,13 @@ def _check_markers(names: list[str]) -> dict[str, str]:
       texts.setdefault(path, paths.read_text(os.path.join(REPO, path)))
       extract(texts[path], name, path)
   return texts
+
+
+def draw_report(root: str, runs, out: str) -> None:
+  """`collapse-jax report` over the runs' workdirs (named relative to `root`, so report.md shows the run names)."""
+  subprocess.run([sys.executable, "-m", "collapse_jax.main", "report", *runs, "--out", out], cwd=root,
+                 env=cli_env(), check=True, stdout=subprocess.DEVNULL)
+  print(f"report of {', '.join(runs)}: {out}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -242,6 +259,10 @@ def main(argv=None) -> int:
           # Read again: the file may have been edited during the run (minutes); only the block changes.
           full = os.path.join(REPO, path)
           paths.write_atomic(full, replace(paths.read_text(full), name, path, new))
+    if not args.check:
+      for report, runs in REPORTS.items():
+        if set(runs) <= set(names):
+          draw_report(root, runs, os.path.join(REPO, "benchmarks", "figures", report))
   if drifted:
     print(f"drift (meaningful only on the CPU a block names): {', '.join(drifted)}")
     return 1
