@@ -18,6 +18,7 @@ from collapse_jax.families.lm import train as lm_train
 from collapse_jax.errors import ConfigError
 from collapse_jax.families.lm import model as opt
 from collapse_jax.families.lm import sizes
+from tests import helpers
 
 V = 32
 
@@ -154,29 +155,36 @@ def test_two_steps_match_hand_adamw(weight_decay, clip):
     nll, count = _hand_nll(opt.apply(cfg, p, batch["ids"], batch["mask"]), batch["ids"], batch["mask"])
     return nll / count
 
-  b1, b2, eps = 0.9, 0.999, 1e-4
-  p = jax.tree.map(np.asarray, params)
-  mu = nu = jax.tree.map(np.zeros_like, p)
-  for t in range(2):
-    g = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.grad(loss)(jax.tree.map(jnp.asarray, p)))
-    if t == 0:
-      # float32, two programs: a mean of 31 NLLs (~log V), 2 gamma(31) ~ 4e-6 worst case > 1e-6, ~2 sqrt(31) u
-      # ~ 7e-7 as a random walk: judged at risk.
-      np.testing.assert_allclose(m1["loss"], loss(params), rtol=1e-6)
-    if clip:
-      norm = math.sqrt(sum(float(np.sum(x**2)) for x in jax.tree.leaves(g)))
-      g = jax.tree.map(lambda x: x * min(1.0, clip / norm), g)
-    lr = 1e-3 + (1e-2 - 1e-3) * 0.5 * (1 + math.cos(math.pi * t / 6))
-    mu = jax.tree.map(lambda m, x: b1 * m + (1 - b1) * x, mu, g)
-    nu = jax.tree.map(lambda v, x: b2 * v + (1 - b2) * x**2, nu, g)
-    p = jax.tree.map(lambda w, m, v: w - lr * ((m / (1 - b1**(t + 1))) / (np.sqrt(v / (1 - b2**(t + 1))) + eps)
-                                                + (weight_decay * w if w.ndim >= 2 else 0.0)), p, mu, nu)
   assert int(state2.step) == 2
-  for got, want in zip(jax.tree.leaves(state2.params), jax.tree.leaves(p)):
-    # 1e-4 of a step (lr 1e-2). An Adam step's sensitivity to g is lr eps / (|g| + eps)^2 <= lr / eps = 100, so
-    # this holds gradient differences (two float32 programs: 2 gamma(k) sum|terms|) to <~ 5e-9: true where terms are
-    # small, not derived per coordinate (helpers.grad_bound / adam_interval would): judged at risk.
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  sched = lm_train.schedule(tcfg, 6)  # the cosine from lr to end_lr over the 6 steps, by hand
+  for t in range(6):
+    assert float(sched(t)) == pytest.approx(1e-3 + (1e-2 - 1e-3) * 0.5 * (1 + math.cos(math.pi * t / 6)), rel=1e-6)
+
+  # float32, two programs: a mean of 31 NLLs (~log V), 2 gamma(31) ~ 4e-6 worst case > 1e-6, ~2 sqrt(31) u ~ 7e-7
+  # as a random walk: judged at risk.
+  np.testing.assert_allclose(m1["loss"], loss(params), rtol=1e-6)
+  # Each step against AdamW by hand from the program's own state before it, in interval arithmetic
+  # (helpers.adam_interval): the gradient is the sum of the per-token gradients (helpers.token_grads), within
+  # helpers.grad_bound of the program's (any summation order: CPUs differ); the clip scales that box by
+  # clip / max(||g||, clip) over every ||g|| the box allows (+ 4 u for the scaling's own roundings). Where |g|
+  # is near eps an update's sensitivity to g is lr / eps: a float comparison of two orders fails there.
+  adam_of = (lambda st: st._replace(opt_state=st.opt_state[1])) if clip else (lambda st: st)
+  for t, (before, after) in enumerate(((state, state1), (state1, state2))):
+    before = jax.tree.map(np.asarray, before)
+    jac = helpers.token_grads(cfg, before.params, np.asarray(batch["ids"]), np.asarray(batch["mask"]), None)
+    g, tau = jax.tree.map(lambda j: j.sum(-1), jac), helpers.grad_bound(jac)
+    lo, hi = jax.tree.map(np.subtract, g, tau), jax.tree.map(np.add, g, tau)
+    if clip:
+      norm_lo = math.sqrt(sum(float(np.sum(np.maximum(np.abs(a) - b, 0) ** 2)) for a, b in
+                              zip(jax.tree.leaves(g), jax.tree.leaves(tau))))
+      norm_hi = math.sqrt(sum(float(np.sum((np.abs(a) + b) ** 2)) for a, b in
+                              zip(jax.tree.leaves(g), jax.tree.leaves(tau))))
+      s_lo, s_hi = clip / max(norm_hi, clip) * (1 - 4 * helpers.U32), clip / max(norm_lo, clip) * (1 + 4 * helpers.U32)
+      assert s_hi < 1  # the clip is active
+      lo, hi = (jax.tree.map(lambda a, b: np.minimum(a * s_lo, a * s_hi), lo, hi),
+                jax.tree.map(lambda a, b: np.maximum(b * s_lo, b * s_hi), lo, hi))
+    box = helpers.adam_interval(tcfg, adam_of(before), lo, hi, 6)
+    helpers.check_adam(adam_of(jax.tree.map(np.asarray, after)), adam_of(before), box, f"step {t + 1}")
 
 
 def test_dropout_key_follows_step():
