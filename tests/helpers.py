@@ -295,3 +295,13 @@ def opt_logit_tol(cfg, length: int, sigmas: float = 6.0) -> float:
   n += 2 * e if cfg.do_layer_norm_before else 0
   n += p + e if p != e else 0
   return sigmas * math.sqrt(2 * n / 3) * U32
+
+
+def restore_carry(wd, step):
+  """The loop's carry (models, data buffers) as checkpoint `step` of workdir `wd` holds it, restored as saved."""
+  import orbax.checkpoint as ocp
+  mgr = ocp.CheckpointManager(os.path.abspath(os.path.join(wd, "checkpoints")))
+  try:
+    return mgr.restore(step, args=ocp.args.StandardRestore())["carry"]
+  finally:
+    mgr.close()

@@ -10,7 +10,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from collapse_jax import family as family_lib, loop, metrics as metrics_lib
@@ -41,14 +40,6 @@ def _jsonl(wd):
 def _gen(shared, x, w, model, g=0):
   """What the loop hands fit and sample at generation g (`model` as both the previous and generation 0's)."""
   return family_lib.Generation(jnp.int32(g), x, w, model, model, {}, shared)
-
-
-def _restore(wd, step):
-  mgr = ocp.CheckpointManager(os.path.abspath(os.path.join(wd, "checkpoints")))
-  try:
-    return mgr.restore(step, args=ocp.args.StandardRestore())["carry"]
-  finally:
-    mgr.close()
 
 
 # --- corpus statistics --------------------------------------------------------------------------------------------
@@ -115,7 +106,7 @@ def recomputed(ref):
   and every metric in numpy from the model's logits."""
   fam, exp = ref["exp"].family, ref["exp"]
   shared = jax.tree.map(np.asarray, exp.data.shared)
-  c0, c1 = _restore(ref["wd"], 1), _restore(ref["wd"], 2)
+  c0, c1 = helpers.restore_carry(ref["wd"], 1), helpers.restore_carry(ref["wd"], 2)
   models = {0: c0["model0"]["params"], 1: c1["prev"]["params"]}
   snaps = ref["hist"]["snapshots"]
   prompts = {0: shared["train"], 1: snaps[0]}  # the paper's way: a generation continues its own training blocks

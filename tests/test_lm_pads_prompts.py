@@ -7,24 +7,16 @@ import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from collapse_jax import family as family_lib, loop
 from collapse_jax.families.lm import decode
 from collapse_jax.families.lm import model as opt_model
+from tests import helpers
 from tests.helpers import load_config
 from tests.toy_text import TOY
 
 N_BLOCKS, L = 28, 8  # configs/lm.py:ci
-
-
-def _restore(wd, step):
-  mgr = ocp.CheckpointManager(os.path.abspath(os.path.join(wd, "checkpoints")))
-  try:
-    return mgr.restore(step, args=ocp.args.StandardRestore())["carry"]
-  finally:
-    mgr.close()
 
 
 @pytest.fixture
@@ -132,7 +124,7 @@ def _masked_logppl(fam, params, ids):
 def test_pads_stay_out_of_perplexity_unit_and_end_to_end(eos_run):
   fam, hist, wd = eos_run["exp"].family, eos_run["hist"], eos_run["wd"]
   pad = fam.model_cfg.pad_token_id
-  model0 = _restore(wd, 1)["model0"]["params"]
+  model0 = helpers.restore_carry(wd, 1)["model0"]["params"]
   # Unit: the family's blocks mask exactly the pads (an EOS is a real token), and its perplexity counts only
   # pairs of real tokens.
   blocks = hist["snapshots"][0]
@@ -170,12 +162,12 @@ def test_a_block_with_pads_is_continued_from_its_last_real_token(eos_run):
                            shared["prompts"]])
     return rows, (rows != pad).astype(np.int32)
 
-  want = run(_restore(wd, 2)["prev"]["params"], *left(hist["snapshots"][0]))
+  want = run(helpers.restore_carry(wd, 2)["prev"]["params"], *left(hist["snapshots"][0]))
   np.testing.assert_array_equal(hist["snapshots"][1], want[:n])
   np.testing.assert_array_equal(hist["arrays"]["text_continuations"][1], want[n:])
   # Generation 0's model (which continues text variably) on real blocks ended early at position k: the pads
   # change its continuations when read as tokens at the end of the prompt, so left-padding is what is tested.
-  params0 = _restore(wd, 1)["model0"]["params"]
+  params0 = helpers.restore_carry(wd, 1)["model0"]["params"]
   k = 2 + np.arange(n) % (L - 3)
   cut = np.where(np.arange(L) < k[:, None], shared["train"], pad)
   cut[np.arange(n), k] = eos

@@ -295,8 +295,16 @@ RUN_FILES = ("loop.py", "checkpoint.py", "metrics.py", "plots.py", "outputs.py",
     os.path.relpath(p, os.path.join(REPO, "collapse_jax")) for p in glob.glob(os.path.join(REPO, "collapse_jax",
                                                                                            "families", "*", "*.py"))
     if os.path.relpath(p, os.path.join(REPO, "collapse_jax")) not in INPUT_READERS))
-# Reads of inputs that are not files of the run (a Hugging Face model folder's config.json).
-NOT_RUN_FILES = {("families/lm/config.py", "with open(path) as fh:")}
+# Reads of inputs that are not files of the run (a Hugging Face model folder, a text folder, the runs a report
+# reads where they are local), /proc (the lock's pid checks) and the local HF folder export writes.
+NOT_RUN_FILES = {("families/lm/config.py", "with open(path) as fh:"),
+                 ("families/lm/config.py", "if not c.hf_path or not os.path.isdir(c.hf_path):"),
+                 ("families/lm/data.py", "if not t.path or not os.path.isdir(os.path.expanduser(t.path)):"),
+                 ("report.py", "if not paths.is_remote(path) and not os.path.isdir(path):"),
+                 ("lock.py", 'with open(path, encoding="utf-8") as fh:'),
+                 ("families/lm/export.py", "if os.path.exists(out) and not os.path.isdir(out):"),
+                 ("families/lm/export.py", "if os.path.isfile(os.path.join(src, name)):"),
+                 ("families/lm/export.py", "shutil.copyfile(os.path.join(src, name), os.path.join(out, name))")}
 
 
 def test_run_files_go_through_the_path_layer():

@@ -56,6 +56,8 @@ def _run_config(workdir: str):
 
 def export(workdir: str, out: str, generation: int | None = None) -> int:
   """Writes the generation's model (default: the last finished) to `out`; returns the generation written."""
+  if paths.is_remote(out):  # hf.save_opt writes local files; a gs:// name would become a local "gs:" folder
+    raise ConfigError(f"--out {out}: an HF folder is written locally; export there and copy it to the bucket")
   cfg = _run_config(workdir)
   if os.path.exists(out) and not os.path.isdir(out):
     raise ConfigError(f"--out {out} is a file, not a folder")
