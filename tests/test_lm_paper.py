@@ -152,3 +152,9 @@ def test_exported_model_is_transformers_opt_with_our_logits_and_continuations(ru
                          early_stopping=False, length_penalty=1.0)[:, 8:]
   want = [tok.decode(r, skip_special_tokens=True, clean_up_tokenization_spaces=False) for r in new]
   assert [c for _, c in _samples(wd, 1)] == want
+
+
+def test_export_to_a_bucket_is_refused_before_reading_the_run(tmp_path):
+  with pytest.raises(ConfigError, match=r"--out gs://b/opt: an HF folder is written locally"):
+    export.export(str(tmp_path / "no_run_here"), "gs://b/opt")
+  assert not os.path.exists("gs:")
