@@ -10,9 +10,9 @@ the original grows (plots/gaussian_var_ratio.png overlays the theory curve); wit
 --config.regime.name=accumulate the variance stays near 1. Far out (g = 999 below) the mean over 1000 chains
 falls well under the theory: var_ratio is a product of scaled chi-squares, so skewed that its mean rests on
 chains too rare to sample (its median falls much faster).
-Measured (python -m benchmarks.results --only gaussian; commit aada1c2+dirty, 2026-12-07):
+Measured (python -m benchmarks.results --only gaussian; commit d8d0b1c, 2026-12-07):
 Machine: Intel(R) Xeon(R) Processor (avx512), 2 cores, jax 0.10.2, jaxlib 0.10.2.
-Wall time 21.1 s, 1000 generations (`--config=gaussian`; start-up and compilation included; others' load 1.9 cores).
+Wall time 10.8 s, 1000 generations (`--config=gaussian`; start-up and compilation included; others' load 0.0 cores).
 
 | generation | 0 | 9 | 99 | 499 | 999 |
 |---|---|---|---|---|---|

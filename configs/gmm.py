@@ -12,9 +12,9 @@ Variants: gmm:chains=256 (many vmapped chains, split over all devices), gmm:quic
 tests), comma separated; any field by --config.FIELD=VALUE, e.g. --config.regime.name=accumulate.
 Expected result: the L2 distance to generation 0's GMM grows and the components' spread shrinks over
 generations (the paper's Fig. 'GMM'); scatter snapshots at generations 0, 50, 100, 150, 200, 350, 2000.
-Measured (python -m benchmarks.results --only readme_gmm; commit aada1c2+dirty, 2026-12-07):
+Measured (python -m benchmarks.results --only readme_gmm; commit d8d0b1c, 2026-12-07):
 Machine: Intel(R) Xeon(R) Processor (avx512), 2 cores, jax 0.10.2, jaxlib 0.10.2.
-Wall time 9.4 s, 2050 generations (`--config=configs/gmm.py`; start-up and compilation included; others' load 1.9 cores).
+Wall time 6.5 s, 2050 generations (`--config=configs/gmm.py`; start-up and compilation included; others' load 0.0 cores).
 
 | generation | 0 | 50 | 100 | 200 | 350 | 1000 | 2000 | 2049 |
 |---|---|---|---|---|---|---|---|---|
@@ -24,9 +24,9 @@ Wall time 9.4 s, 2050 generations (`--config=configs/gmm.py`; start-up and compi
 | smallest component std [comp_std_min] | 0.9129 | 0.7526 | 0.7857 | 0.5901 | 0.2542 | 0.02947 | 0.01302 | 0.01555 |
 | EM iterations [em_iters] | 28 | 23 | 11 | 7 | 5 | 2 | 10 | 17 |
 (end of measured block readme_gmm)
-Measured (python -m benchmarks.results --only gmm_quick; commit aada1c2+dirty, 2026-12-07):
+Measured (python -m benchmarks.results --only gmm_quick; commit d8d0b1c, 2026-12-07):
 Machine: Intel(R) Xeon(R) Processor (avx512), 2 cores, jax 0.10.2, jaxlib 0.10.2.
-Wall time 9.8 s, 50 generations (`--config=gmm:quick`; start-up and compilation included; others' load 2.0 cores).
+Wall time 6.3 s, 50 generations (`--config=gmm:quick`; start-up and compilation included; others' load 0.0 cores).
 
 | generation | 0 | 10 | 20 | 29 | 39 | 49 |
 |---|---|---|---|---|---|---|

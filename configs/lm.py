@@ -48,9 +48,9 @@ Outputs: metrics.jsonl (test_ppl, data_ppl0_* = perplexity of each generation's 
 generation 0, gen_distinct_n / gen_rep_n, and on the Markov language test_kl, gen_true_loglik, gen_tail_*),
 plots/lm_metrics.png, plots/lm_data_ppl0.png (the paper's Fig. 1b/c), samples/gen_NNNN.txt (fixed real prompts
 continued by each generation). samples.n must equal the number of training blocks (the run says so if not).
-Measured (python -m benchmarks.results --only lm; commit aada1c2+dirty, 2026-12-07):
+Measured (python -m benchmarks.results --only lm; commit d8d0b1c, 2026-12-07):
 Machine: Intel(R) Xeon(R) Processor (avx512), 2 cores, jax 0.10.2, jaxlib 0.10.2.
-Wall time 56.1 s, 5 generations (`--config=lm`; start-up and compilation included; others' load 2.0 cores).
+Wall time 28.5 s, 5 generations (`--config=lm`; start-up and compilation included; others' load 0.0 cores).
 
 | generation | 0 | 1 | 2 | 3 | 4 |
 |---|---|---|---|---|---|
@@ -63,9 +63,9 @@ Wall time 56.1 s, 5 generations (`--config=lm`; start-up and compilation include
 | impossible bigrams (share) [gen_impossible] | 0.3132 | 0.5964 | 0.5153 | 0.6103 | 0.558 |
 | repeated bigrams in a block [gen_rep_2] | 0 | 0 | 0 | 0 | 0 |
 (end of measured block lm)
-Measured (python -m benchmarks.results --only lm_real_fraction; commit aada1c2+dirty, 2026-12-07):
+Measured (python -m benchmarks.results --only lm_real_fraction; commit d8d0b1c, 2026-12-07):
 Machine: Intel(R) Xeon(R) Processor (avx512), 2 cores, jax 0.10.2, jaxlib 0.10.2.
-Wall time 35.3 s, 5 generations (`--config=lm:real_fraction`; start-up and compilation included; others' load 1.6 cores).
+Wall time 33.1 s, 5 generations (`--config=lm:real_fraction`; start-up and compilation included; others' load 0.0 cores).
 
 | generation | 0 | 1 | 2 | 3 | 4 |
 |---|---|---|---|---|---|

@@ -25,18 +25,18 @@ samples.n to the new training-set size too, so that each generation hands on as 
 Expected result: the generation-0 encoder's latent means of generated images narrow generation by generation
 (the paper: std 0.674 -> 0.433 over generations 1-5 on MNIST) and the test-set ELBO on real images falls;
 plots/vae_latent_density.png shows the density over generations, plots/vae_samples_gen*.png the samples.
-Measured (python -m benchmarks.results --only vae; commit aada1c2+dirty, 2026-12-07):
+Measured (python -m benchmarks.results --only vae; commit d8d0b1c, 2026-12-07):
 Machine: Intel(R) Xeon(R) Processor (avx512), 2 cores, jax 0.10.2, jaxlib 0.10.2.
-Wall time 470.8 s, 5 generations (`--config=vae`; start-up and compilation included; others' load 1.2 cores).
+Wall time 151.6 s, 5 generations (`--config=vae`; start-up and compilation included; others' load 0.0 cores).
 
 | generation | 0 | 1 | 2 | 3 | 4 |
 |---|---|---|---|---|---|
 | std of samples in generation 0's latent space [latent_std] | 0.3826 | 0.2456 | 0.2381 | 0.2369 | 0.2364 |
 | real test ELBO [test_elbo] | -173.4 | -203.4 | -284.2 | -442.3 | -318.5 |
 (end of measured block vae)
-Measured (python -m benchmarks.results --only vae_real_fraction; commit aada1c2+dirty, 2026-12-07):
+Measured (python -m benchmarks.results --only vae_real_fraction; commit d8d0b1c, 2026-12-07):
 Machine: Intel(R) Xeon(R) Processor (avx512), 2 cores, jax 0.10.2, jaxlib 0.10.2.
-Wall time 354.5 s, 5 generations (`--config=vae:real_fraction`; start-up and compilation included; others' load 2.0 cores).
+Wall time 143.6 s, 5 generations (`--config=vae:real_fraction`; start-up and compilation included; others' load 0.0 cores).
 
 | generation | 0 | 1 | 2 | 3 | 4 |
 |---|---|---|---|---|---|
