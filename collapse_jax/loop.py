@@ -295,8 +295,7 @@ def _generations(exp, chunk, carry, shared, history, start, ckpts, out, stop_aft
       stop = e >= G or (stop_after is not None and e >= stop_after)
       saving = stop or _save_due(run_cfg.checkpoint_min_seconds, last_save, ckpts)
       if saving:
-        if held_lock is not None:  # a run that lost its lock (its heartbeat stalled past the lease) stops here
-          held_lock.check()
+        _check_lock(held_lock)  # a run whose lock was taken over stops before writing more
         last_save, saved = time.monotonic(), e
         # Returns once the state is off the device and copied (checkpoint.py), so the next chunk can donate the
         # carry and this loop can fill the history while the files are written.
@@ -334,6 +333,18 @@ def _save_due(min_seconds: float, last_save: float | None, ckpts) -> bool:
     from jax.experimental import multihost_utils
     due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
   return due
+
+
+def _check_lock(held_lock) -> None:
+  """Raise WorkdirBusy where process 0's lock was taken over (its heartbeat stalled past the lease), on every
+  process together: the others would otherwise wait in the next save's collectives for a process that left."""
+  lost = held_lock is not None and held_lock.lost is not None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    lost = bool(multihost_utils.broadcast_one_to_all(np.int32(lost)))
+  if lost:
+    raise lock.WorkdirBusy(held_lock.lost if held_lock is not None else
+                           "this run's workdir lock was taken over by another run (process 0 lost it); stopped")
 
 
 def _first_non_finite(scalars: dict, arrays: dict, start: int):

@@ -227,3 +227,19 @@ def test_every_metric_and_the_summary_reach_tensorboard(tmp_path):
   for view in (py, rs):
     for key in ("var_ratio/mean", "w2/q95", "train_samples"):
       assert view[key] == [(g, pytest.approx(r[key], rel=1e-7)) for g, r in enumerate(rows)], key
+
+
+def test_a_run_whose_lock_was_taken_over_stops_before_saving(tmp_path, monkeypatch):
+  from collapse_jax import lock
+  real = lock.acquire_run
+
+  def taken_over(workdir):
+    held = real(workdir)
+    held.lost = f"workdir {workdir}: this run's lock was taken over by another run"
+    return held
+
+  monkeypatch.setattr(lock, "acquire_run", taken_over)
+  wd = tmp_path / "run"
+  with pytest.raises(lock.WorkdirBusy, match="taken over by another run"):
+    loop.run(_gauss(plots=False), str(wd))
+  assert not [s for s in os.listdir(wd / "checkpoints") if s.isdigit()]

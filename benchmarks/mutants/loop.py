@@ -225,4 +225,8 @@ MUTANTS = [
            old="tracking.Tracker(workdir, run_cfg, cfg_json)", new="None",
            tests=(f"{_OUTS}test_every_metric_and_the_summary_reach_tensorboard",),
            why="the run writes no TensorBoard events"),
+    Mutant(name="out_lost_lock_ignored", file=LOOP,
+           old="        _check_lock(held_lock)  # a run", new="        pass  # a run",
+           tests=(f"{_OUTS}test_a_run_whose_lock_was_taken_over_stops_before_saving",),
+           why="a run whose workdir lock was taken over keeps writing beside the new holder"),
 ]
