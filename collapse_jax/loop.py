@@ -9,7 +9,9 @@ after it started, is not saved; the last chunk always is), and the chunk's lines
 killed run resumes from the last checkpoint on disk (metrics.jsonl cut or completed to match it) and ends
 bit-identical to an uninterrupted one. A chunk whose metrics hold a NaN or infinity (any family's loss or metric)
 stops the run with a one-line NonFiniteError naming the generation and the metric, before that chunk is
-checkpointed or written to metrics.jsonl.
+checkpointed or written to metrics.jsonl. Around all of it: the workdir lock (lock.py; a second run is refused),
+the resume or extension checks (resume.py), and the outputs a reader looks at, written as the run goes and
+rebuilt when missing (outputs.py: figures, samples, arrays.npz, summary.md, TensorBoard).
 
 Meshes and shardings: the 1-D 'data' mesh unless the family builds its own (`make_mesh`); a single-chain family
 may place its models and shared arrays (`model_shardings`, `shared_shardings`; the LM splits them over 'fsdp').
