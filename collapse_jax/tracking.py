@@ -3,8 +3,8 @@
 summaries) and to Weights & Biases when `config.wandb.project` names a project. Process 0 alone writes.
 
 Resume: a killed run resumes at its last checkpoint's generation s and logs s, s+1, ... again, which the killed
-session may have logged already. TensorBoard shows one point per generation all the same: every session writes
-its own event file, named so that files sort by session, opening with a SessionLog.START at its first
+process may have logged already. TensorBoard shows one point per generation all the same: every start of the run
+writes its own event file, named so that files sort by start, opening with a SessionLog.START at its first
 generation. TensorBoard's Python loader drops every earlier point at or after a later START's step
 (EventAccumulator._CheckForRestartAndMaybePurge; the first START of a run is its start, later ones restarts);
 its Rust data server reads the files in name order and a time series' step going back preempts the later
@@ -39,24 +39,24 @@ def check(run) -> None:
 
 
 class Tracker:
-  """TensorBoard and W&B for one session of a run. run: config.Run; cfg_json: the config as config.json has it."""
+  """TensorBoard and W&B for one start of a run (one process's life). run: config.Run; cfg_json: the config as config.json has it."""
 
   def __init__(self, workdir: str, run, cfg_json: dict):
     import jax
     self.active = jax.process_index() == 0
     self.workdir = workdir
     self._tb = self.active and run.tensorboard
-    self._file: str | None = None  # this session's event file, named at its first generation
+    self._file: str | None = None  # this start's event file, named at its first generation
     self._pending: list[bytes] = []
     self._wb, self._wb_dirty = None, False
     if self.active and run.wandb.project:
       check(run)
       self._wb, self._wb_id, self._wb_next = _wandb_run(workdir, run.wandb, cfg_json)
 
-  def _start_session(self, g: int) -> None:
+  def _start_file(self, g: int) -> None:
     tb = os.path.join(self.workdir, TB_DIR)
     paths.makedirs(tb)
-    # Sorted by name = by session: the start second, then (same second, same host) the count of earlier files.
+    # Sorted by name = by start: the start second, then (same second, same host) the count of earlier files.
     n = sum("tfevents" in f for f in paths.listdir(tb)) if paths.exists(tb) else 0
     name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{n:04d}.collapse_jax"
     self._file = os.path.join(tb, name)
@@ -68,7 +68,7 @@ class Tracker:
     """Generation g's scalar metrics ({name as in metrics.jsonl: value}) and texts ({name: text})."""
     if self._tb:
       if self._file is None:
-        self._start_session(g)
+        self._start_file(g)
       values = [events.scalar_value(k, float(v)) for k, v in scalars.items()]
       values += [events.text_value(k, _markdown_verbatim(t)) for k, t in texts.items()]
       self._pending.append(events.record(events.event(time.time(), g, values)))
@@ -107,7 +107,7 @@ def _write_wandb_state(workdir: str, run_id: str, next_step: int) -> None:
 
 def _wandb_run(workdir: str, wb, cfg_json: dict):
   """(the W&B run, its id, the first generation to log to it): one run id per workdir, resumed by every
-  session."""
+  start of the run."""
   import wandb
   state_path = os.path.join(workdir, WANDB_FILE)
   state = json.loads(paths.read_text(state_path)) if paths.exists(state_path) else {}

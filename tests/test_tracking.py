@@ -91,9 +91,9 @@ def _run(**over):
   return config_lib.parse(cfg)
 
 
-def _metrics(g: int, session: int) -> tuple[dict, dict]:
-  scalars = {"test_ppl": 10.0 + g / 3 + 100 * session, "var_ratio/mean": 0.5 ** g + session}
-  texts = {"samples": f"gen {g} session {session}\n*not bold* <b>x</b>\n\n  indented"}
+def _metrics(g: int, start: int) -> tuple[dict, dict]:
+  scalars = {"test_ppl": 10.0 + g / 3 + 100 * start, "var_ratio/mean": 0.5 ** g + start}
+  texts = {"samples": f"gen {g} start {start}\n*not bold* <b>x</b>\n\n  indented"}
   return scalars, texts
 
 
@@ -260,8 +260,8 @@ def test_tracking_fields_are_checked_by_name(key, value, msg):
     config_lib.parse(ml_collections.ConfigDict(d))
 
 
-def test_event_file_names_sort_by_session_within_one_second(tmp_path, monkeypatch):
-  monkeypatch.setattr(time, "time", lambda: 1_800_000_000.25)  # every session in the same second
+def test_event_file_names_sort_by_start_within_one_second(tmp_path, monkeypatch):
+  monkeypatch.setattr(time, "time", lambda: 1_800_000_000.25)  # every start in the same second
   for s in range(3):
     tr = tracking.Tracker(str(tmp_path), _run(), {})
     tr.log(10 * s, {"x": float(s)}, {})
